@@ -1,0 +1,268 @@
+"""Costs as factor tables: one ``Cost`` evaluates ``E`` factors of one type in one vectorized call.
+
+A factor ``e`` reads the optimized variables at ``index[a][e]`` (one index tensor per slot ``a``)
+and per-factor slices of the auxiliary tensors, and returns a residual of dimension ``d``. The
+weighted residual is ``W r`` with ``W`` a scalar/diagonal ``weight`` or a full upper-triangular
+``sqrt_info``; a robust loss rescales it (see ``core.loss``). The cost of a factor is
+``0.5 * rho(||W r||^2)``.
+
+Two ways to give the residual:
+
+* ``residual``: a function of ONE factor, ``f(x_1, ..., x_k, *aux) -> (d,)``, with ``x_a`` of shape
+  ``(storage_dim_a,)`` and each aux of its per-factor shape. It is vectorized with ``torch.func.vmap``
+  over factors and batch; Jacobians come from ``torch.func.jacfwd`` with respect to the tangent
+  perturbation ``delta_a`` of ``retract(x_a, delta_a)`` at 0.
+* ``analytic``: a batched function ``f(xs, aux, jacobians) -> (r (B, E, d), [J_a (B, E, d, dof_a)])``
+  over tensors ``xs[a] (B, E, storage_a)`` and ``aux[k] (B|1, E, ...)``, with Jacobians with
+  respect to the same right tangent perturbations (library costs use this).
+
+Auxiliary tensors carry a leading batch dimension of size ``B`` or ``1`` (shared across the batch
+without a copy); for indexed costs the next dimension is ``E``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+from torch.func import jacfwd, vmap
+
+from core.loss import RobustLoss
+from core.variable import Variable
+
+AnalyticFn = Callable[[list[Tensor], list[Tensor], bool], tuple[Tensor, "list[Tensor] | None"]]
+
+
+@dataclass(frozen=True)
+class CostTerms:
+    """One cost evaluated at given values.
+
+    ``r (B, E, d)``: weighted (and robustly rescaled) residuals; ``J (B, E, d, D)``: their Jacobians
+    with respect to the concatenated tangent perturbations of the factor's slots (``D = sum dof_a``),
+    or None; ``cost (B,)``: ``sum_e 0.5 * rho(||W r_e||^2)``.
+    """
+
+    r: Tensor
+    J: Tensor | None
+    cost: Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Cost:
+    """A table of ``E`` factors of one residual type; see the module docstring.
+
+    ``index``: one int64 tensor ``(E,)`` per slot of ``optimized``; None means one factor reading
+    variables of count 1. ``aux``: tensors ``(B|1, [E,] ...)``, a sequence or a name->tensor mapping
+    (names are how ``OptimizationLayer`` inputs replace them: ``"<cost name>.<aux name>"``).
+    """
+
+    residual: Callable[..., Tensor] | None
+    optimized: tuple[Variable, ...]
+    aux: dict[str, Tensor]
+    index: tuple[Tensor, ...]
+    weight: Tensor | None = None
+    sqrt_info: Tensor | None = None
+    loss: RobustLoss | None = None
+    name: str = "cost"
+    analytic: AnalyticFn | None = None
+
+    @property
+    def num_factors(self) -> int:
+        return int(self.index[0].shape[0])
+
+    @property
+    def dofs(self) -> tuple[int, ...]:
+        return tuple(v.space.dof for v in self.optimized)
+
+    def replace(self, **changes: object) -> Cost:
+        """A copy with some fields changed (values are re-validated)."""
+        return _validated(replace(self, **changes))
+
+    def inputs(self) -> dict[str, Tensor]:
+        """The tensors a layer may replace, keyed ``"<name>.<aux>"``, ``.weight``, ``.sqrt_info``,
+        ``.loss_scale``."""
+        out = {f"{self.name}.{k}": t for k, t in self.aux.items()}
+        if self.weight is not None:
+            out[f"{self.name}.weight"] = self.weight
+        if self.sqrt_info is not None:
+            out[f"{self.name}.sqrt_info"] = self.sqrt_info
+        if self.loss is not None:
+            out[f"{self.name}.loss_scale"] = torch.as_tensor(self.loss.scale)
+        return out
+
+    def with_inputs(self, new: Mapping[str, Tensor]) -> Cost:
+        """A copy with the tensors named in ``new`` (keys as in ``inputs()``) replaced."""
+        prefix = self.name + "."
+        mine = {k[len(prefix) :]: v for k, v in new.items() if k.startswith(prefix)}
+        if not mine:
+            return self
+        changes: dict[str, object] = {}
+        aux = {k: mine.get(k, t) for k, t in self.aux.items()}
+        if aux != self.aux:
+            changes["aux"] = aux
+        for field in ("weight", "sqrt_info"):
+            if field in mine:
+                changes[field] = mine[field]
+        if "loss_scale" in mine:
+            if self.loss is None:
+                raise ValueError(f"cost {self.name!r} has no robust loss to set a scale on")
+            changes["loss"] = self.loss.with_scale(mine["loss_scale"])
+        return self.replace(**changes)
+
+    def evaluate(self, values: Mapping[str, Tensor], jacobians: bool) -> CostTerms:
+        """Residuals, Jacobians and cost at ``values`` (name -> ``(B, F, S)``)."""
+        xs = [values[v.name].index_select(1, i) for v, i in zip(self.optimized, self.index)]
+        batch = xs[0].shape[0]
+        aux = list(self.aux.values())
+        if self.analytic is not None:
+            r, Js = self.analytic(xs, aux, jacobians)
+            J = torch.cat(Js, dim=-1) if jacobians and Js is not None else None
+        else:
+            r, J = self._autodiff(xs, [_expand(a, batch, self.num_factors) for a in aux], jacobians)
+        if r.ndim != 3 or r.shape[:2] != (batch, self.num_factors):
+            raise ValueError(
+                f"cost {self.name!r}: residual must have shape (B, E, d) = ({batch}, "
+                f"{self.num_factors}, d), got {tuple(r.shape)}"
+            )
+        return self._weigh(r, J)
+
+    def _autodiff(
+        self, xs: list[Tensor], aux: list[Tensor], jacobians: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        fn, spaces, k = self.residual, [v.space for v in self.optimized], len(xs)
+        assert fn is not None
+        if not jacobians:
+            return vmap(vmap(fn))(*xs, *aux), None
+
+        def one(*args: Tensor) -> tuple[Tensor, Tensor]:
+            points, data = args[:k], args[k:]
+
+            def at(*deltas: Tensor) -> tuple[Tensor, Tensor]:
+                r = fn(*[s.retract(x, d) for s, x, d in zip(spaces, points, deltas)], *data)
+                return r, r
+
+            zeros = [points[a].new_zeros(spaces[a].dof) for a in range(k)]
+            Js, r = jacfwd(at, argnums=tuple(range(k)), has_aux=True)(*zeros)
+            return r, torch.cat(Js, dim=-1)
+
+        r, J = vmap(vmap(one))(*xs, *aux)
+        return r, J
+
+    def _weigh(self, r: Tensor, J: Tensor | None) -> CostTerms:
+        if self.weight is not None:
+            w = self.weight
+            r = w * r
+            J = None if J is None else w[..., None] * J if w.ndim else w * J
+        elif self.sqrt_info is not None:
+            U = self.sqrt_info
+            r = (U @ r[..., None])[..., 0]
+            J = None if J is None else U @ J
+        s = (r * r).sum(-1)
+        if self.loss is None:
+            return CostTerms(r, J, 0.5 * s.sum(-1))
+        rho, drho = self.loss(s)
+        root = torch.sqrt(drho)[..., None]
+        return CostTerms(r * root, None if J is None else J * root[..., None], 0.5 * rho.sum(-1))
+
+
+def _expand(a: Tensor, batch: int, num_factors: int) -> Tensor:
+    """``(B|1, E, ...)`` -> ``(B, E, ...)`` as a view."""
+    return a.expand(batch, num_factors, *a.shape[2:])
+
+
+def _as_tensor(x: float | Tensor | None) -> Tensor | None:
+    return None if x is None else torch.as_tensor(x)
+
+
+def make_cost(
+    residual: Callable[..., Tensor] | None,
+    optimized: Sequence[Variable],
+    aux: Sequence[Tensor] | Mapping[str, Tensor] = (),
+    *,
+    index: Sequence[Tensor] | None = None,
+    weight: float | Tensor | None = None,
+    sqrt_info: Tensor | None = None,
+    loss: RobustLoss | None = None,
+    name: str | None = None,
+    analytic: AnalyticFn | None = None,
+) -> Cost:
+    """Build and validate a :class:`Cost` (this is ``core.Cost``'s constructor)."""
+    optimized = tuple(optimized)
+    if not optimized:
+        raise ValueError(f"cost {name!r}: needs at least one optimized variable")
+    if name is None:
+        fn_name = getattr(residual or analytic, "__name__", "cost")
+        name = "cost" if fn_name.startswith("<") else fn_name
+    if (residual is None) == (analytic is None):
+        raise ValueError(f"cost {name!r}: give exactly one of residual= and analytic=")
+    if isinstance(aux, Mapping):
+        aux_dict = dict(aux)
+    else:
+        aux_dict = {str(k): t for k, t in enumerate(aux)}
+    indexed = index is not None
+    if index is None:
+        index = [torch.zeros(1, dtype=torch.long) for _ in optimized]
+        aux_dict = {k: t.unsqueeze(1) if t.ndim >= 1 else t for k, t in aux_dict.items()}
+    cost = Cost(
+        residual,
+        optimized,
+        aux_dict,
+        tuple(index),
+        _as_tensor(weight),
+        sqrt_info,
+        loss,
+        name,
+        analytic,
+    )
+    return _validated(cost, indexed=indexed)
+
+
+def _validated(cost: Cost, indexed: bool = True) -> Cost:
+    name = cost.name
+    if len(cost.index) != len(cost.optimized):
+        raise ValueError(
+            f"cost {name!r}: {len(cost.optimized)} variables but {len(cost.index)} index tensors"
+        )
+    num = cost.index[0].shape[0] if cost.index[0].ndim == 1 else -1
+    for v, i in zip(cost.optimized, cost.index):
+        if not isinstance(i, Tensor) or i.ndim != 1 or i.dtype != torch.long:
+            raise ValueError(
+                f"cost {name!r}: index for variable {v.name!r} must be a 1-D int64 "
+                f"tensor, got {getattr(i, 'dtype', type(i))} {tuple(getattr(i, 'shape', ()))}"
+            )
+        if i.shape[0] != num or num == 0:
+            raise ValueError(
+                f"cost {name!r}: index tensors must share one non-zero length E; "
+                f"variable {v.name!r} has {i.shape[0]}, expected {num}"
+            )
+        if v.count == 1 and not indexed:
+            continue
+        lo, hi = int(i.min()), int(i.max())
+        if lo < 0 or hi >= v.count:
+            raise ValueError(
+                f"cost {name!r}: index for variable {v.name!r} has values in "
+                f"[{lo}, {hi}], outside [0, {v.count})"
+            )
+    if not indexed:
+        for v in cost.optimized:
+            if v.count != 1:
+                raise ValueError(
+                    f"cost {name!r}: variable {v.name!r} has count {v.count}; "
+                    "pass index= to say which element each factor reads"
+                )
+    for k, t in cost.aux.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"cost {name!r}: aux {k!r} must be a tensor, got {type(t).__name__}")
+        if t.ndim < 2 or t.shape[1] != num:
+            raise ValueError(
+                f"cost {name!r}: aux {k!r} must have shape (B|1, E={num}, ...), "
+                f"got {tuple(t.shape)}"
+            )
+    if cost.weight is not None and cost.sqrt_info is not None:
+        raise ValueError(f"cost {name!r}: give weight= or sqrt_info=, not both")
+    U = cost.sqrt_info
+    if U is not None and (U.ndim < 2 or U.shape[-1] != U.shape[-2]):
+        raise ValueError(f"cost {name!r}: sqrt_info must be (..., d, d), got {tuple(U.shape)}")
+    return cost

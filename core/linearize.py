@@ -1,0 +1,57 @@
+"""Linearization: residuals and Jacobians of every cost, scattered into the normal equations.
+
+``H = sum_c J_c^T J_c`` and ``g = sum_c J_c^T r_c`` (residuals already weighted), batched over B,
+with one ``index_add`` per cost into the fixed pattern (``Objective.pattern``): Python work grows
+with the number of cost types, never with the number of factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from core.objective import Objective, Pattern
+
+
+@dataclass(frozen=True)
+class Linearization:
+    """Normal equations at one point: ``cost (B,)``, ``g (B, n)`` (gradient of the cost),
+    ``H (B, nnz)`` values in ``pattern``."""
+
+    cost: Tensor
+    g: Tensor
+    H: Tensor
+    pattern: Pattern
+
+    def select(self, mask: Tensor, other: Linearization) -> Linearization:
+        """Per batch element: ``self`` where ``mask (B,)`` else ``other``."""
+        m = mask[:, None]
+        return Linearization(
+            torch.where(mask, self.cost, other.cost),
+            torch.where(m, self.g, other.g),
+            torch.where(m, self.H, other.H),
+            self.pattern,
+        )
+
+
+def linearize(objective: Objective, values: Mapping[str, Tensor]) -> Linearization:
+    """Evaluate all costs with Jacobians at ``values`` and assemble ``H``, ``g`` and the cost."""
+    first = values[objective.variables[0].name]
+    batch, device = first.shape[0], first.device
+    pattern = objective.pattern(device)
+    H = first.new_zeros(batch, pattern.nnz)
+    g = first.new_zeros(batch, pattern.n)
+    cost = first.new_zeros(batch)
+    for c, positions, columns in zip(objective.costs, pattern.positions, pattern.columns):
+        terms = c.evaluate(values, jacobians=True)
+        J, r = terms.J, terms.r
+        assert J is not None
+        JtJ = torch.einsum("bedp,bedq->bepq", J, J)
+        Jtr = torch.einsum("bedp,bed->bep", J, r)
+        H = H.index_add(1, positions.reshape(-1), JtJ.reshape(batch, -1))
+        g = g.index_add(1, columns.reshape(-1), Jtr.reshape(batch, -1))
+        cost = cost + terms.cost
+    return Linearization(cost, g, H, pattern)

@@ -1,0 +1,196 @@
+"""The objective: costs over variables, the ordering of the unknowns and the sparsity pattern.
+
+Unknowns are ordered variable by variable (in order of first appearance), element by element,
+tangent coordinate by coordinate: variable ``v`` occupies columns ``offset[v] + f * dof + c``.
+The normal matrix ``H = J^T J`` is stored as the values ``(B, nnz)`` of ONE fixed symmetric
+pattern (both triangles, compressed sparse column order, rows sorted), computed once per structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from core.cost import Cost
+from core.variable import Variable
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Symmetric block-sparsity pattern of ``H`` (n x n) in CSC order.
+
+    ``indptr (n+1,)``, ``rows (nnz,)``, ``cols (nnz,)``: the structure; ``diag (n,)``: the position
+    of each diagonal entry; ``positions[c] (E_c, D_c, D_c)``: where entry ``(p, q)`` of factor
+    ``e``'s block ``J_e^T J_e`` goes; ``columns[c] (E_c, D_c)``: the global columns of factor ``e``.
+    """
+
+    n: int
+    indptr: Tensor
+    rows: Tensor
+    cols: Tensor
+    diag: Tensor
+    positions: tuple[Tensor, ...]
+    columns: tuple[Tensor, ...]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.rows.shape[0])
+
+    def to_dense(self, values: Tensor) -> Tensor:
+        """``(B, nnz)`` values -> dense ``(B, n, n)``."""
+        dense = values.new_zeros(values.shape[0], self.n * self.n)
+        dense = dense.index_copy(1, self.rows * self.n + self.cols, values)
+        return dense.view(-1, self.n, self.n)
+
+    def matvec(self, values: Tensor, x: Tensor) -> Tensor:
+        """``H x`` for ``values (B, nnz)`` and ``x (B, n)``."""
+        prod = values * x[:, self.cols]
+        return prod.new_zeros(x.shape).index_add(1, self.rows, prod)
+
+
+class Objective:
+    """A sum of costs ``sum_c sum_e 0.5 rho(||W r||^2)`` over the variables the costs name."""
+
+    def __init__(self, costs: Sequence[Cost]) -> None:
+        if not costs:
+            raise ValueError("Objective needs at least one cost")
+        self.costs: tuple[Cost, ...] = tuple(costs)
+        names = [c.name for c in self.costs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"Objective: cost names must be unique; repeated: {sorted(dup)}")
+        variables: dict[str, Variable] = {}
+        for c in self.costs:
+            for v in c.optimized:
+                seen = variables.setdefault(v.name, v)
+                if seen is not v:
+                    raise ValueError(f"Objective: two different variables are named {v.name!r}")
+        self.variables: tuple[Variable, ...] = tuple(variables.values())
+        offsets, n = {}, 0
+        for v in self.variables:
+            offsets[v.name] = n
+            n += v.dof
+        self.offsets: dict[str, int] = offsets
+        self.dim: int = n
+        self._patterns: dict[torch.device, Pattern] = {}
+        self._check_aux()
+
+    def _check_aux(self) -> None:
+        ref = None
+        for c in self.costs:
+            for key, t in c.inputs().items():
+                if not t.is_floating_point():
+                    raise ValueError(f"cost {c.name!r}: {key} must be floating point, got {t.dtype}")
+                ref = ref or (key, t)
+                if t.device != ref[1].device:
+                    raise ValueError(f"{key} is on {t.device} but {ref[0]} is on {ref[1].device}")
+        self._aux_ref = ref
+
+    def with_inputs(self, inputs: Mapping[str, Tensor]) -> Objective:
+        """A new objective whose costs' auxiliary tensors are replaced by ``inputs`` (same
+        structure: the cached pattern is shared)."""
+        known = {k for c in self.costs for k in c.inputs()}
+        unknown = set(inputs) - known - {v.name for v in self.variables}
+        if unknown:
+            raise ValueError(f"unknown inputs {sorted(unknown)}; known: {sorted(known)}")
+        new = Objective.__new__(Objective)
+        new.__dict__.update(self.__dict__)
+        new.costs = tuple(c.with_inputs(inputs) for c in self.costs)
+        new._check_aux()
+        return new
+
+    def check_values(self, values: Mapping[str, Tensor]) -> int:
+        """Validate ``values`` (name -> ``(B, F, S)``) and return the batch size ``B``."""
+        batch, ref = None, None
+        for v in self.variables:
+            if v.name not in values:
+                raise ValueError(f"missing initial value for variable {v.name!r}")
+            x = values[v.name]
+            v.check(x)
+            if not x.is_floating_point():
+                raise ValueError(f"variable {v.name!r}: values must be floating point, got {x.dtype}")
+            if ref is None:
+                batch, ref = x.shape[0], (v.name, x)
+            elif x.shape[0] != batch or x.dtype != ref[1].dtype or x.device != ref[1].device:
+                raise ValueError(
+                    f"variable {v.name!r} has batch {x.shape[0]}, {x.dtype}, {x.device} but "
+                    f"{ref[0]!r} has batch {batch}, {ref[1].dtype}, {ref[1].device}"
+                )
+        assert batch is not None and ref is not None
+        for c in self.costs:
+            for key, t in c.inputs().items():
+                if t.ndim >= 1 and key.rsplit(".", 1)[1] not in ("weight", "sqrt_info", "loss_scale"):
+                    if t.shape[0] not in (1, batch):
+                        raise ValueError(f"{key} has batch dimension {t.shape[0]}, expected 1 or {batch}")
+                if t.ndim and t.dtype != ref[1].dtype:
+                    raise ValueError(f"{key} is {t.dtype} but variable {ref[0]!r} is {ref[1].dtype}")
+                if t.device != ref[1].device:
+                    raise ValueError(f"{key} is on {t.device} but {ref[0]!r} is on {ref[1].device}")
+        return batch
+
+    def cost(self, values: Mapping[str, Tensor]) -> Tensor:
+        """Total cost per batch element, ``(B,)``."""
+        return sum(c.evaluate(values, jacobians=False).cost for c in self.costs)
+
+    def retract(self, values: Mapping[str, Tensor], delta: Tensor) -> dict[str, Tensor]:
+        """``x_v * Exp(delta_v)`` for every variable; ``delta (B, n)`` in the objective's order."""
+        out = {}
+        for v in self.variables:
+            d = delta[:, self.offsets[v.name] : self.offsets[v.name] + v.dof]
+            out[v.name] = v.space.retract(values[v.name], d.reshape(d.shape[0], v.count, -1))
+        return out
+
+    def pattern(self, device: torch.device | str = "cpu") -> Pattern:
+        """The symmetric pattern of ``H`` and the scatter maps on ``device``, computed once."""
+        device = torch.device(device)
+        if device not in self._patterns:
+            base = self._cpu_pattern
+            self._patterns[device] = Pattern(
+                base.n, *(t.to(device) for t in (base.indptr, base.rows, base.cols, base.diag)),
+                tuple(t.to(device) for t in base.positions),
+                tuple(t.to(device) for t in base.columns),
+            )
+        return self._patterns[device]
+
+    @cached_property
+    def _cpu_pattern(self) -> Pattern:
+        device = torch.device("cpu")
+        columns = []
+        for c in self.costs:
+            per_slot = []
+            for v, i in zip(c.optimized, c.index):
+                d = v.space.dof
+                base = self.offsets[v.name] + i.to(device) * d
+                per_slot.append(base[:, None] + torch.arange(d, device=device))
+            columns.append(torch.cat(per_slot, dim=1))  # (E, D)
+        n = self.dim
+        keys = torch.cat(
+            [(col[:, None, :] * n + col[:, :, None]).reshape(-1) for col in columns]
+        )  # key = column * n + row, so sorting gives CSC order
+        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+        rows, cols = unique % n, unique // n
+        positions, start = [], 0
+        for col in columns:
+            size = col.shape[0] * col.shape[1] ** 2
+            positions.append(inverse[start : start + size].view(col.shape[0], col.shape[1], -1))
+            start += size
+        counts = torch.bincount(cols, minlength=n)
+        if bool((counts == 0).any()):
+            free = int(torch.nonzero(counts == 0)[0])
+            raise ValueError(f"unknown {free} ({self.describe_column(free)}) appears in no cost")
+        indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        diag = torch.nonzero(rows == cols)[:, 0]
+        return Pattern(n, indptr, rows, cols, diag, tuple(positions), tuple(columns))
+
+    def describe_column(self, col: int) -> str:
+        """Human-readable name of unknown ``col``, e.g. ``poses[12].3``."""
+        for v in self.variables:
+            off = self.offsets[v.name]
+            if off <= col < off + v.dof:
+                f, c = divmod(col - off, v.space.dof)
+                return f"{v.name}[{f}].{c}"
+        raise IndexError(col)
