@@ -4,7 +4,8 @@
 Safe theta trick: a coefficient ``f(theta)`` that is even in ``theta`` is evaluated from
 ``theta2 = theta**2`` (whose gradient is finite everywhere) as
 
-    ``where(small, taylor(theta2), exact(theta_safe))``,  ``theta_safe = sqrt(where(small, 1, theta2))``
+    ``where(small, taylor(theta2), exact(theta_safe))``,
+    ``theta_safe = sqrt(where(small, 1, theta2))``,
 
 so neither branch is ever evaluated at a point where it divides by zero, and no NaN gradient
 leaks through the branch that ``torch.where`` discards.
@@ -90,7 +91,7 @@ def even_coeff(
     series: Sequence[float],
     exact: Callable[[Tensor], Tensor],
 ) -> Tensor:
-    """Select the Taylor series in ``theta2`` where ``small`` and ``exact(theta_safe)`` elsewhere."""
+    """Taylor series in ``theta2`` where ``small``, ``exact(theta_safe)`` elsewhere."""
     return torch.where(small, horner(theta2, series), exact(theta_safe))
 
 

@@ -6,7 +6,8 @@ theta)`` and ``V = [[sin t / t, -(1 - cos t) / t], [(1 - cos t) / t, sin t / t]]
 (pypose has no SE(2); this layout mirrors its SE(3) one.)
 
 Jacobians: Sola, Deray, Atchuthan, "A micro Lie theory for state estimation in robotics"
-(arXiv:1812.01537), eqs. (163)-(164); ``exp(xi + d) ~= exp(xi) exp(Jr(xi) d)``, ``Jr(xi) = Jl(-xi)``.
+(arXiv:1812.01537), eqs. (163)-(164); ``exp(xi + d) ~= exp(xi) exp(Jr(xi) d)``,
+``Jr(xi) = Jl(-xi)``.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def log(x: Tensor) -> Tensor:
 
 
 def compose(x: Tensor, y: Tensor) -> Tensor:
-    """``x * y`` = ``(t1 + R1 t2, R1 R2)``; ``(..., 4), (..., 4) -> (..., 4)``, batches broadcast."""
+    """``x * y = (t1 + R1 t2, R1 R2)``; ``(..., 4), (..., 4) -> (..., 4)``, batches broadcast."""
     _util.check(x, 4, "se2.compose x")
     _util.check(y, 4, "se2.compose y")
     t = x[..., :2] + so2.act(x[..., 2:], y[..., :2])
@@ -138,11 +139,11 @@ def adjoint(x: Tensor) -> Tensor:
 
 
 def jr(xi: Tensor) -> Tensor:
-    """Right Jacobian ``(..., 3) -> (..., 3, 3)`` (Sola eq. 163)::
+    """Right Jacobian ``(..., 3) -> (..., 3, 3)`` (Sola eq. 163), rows:
 
-        [[ sin t / t,       (1 - cos t) / t,  rho1 (t - sin t) / t^2 - rho2 (1 - cos t) / t^2],
-         [-(1 - cos t) / t,  sin t / t,       rho1 (1 - cos t) / t^2 + rho2 (t - sin t) / t^2],
-         [0, 0, 1]]
+    ``(sin t / t, (1 - cos t) / t, rho1 (t - sin t) / t^2 - rho2 (1 - cos t) / t^2)``,
+    ``(-(1 - cos t) / t, sin t / t, rho1 (1 - cos t) / t^2 + rho2 (t - sin t) / t^2)``,
+    ``(0, 0, 1)``.
     """
     _util.check(xi, 3, "se2.jr xi")
     r1, r2, th = xi.unbind(-1)
@@ -190,7 +191,7 @@ def retract(x: Tensor, delta: Tensor) -> Tensor:
 
 
 def local(x: Tensor, y: Tensor) -> Tensor:
-    """``log(x^-1 * y)``; ``(..., 4), (..., 4) -> (..., 3)``, so ``retract(x, local(x, y)) == y``."""
+    """``log(x^-1 y)``; ``(..., 4), (..., 4) -> (..., 3)``; ``retract(x, local(x, y)) == y``."""
     return log(compose(inverse(x), y))
 
 

@@ -65,7 +65,7 @@ def log(x: Tensor) -> Tensor:
 
 
 def compose(x: Tensor, y: Tensor) -> Tensor:
-    """``x * y`` = ``(t1 + R1 t2, q1 q2)``; ``(..., 7), (..., 7) -> (..., 7)``, batches broadcast."""
+    """``x * y = (t1 + R1 t2, q1 q2)``; ``(..., 7), (..., 7) -> (..., 7)``, batches broadcast."""
     _util.check(x, 7, "se3.compose x")
     _util.check(y, 7, "se3.compose y")
     t = x[..., :3] + so3.act(x[..., 3:], y[..., :3])
@@ -152,12 +152,7 @@ def _q_block(xi: Tensor) -> Tensor:
     fp, pf = f @ p, p @ f
     fpf = fp @ f
     ffp = f @ fp
-    return (
-        0.5 * p
-        + a * (fp + pf + fpf)
-        + e * (ffp + pf @ f - 3 * fpf)
-        + c * (fpf @ f + f @ fpf)
-    )
+    return 0.5 * p + a * (fp + pf + fpf) + e * (ffp + pf @ f - 3 * fpf) + c * (fpf @ f + f @ fpf)
 
 
 def jl(xi: Tensor) -> Tensor:
@@ -193,7 +188,7 @@ def retract(x: Tensor, delta: Tensor) -> Tensor:
 
 
 def local(x: Tensor, y: Tensor) -> Tensor:
-    """``log(x^-1 * y)``; ``(..., 7), (..., 7) -> (..., 6)``, so ``retract(x, local(x, y)) == y``."""
+    """``log(x^-1 y)``; ``(..., 7), (..., 7) -> (..., 6)``; ``retract(x, local(x, y)) == y``."""
     return log(compose(inverse(x), y))
 
 

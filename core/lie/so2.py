@@ -129,7 +129,7 @@ def retract(x: Tensor, delta: Tensor) -> Tensor:
 
 
 def local(x: Tensor, y: Tensor) -> Tensor:
-    """``log(x^-1 * y)``; ``(..., 2), (..., 2) -> (..., 1)``, so ``retract(x, local(x, y)) == y``."""
+    """``log(x^-1 y)``; ``(..., 2), (..., 2) -> (..., 1)``; ``retract(x, local(x, y)) == y``."""
     return log(compose(inverse(x), y))
 
 

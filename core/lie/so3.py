@@ -249,7 +249,7 @@ def retract(x: Tensor, delta: Tensor) -> Tensor:
 
 
 def local(x: Tensor, y: Tensor) -> Tensor:
-    """``log(x^-1 * y)``; ``(..., 4), (..., 4) -> (..., 3)``, so ``retract(x, local(x, y)) == y``."""
+    """``log(x^-1 y)``; ``(..., 4), (..., 4) -> (..., 3)``; ``retract(x, local(x, y)) == y``."""
     return log(compose(inverse(x), y))
 
 
