@@ -8,6 +8,7 @@ from core import costs, io, lie, solvers
 from core.cost import Cost as CostTable
 from core.cost import CostTerms
 from core.cost import make_cost as Cost
+from core.layer import OptimizationLayer
 from core.lie import SE2, SE3, SO2, SO3, LieGroup, Vector
 from core.linearize import Linearization, linearize
 from core.loss import RobustLoss
@@ -17,6 +18,6 @@ from core.variable import Variable
 
 __all__ = [
     "SE2", "SE3", "SO2", "SO3", "Cost", "CostTable", "CostTerms", "GaussNewton", "Info",
-    "LevenbergMarquardt", "LieGroup", "Linearization", "Objective", "Pattern", "RobustLoss",
+    "LevenbergMarquardt", "LieGroup", "Linearization", "Objective", "OptimizationLayer", "Pattern", "RobustLoss",
     "Solution", "Variable", "Vector", "costs", "io", "lie", "linearize", "solvers",
 ]

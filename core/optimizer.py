@@ -22,7 +22,7 @@ from torch import Tensor
 
 from core.linearize import Linearization, linearize
 from core.objective import Objective
-from core.solvers import LinearSolver, SolverName, make_solver
+from core.solvers import LinearSolver, SolverName, damped, make_solver, solve
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +189,13 @@ def _trial(
     else:
         diag = torch.ones_like(lin.g)
     damping = lam[:, None] * diag
-    factor = solver.factor(lin.H, lin.pattern, damping)
-    delta = factor.solve(-lin.g)
+    factor = solver.factor(lin.H.detach(), lin.pattern, damping.detach())
+    delta = solve(factor, damped(lin.H, lin.pattern, damping), lin.pattern, -lin.g)
     cand = objective.retract(values, delta)
     new = linearize(objective, cand)
     predicted = 0.5 * (delta * (damping * delta - lin.g)).sum(-1)
     gain = (lin.cost - new.cost) / predicted.clamp_min(torch.finfo(predicted.dtype).tiny)
-    return delta, cand, gain, new, factor.ok
+    return delta, cand, gain.detach(), new, factor.ok
 
 
 def _update_damping(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from core.solvers.base import Factor, LinearSolver, damped
+from core.solvers.base import Factor, LinearSolver, damped, solve
 from core.solvers.dense import DenseCholesky
 from core.solvers.sparse import SparseCholesky, available_backends
 
@@ -19,6 +19,7 @@ __all__ = [
     "available_backends",
     "damped",
     "make_solver",
+    "solve",
 ]
 
 

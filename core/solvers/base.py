@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from core.objective import Pattern
@@ -32,3 +33,35 @@ class LinearSolver(Protocol):
 def damped(H: Tensor, pattern: Pattern, damping: Tensor) -> Tensor:
     """``H + diag(damping)`` as pattern values ``(B, nnz)``."""
     return H.index_add(1, pattern.diag, damping)
+
+
+class _FactorSolve(torch.autograd.Function):
+    """``x = A^-1 b`` with a precomputed factor of the symmetric ``A`` (pattern values).
+
+    Backward (``A`` symmetric): ``grad_b = A^-1 grad_x`` with the same factor, and for every stored
+    entry ``(i, j)``: ``grad_A_ij = -grad_b_i x_j``.
+    """
+
+    @staticmethod
+    def forward(ctx, A: Tensor, b: Tensor, factor: Factor, pattern: Pattern) -> Tensor:  # type: ignore[override]
+        x = factor.solve(b.detach())
+        ctx.save_for_backward(x)
+        ctx.factor, ctx.pattern = factor, pattern
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor) -> tuple[Tensor | None, Tensor, None, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        grad_b = ctx.factor.solve(grad_x)
+        grad_A = None
+        if ctx.needs_input_grad[0]:
+            grad_A = -grad_b[:, ctx.pattern.rows] * x[:, ctx.pattern.cols]
+        return grad_A, grad_b, None, None
+
+
+def solve(factor: Factor, A: Tensor, pattern: Pattern, b: Tensor) -> Tensor:
+    """``A^-1 b`` through ``factor`` (a factorization of the pattern values ``A (B, nnz)``),
+    differentiable in ``A`` and ``b`` when autograd needs it, for every solver alike."""
+    if torch.is_grad_enabled() and (A.requires_grad or b.requires_grad):
+        return _FactorSolve.apply(A, b, factor, pattern)
+    return factor.solve(b)

@@ -1,0 +1,138 @@
+"""The optimum as a differentiable layer.
+
+``OptimizationLayer(objective, optimizer, backward=...)(inputs) -> (solution, info)``, where
+``inputs`` holds initial values of the optimized variables (by variable name, ``(B, F, S)``) and
+replacements for auxiliary tensors (by ``"<cost>.<aux>"``, ``"<cost>.weight"``,
+``"<cost>.sqrt_info"``, ``"<cost>.loss_scale"``), e.g. network outputs. Backward modes:
+
+* ``"unroll"``: autograd through every iteration (linear solves are differentiated through their
+  factor, see ``core.solvers.base.solve``); gradients reach initial values too; memory grows with
+  the iterations.
+* ``"truncated"``: all but the last ``backward_iters`` iterations run without gradient; the last
+  ones with it (gradients reach initial values only through those last iterations).
+* ``"implicit"``: the solve runs without gradient; at the solution ``x*`` the optimality condition
+  of Gauss-Newton, ``g(x*, theta) = J^T W r = 0``, defines ``x*(theta)``. The implicit function
+  theorem gives ``dx*/dtheta = -H^-1 dg/dtheta`` with ``H = J^T W J`` (exact for zero or linear
+  residuals, the Gauss-Newton approximation otherwise), so for an upstream gradient ``v = dL/dx*``
+  (in the tangent space) ``dL/dtheta = -(H^-1 v)^T dg/dtheta``: one solve with the final factor
+  and one vector-Jacobian product through the residuals. We write it as one extra Gauss-Newton
+  step ``x* (+) (delta - sg(delta))``, ``delta = -H^-1 g(x*, theta)``, with ``H`` held fixed and
+  ``sg`` stopping gradients: its value is exactly ``x*`` and its Jacobian is the IFT's (the solve's
+  backward is the adjoint solve ``H u = v`` with the same factor, ``H`` being symmetric). Memory
+  and time do not depend on the number of forward iterations. Initial values get no gradient
+  (the optimum does not depend on them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import assert_never
+
+from core.linearize import linearize
+from core.objective import Objective
+from core.optimizer import Info, LevenbergMarquardt, Solution
+from core.solvers import make_solver, solve
+
+Backward = Literal["unroll", "truncated", "implicit"]
+
+
+class OptimizationLayer(nn.Module):
+    """A differentiable nonlinear least-squares layer; see the module docstring.
+
+    Args:
+        objective: the problem structure (costs, variables); its auxiliary tensors are defaults
+            that ``inputs`` may replace.
+        optimizer: the solver configuration.
+        backward: how gradients flow: ``"unroll"``, ``"truncated"`` or ``"implicit"``.
+        backward_iters: for ``"truncated"``, how many final iterations carry gradients.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        optimizer: LevenbergMarquardt,
+        backward: Backward = "implicit",
+        backward_iters: int = 5,
+    ) -> None:
+        super().__init__()
+        if backward not in ("unroll", "truncated", "implicit"):
+            raise ValueError(f"unknown backward mode {backward!r}; use unroll, truncated, implicit")
+        if backward_iters < 1:
+            raise ValueError(f"backward_iters must be >= 1, got {backward_iters}")
+        self.objective = objective
+        self.optimizer = optimizer
+        self.backward = backward
+        self.backward_iters = backward_iters
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Info]:
+        """Solve from ``inputs``; returns the solution (name -> ``(B, F, S)``) and the info."""
+        names = {v.name for v in self.objective.variables}
+        missing = names - set(inputs)
+        if missing:
+            raise ValueError(f"OptimizationLayer: missing initial values for {sorted(missing)}")
+        init = {k: v for k, v in inputs.items() if k in names}
+        objective = self.objective.with_inputs({k: v for k, v in inputs.items() if k not in names})
+        mode = self.backward
+        if mode == "unroll":
+            solution = self.optimizer.solve(objective, init)
+            return solution.values, solution.info
+        if mode == "truncated":
+            return self._truncated(objective, init)
+        if mode == "implicit":
+            return self._implicit(objective, init)
+        assert_never(mode)
+
+    def _truncated(
+        self, objective: Objective, init: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], Info]:
+        head_iters = max(self.optimizer.max_iters - self.backward_iters, 0)
+        values = init
+        if head_iters:
+            with torch.no_grad():
+                head = replace(self.optimizer, max_iters=head_iters).solve(objective, init)
+            values = {k: v.detach() for k, v in head.values.items()}
+        tail = replace(self.optimizer, max_iters=self.optimizer.max_iters - head_iters)
+        if head_iters:
+            # Near the optimum the gain ratio is rounding noise: take every finite step, so the
+            # last iterations always carry the gradient.
+            tail = replace(tail, min_gain=-float("inf"), rel_tol=0.0, abs_tol=0.0, step_tol=0.0,
+                           grad_tol=0.0)
+        solution = tail.solve(objective, values)
+        if head_iters:
+            solution = _merge_info(head, solution)
+        return solution.values, solution.info
+
+    def _implicit(
+        self, objective: Objective, init: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], Info]:
+        with torch.no_grad():
+            solution = self.optimizer.solve(objective, {k: v.detach() for k, v in init.items()})
+        x_star = {k: v.detach() for k, v in solution.values.items()}
+        if not torch.is_grad_enabled():
+            return x_star, solution.info
+        lin = linearize(objective, x_star)  # g(x*, theta), differentiable in theta
+        pattern = lin.pattern
+        H = lin.H.detach()
+        solver = make_solver(self.optimizer.solver, objective.dim, H.device)
+        factor = solver.factor(H, pattern, torch.zeros_like(lin.g))
+        delta = solve(factor, H, pattern, -lin.g)
+        return objective.retract(x_star, delta - delta.detach()), solution.info
+
+
+def _merge_info(head: Solution, tail: Solution) -> Solution:
+    """One Info for a run split in two phases."""
+    a, b = head.info, tail.info
+    info = Info(
+        status=b.status,
+        iterations=a.iterations + b.iterations,
+        cost_history=torch.cat([a.cost_history, b.cost_history[1:]]),
+        damping=b.damping,
+        time_s=a.time_s + b.time_s,
+        best_values=b.best_values,
+    )
+    return Solution(tail.values, info, tail.linearization)
