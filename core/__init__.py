@@ -18,6 +18,7 @@ from core.variable import Variable
 
 __all__ = [
     "SE2", "SE3", "SO2", "SO3", "Cost", "CostTable", "CostTerms", "GaussNewton", "Info",
-    "LevenbergMarquardt", "LieGroup", "Linearization", "Objective", "OptimizationLayer", "Pattern", "RobustLoss",
-    "Solution", "Variable", "Vector", "costs", "io", "lie", "linearize", "solvers",
+    "LevenbergMarquardt", "LieGroup", "Linearization", "Objective", "OptimizationLayer",
+    "Pattern", "RobustLoss", "Solution", "Variable", "Vector", "costs", "io", "lie",
+    "linearize", "solvers",
 ]

@@ -8,12 +8,12 @@ weighted residual is ``W r`` with ``W`` a scalar/diagonal ``weight`` or a full u
 
 Two ways to give the residual:
 
-* ``residual``: a function of ONE factor, ``f(x_1, ..., x_k, *aux) -> (d,)``, with ``x_a`` of shape
-  ``(storage_dim_a,)`` and each aux of its per-factor shape. It is vectorized with ``torch.func.vmap``
-  over factors and batch; Jacobians come from ``torch.func.jacfwd`` with respect to the tangent
+* ``residual``: a function of ONE factor, ``f(x_1, ..., x_k, *aux) -> (d,)``, with ``x_a`` of
+  shape ``(storage_dim_a,)`` and each aux of its per-factor shape. It is vectorized with
+  ``torch.func.vmap`` over factors and batch; Jacobians come from ``torch.func.jacfwd`` with respect to the tangent
   perturbation ``delta_a`` of ``retract(x_a, delta_a)`` at 0.
-* ``analytic``: a batched function ``f(xs, aux, jacobians) -> (r (B, E, d), [J_a (B, E, d, dof_a)])``
-  over tensors ``xs[a] (B, E, storage_a)`` and ``aux[k] (B|1, E, ...)``, with Jacobians with
+* ``analytic``: a batched function
+  ``f(xs, aux, jacobians) -> (r (B, E, d), [J_a (B, E, d, dof_a)])`` over tensors ``xs[a] (B, E, storage_a)`` and ``aux[k] (B|1, E, ...)``, with Jacobians with
   respect to the same right tangent perturbations (library costs use this).
 
 Auxiliary tensors carry a leading batch dimension of size ``B`` or ``1`` (shared across the batch
@@ -39,9 +39,9 @@ AnalyticFn = Callable[[list[Tensor], list[Tensor], bool], tuple[Tensor, "list[Te
 class CostTerms:
     """One cost evaluated at given values.
 
-    ``r (B, E, d)``: weighted (and robustly rescaled) residuals; ``J (B, E, d, D)``: their Jacobians
-    with respect to the concatenated tangent perturbations of the factor's slots (``D = sum dof_a``),
-    or None; ``cost (B,)``: ``sum_e 0.5 * rho(||W r_e||^2)``.
+    ``r (B, E, d)``: weighted (and robustly rescaled) residuals; ``J (B, E, d, D)``: their
+    Jacobians with respect to the concatenated tangent perturbations of the factor's slots
+    (``D = sum dof_a``), or None; ``cost (B,)``: ``sum_e 0.5 * rho(||W r_e||^2)``.
     """
 
     r: Tensor
@@ -67,6 +67,7 @@ class Cost:
     loss: RobustLoss | None = None
     name: str = "cost"
     analytic: AnalyticFn | None = None
+    indexed: bool = True
 
     @property
     def num_factors(self) -> int:
@@ -99,9 +100,9 @@ class Cost:
         if not mine:
             return self
         changes: dict[str, object] = {}
-        aux = {k: mine.get(k, t) for k, t in self.aux.items()}
-        if aux != self.aux:
-            changes["aux"] = aux
+        if any(k in mine for k in self.aux):
+            lift = (lambda t: t) if self.indexed else (lambda t: t.unsqueeze(1))
+            changes["aux"] = {k: lift(mine[k]) if k in mine else t for k, t in self.aux.items()}
         for field in ("weight", "sqrt_info"):
             if field in mine:
                 changes[field] = mine[field]
@@ -215,12 +216,13 @@ def make_cost(
         loss,
         name,
         analytic,
+        indexed,
     )
-    return _validated(cost, indexed=indexed)
+    return _validated(cost)
 
 
-def _validated(cost: Cost, indexed: bool = True) -> Cost:
-    name = cost.name
+def _validated(cost: Cost) -> Cost:
+    name, indexed = cost.name, cost.indexed
     if len(cost.index) != len(cost.optimized):
         raise ValueError(
             f"cost {name!r}: {len(cost.optimized)} variables but {len(cost.index)} index tensors"

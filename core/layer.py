@@ -25,7 +25,7 @@ replacements for auxiliary tensors (by ``"<cost>.<aux>"``, ``"<cost>.weight"``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Literal
 
@@ -50,6 +50,11 @@ class OptimizationLayer(nn.Module):
         optimizer: the solver configuration.
         backward: how gradients flow: ``"unroll"``, ``"truncated"`` or ``"implicit"``.
         backward_iters: for ``"truncated"``, how many final iterations carry gradients.
+        implicit_hessian: ``"gauss_newton"`` solves the adjoint system with the final factor of
+            ``J^T W J``; ``"exact"`` solves it with the exact Hessian of the cost at ``x*`` (the
+            Gauss-Newton matrix misses second-order residual and robust-loss terms) by conjugate
+            gradients on Hessian-vector products, preconditioned by that same factor.
+        cg_tol, cg_iters: relative tolerance and cap of those conjugate gradients.
     """
 
     def __init__(
@@ -58,6 +63,9 @@ class OptimizationLayer(nn.Module):
         optimizer: LevenbergMarquardt,
         backward: Backward = "implicit",
         backward_iters: int = 5,
+        implicit_hessian: Literal["gauss_newton", "exact"] = "gauss_newton",
+        cg_tol: float = 1e-10,
+        cg_iters: int = 100,
     ) -> None:
         super().__init__()
         if backward not in ("unroll", "truncated", "implicit"):
@@ -68,6 +76,10 @@ class OptimizationLayer(nn.Module):
         self.optimizer = optimizer
         self.backward = backward
         self.backward_iters = backward_iters
+        if implicit_hessian not in ("gauss_newton", "exact"):
+            raise ValueError(f"unknown implicit_hessian {implicit_hessian!r}")
+        self.implicit_hessian = implicit_hessian
+        self.cg_tol, self.cg_iters = cg_tol, cg_iters
 
     def forward(self, inputs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Info]:
         """Solve from ``inputs``; returns the solution (name -> ``(B, F, S)``) and the info."""
@@ -100,8 +112,9 @@ class OptimizationLayer(nn.Module):
         if head_iters:
             # Near the optimum the gain ratio is rounding noise: take every finite step, so the
             # last iterations always carry the gradient.
-            tail = replace(tail, min_gain=-float("inf"), rel_tol=0.0, abs_tol=0.0, step_tol=0.0,
-                           grad_tol=0.0)
+            tail = replace(
+                tail, min_gain=-float("inf"), rel_tol=0.0, abs_tol=0.0, step_tol=0.0, grad_tol=0.0
+            )
         solution = tail.solve(objective, values)
         if head_iters:
             solution = _merge_info(head, solution)
@@ -120,8 +133,72 @@ class OptimizationLayer(nn.Module):
         H = lin.H.detach()
         solver = make_solver(self.optimizer.solver, objective.dim, H.device)
         factor = solver.factor(H, pattern, torch.zeros_like(lin.g))
-        delta = solve(factor, H, pattern, -lin.g)
+        if self.implicit_hessian == "gauss_newton":
+            delta = solve(factor, H, pattern, -lin.g)
+        else:
+            hvp = _exact_hvp(objective.with_inputs(_detached(objective)), x_star)
+            delta = _ExactSolve.apply(-lin.g, factor, hvp, self.cg_tol, self.cg_iters)
         return objective.retract(x_star, delta - delta.detach()), solution.info
+
+
+def _detached(objective: Objective) -> dict[str, Tensor]:
+    return {k: t.detach() for c in objective.costs for k, t in c.inputs().items()}
+
+
+def _exact_hvp(objective: Objective, x: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
+    """``u (B, n) -> H u`` with ``H`` the exact Hessian of the cost at ``x`` w.r.t. the tangent
+    perturbation (double backward through the costs, robust losses included)."""
+    batch = next(iter(x.values())).shape[0]
+    first = next(iter(x.values()))
+    delta = first.new_zeros(batch, objective.dim, requires_grad=True)
+    with torch.enable_grad():
+        cost = objective.cost(objective.retract(x, delta)).sum()
+        (grad,) = torch.autograd.grad(cost, delta, create_graph=True)
+
+    def hvp(u: Tensor) -> Tensor:
+        with torch.enable_grad():
+            (out,) = torch.autograd.grad(grad, delta, u, retain_graph=True)
+        return out
+
+    return hvp
+
+
+class _ExactSolve(torch.autograd.Function):
+    """Forward: ``H_gn^-1 b`` (its value is discarded by the caller). Backward: ``u = H^-1 v`` for
+    the exact Hessian ``H`` by preconditioned conjugate gradients (preconditioner: the Gauss-Newton
+    factor), batched; elements that do not reach ``tol`` raise rather than return a silent
+    approximation."""
+
+    @staticmethod
+    def forward(ctx, b, factor, hvp, tol, iters):  # type: ignore[override]
+        ctx.factor, ctx.hvp, ctx.tol, ctx.iters = factor, hvp, tol, iters
+        return factor.solve(b)
+
+    @staticmethod
+    def backward(ctx, v):  # type: ignore[override]
+        factor, hvp = ctx.factor, ctx.hvp
+        u = factor.solve(v)
+        r = v - hvp(u)
+        z = factor.solve(r)
+        p, rz = z, (r * z).sum(-1, keepdim=True)
+        scale = v.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        for _ in range(ctx.iters):
+            if bool((r.norm(dim=-1, keepdim=True) <= ctx.tol * scale).all()):
+                return u, None, None, None, None
+            Hp = hvp(p)
+            alpha = rz / (p * Hp).sum(-1, keepdim=True)
+            u, r = u + alpha * p, r - alpha * Hp
+            z = factor.solve(r)
+            rz, rz_old = (r * z).sum(-1, keepdim=True), rz
+            p = z + rz / rz_old * p
+        if bool((r.norm(dim=-1, keepdim=True) <= ctx.tol * scale).all()):
+            return u, None, None, None, None
+        raise RuntimeError(
+            f"implicit backward: conjugate gradients on the exact Hessian did not reach tol "
+            f"{ctx.tol} in {ctx.iters} iterations (relative residual "
+            f"{float((r.norm(dim=-1, keepdim=True) / scale).max()):.2e}); the solution may not be "
+            "a strict minimum: use implicit_hessian='gauss_newton' or raise cg_iters"
+        )
 
 
 def _merge_info(head: Solution, tail: Solution) -> Solution:

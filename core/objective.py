@@ -84,7 +84,9 @@ class Objective:
         for c in self.costs:
             for key, t in c.inputs().items():
                 if not t.is_floating_point():
-                    raise ValueError(f"cost {c.name!r}: {key} must be floating point, got {t.dtype}")
+                    raise ValueError(
+                        f"cost {c.name!r}: {key} must be floating point, got {t.dtype}"
+                    )
                 ref = ref or (key, t)
                 if t.device != ref[1].device:
                     raise ValueError(f"{key} is on {t.device} but {ref[0]} is on {ref[1].device}")
@@ -112,7 +114,9 @@ class Objective:
             x = values[v.name]
             v.check(x)
             if not x.is_floating_point():
-                raise ValueError(f"variable {v.name!r}: values must be floating point, got {x.dtype}")
+                raise ValueError(
+                    f"variable {v.name!r}: values must be floating point, got {x.dtype}"
+                )
             if ref is None:
                 batch, ref = x.shape[0], (v.name, x)
             elif x.shape[0] != batch or x.dtype != ref[1].dtype or x.device != ref[1].device:
@@ -123,11 +127,19 @@ class Objective:
         assert batch is not None and ref is not None
         for c in self.costs:
             for key, t in c.inputs().items():
-                if t.ndim >= 1 and key.rsplit(".", 1)[1] not in ("weight", "sqrt_info", "loss_scale"):
+                if t.ndim >= 1 and key.rsplit(".", 1)[1] not in (
+                    "weight",
+                    "sqrt_info",
+                    "loss_scale",
+                ):
                     if t.shape[0] not in (1, batch):
-                        raise ValueError(f"{key} has batch dimension {t.shape[0]}, expected 1 or {batch}")
+                        raise ValueError(
+                            f"{key} has batch dimension {t.shape[0]}, expected 1 or {batch}"
+                        )
                 if t.ndim and t.dtype != ref[1].dtype:
-                    raise ValueError(f"{key} is {t.dtype} but variable {ref[0]!r} is {ref[1].dtype}")
+                    raise ValueError(
+                        f"{key} is {t.dtype} but variable {ref[0]!r} is {ref[1].dtype}"
+                    )
                 if t.device != ref[1].device:
                     raise ValueError(f"{key} is on {t.device} but {ref[0]!r} is on {ref[1].device}")
         return batch
@@ -150,7 +162,8 @@ class Objective:
         if device not in self._patterns:
             base = self._cpu_pattern
             self._patterns[device] = Pattern(
-                base.n, *(t.to(device) for t in (base.indptr, base.rows, base.cols, base.diag)),
+                base.n,
+                *(t.to(device) for t in (base.indptr, base.rows, base.cols, base.diag)),
                 tuple(t.to(device) for t in base.positions),
                 tuple(t.to(device) for t in base.columns),
             )

@@ -27,7 +27,12 @@ from core.solvers import LinearSolver, SolverName, damped, make_solver, solve
 log = logging.getLogger(__name__)
 
 RUNNING, CONVERGED, MAX_ITERS, FAILED = 0, 1, 2, 3
-STATUS_NAMES = {RUNNING: "running", CONVERGED: "converged", MAX_ITERS: "max_iters", FAILED: "failed"}
+STATUS_NAMES = {
+    RUNNING: "running",
+    CONVERGED: "converged",
+    MAX_ITERS: "max_iters",
+    FAILED: "failed",
+}
 
 
 @dataclass
@@ -165,8 +170,14 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
         if opts.verbose:
             _log_iteration(it, history, lam, time.perf_counter() - start)
     status = torch.where(status == RUNNING, MAX_ITERS, status)
-    info = Info(status, iterations, torch.stack(history), lam, time.perf_counter() - start,
-                best if not opts.adaptive else values)
+    info = Info(
+        status,
+        iterations,
+        torch.stack(history),
+        lam,
+        time.perf_counter() - start,
+        best if not opts.adaptive else values,
+    )
     return Solution(values, info, lin)
 
 
@@ -180,8 +191,8 @@ def _trial(
 ) -> tuple[Tensor, dict[str, Tensor], Tensor, Linearization, Tensor]:
     """Solve ``(H + lambda D) delta = -g`` and linearize at the candidate.
 
-    Returns ``delta (B, n)``, the candidate values, the gain ratio ``(B,)``, the candidate's linearization and the
-    factorization's ``ok (B,)``. With ``(H + D') delta = -g`` the model decrease is
+    Returns ``delta (B, n)``, the candidate values, the gain ratio ``(B,)``, the candidate's
+    linearization and the factorization's ``ok (B,)``. With ``(H + D') delta = -g`` the model decrease is
     ``m(0) - m(delta) = 0.5 delta^T (D' delta - g)`` (no extra product with ``H``).
     """
     if opts.damping_mode == "marquardt":
@@ -199,7 +210,11 @@ def _trial(
 
 
 def _update_damping(
-    lam: Tensor, nu: Tensor, gain: Tensor, accept: Tensor, reject: Tensor,
+    lam: Tensor,
+    nu: Tensor,
+    gain: Tensor,
+    accept: Tensor,
+    reject: Tensor,
     opts: LevenbergMarquardt,
 ) -> tuple[Tensor, Tensor]:
     """Nielsen's rule: after a good step ``lambda *= max(1/3, 1 - (2 rho - 1)^3)``, after a
@@ -218,5 +233,9 @@ def _log_iteration(it: int, history: list[Tensor], lam: Tensor, elapsed: float) 
     rel = (prev - cost) / prev.clamp_min(1e-300)
     log.info(
         "iter %3d  cost %.6e  rel_decrease %.3e  damping %.2e  time %.3fs",
-        it, float(cost.max()), float(rel.max()), float(lam.max()), elapsed,
+        it,
+        float(cost.max()),
+        float(rel.max()),
+        float(lam.max()),
+        elapsed,
     )

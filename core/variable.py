@@ -1,4 +1,4 @@
-"""Optimization variables: a named block of ``count`` elements of one space (Lie group or vector)."""
+"""Optimization variables: ``count`` elements of one space (a Lie group or a vector space)."""
 
 from __future__ import annotations
 

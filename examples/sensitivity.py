@@ -19,7 +19,9 @@ import torch
 import core
 
 
-def closed_form(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def closed_form(
+    x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(a, b)``, ``d(a, b)/dx (100, 2)`` and ``d(a, b)/dy (100, 2)`` for 1-D ``x``, ``y``."""
     X = torch.stack([x**2, torch.ones_like(x)], dim=1)
     M = torch.linalg.inv(X.T @ X)
@@ -54,8 +56,10 @@ def main(argv: list[str] | None = None) -> float:
         float((solution["a"].detach().reshape(()) - ab[0]).abs()),
     )
     _plot(x.detach()[0], y.detach()[0], ab, da_dx[0], da_dy[0], args.out)
-    print(f"a={float(ab[0]):.6f} b={float(ab[1]):.6f} iterations={int(info.iterations[0])} "
-          f"figure={args.out}")
+    print(
+        f"a={float(ab[0]):.6f} b={float(ab[1]):.6f} iterations={int(info.iterations[0])} "
+        f"figure={args.out}"
+    )
     print(f"max_abs_err={err:.3e}")
     return err
 
@@ -71,8 +75,18 @@ def _plot(x, y, ab, da_dx, da_dy, path: str) -> None:
     ax.plot(grid, ab[0] * grid**2 + ab[1], "k-", label=f"fit a={ab[0]:.3f}, b={ab[1]:.3f}")
     ax.scatter(x, y, s=12, c="tab:blue", label="data")
     longest = float(torch.hypot(da_dx, da_dy).max())  # draw the longest arrow 0.1 long
-    ax.quiver(x, y, -da_dx, -da_dy, angles="xy", scale_units="xy", scale=longest / 0.1, width=0.003,
-              color="tab:red", label=f"-(da/dx, da/dy), longest = {longest:.2f}")
+    ax.quiver(
+        x,
+        y,
+        -da_dx,
+        -da_dy,
+        angles="xy",
+        scale_units="xy",
+        scale=longest / 0.1,
+        width=0.003,
+        color="tab:red",
+        label=f"-(da/dx, da/dy), longest = {longest:.2f}",
+    )
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_title("How the fitted a moves with each data point")

@@ -1,6 +1,6 @@
 """Solve a g2o pose graph with Levenberg-Marquardt and print a summary.
 
-    python -m apps.pose_graph.solve FILE.g2o [--solver sparse|dense|...] [--max-iters N] [--json]
+python -m apps.pose_graph.solve FILE.g2o [--solver sparse|dense|...] [--max-iters N] [--json]
 """
 
 from __future__ import annotations
@@ -17,11 +17,18 @@ from core import LevenbergMarquardt, io
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m apps.pose_graph.solve", description=__doc__)
-    parser.add_argument("file", help="a g2o file (VERTEX_SE2/EDGE_SE2 or VERTEX_SE3:QUAT/EDGE_SE3:QUAT)")
-    parser.add_argument("--solver", default="sparse",
-                        choices=["auto", "sparse", "dense", "cholmod", "cholespy", "scipy"])
+    parser.add_argument(
+        "file", help="a g2o file (VERTEX_SE2/EDGE_SE2 or VERTEX_SE3:QUAT/EDGE_SE3:QUAT)"
+    )
+    parser.add_argument(
+        "--solver",
+        default="sparse",
+        choices=["auto", "sparse", "dense", "cholmod", "cholespy", "scipy"],
+    )
     parser.add_argument("--max-iters", type=int, default=100)
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object as the last line"
+    )
     parser.add_argument("--quiet", action="store_true", help="no per-iteration log")
     args = parser.parse_args(argv)
     if not args.quiet:
@@ -31,7 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     graph = io.read_g2o(args.file)
     load_s = time.perf_counter() - start
     objective, init = pose_graph_objective(graph)
-    optimizer = LevenbergMarquardt(max_iters=args.max_iters, solver=args.solver, verbose=not args.quiet)
+    optimizer = LevenbergMarquardt(
+        max_iters=args.max_iters, solver=args.solver, verbose=not args.quiet
+    )
     solution = optimizer.solve(objective, init)
     info = solution.info
     summary = {
@@ -46,8 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
         "status": info.status_names[0],
     }
     print(f"{args.file}: {graph.num_poses} poses, {graph.num_edges} edges, SE({graph.dim})")
-    print(f"  cost {summary['initial_cost']:.6f} -> {summary['final_cost']:.6f} in "
-          f"{summary['iterations']} iterations, {summary['time_s']:.3f} s ({summary['status']})")
+    print(
+        f"  cost {summary['initial_cost']:.6f} -> {summary['final_cost']:.6f} in "
+        f"{summary['iterations']} iterations, {summary['time_s']:.3f} s ({summary['status']})"
+    )
     if args.json:
         print(json.dumps(summary))
     return summary

@@ -6,7 +6,8 @@ respect to right perturbations ``x * Exp(delta)``:
 
 * ``Prior``: ``r = Log(z^-1 x)``; ``dr/dx = Jr^-1(r)``.
 * ``Between``: ``r = Log(z^-1 x_i^-1 x_j)``; ``dr/dx_j = Jr^-1(r)``,
-  ``dr/dx_i = -Jr^-1(r) Ad(x_j^-1 x_i)`` (since ``Exp(-d) x_i^-1 x_j = x_i^-1 x_j Exp(-Ad(x_j^-1 x_i) d)``).
+  ``dr/dx_i = -Jr^-1(r) Ad(x_j^-1 x_i)``, since
+  ``Exp(-d) x_i^-1 x_j = x_i^-1 x_j Exp(-Ad(x_j^-1 x_i) d)``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def _per_factor(t: Tensor, storage: int, num: int, what: str) -> Tensor:
     if t.ndim == 2:
         t = t[None]
     if t.ndim != 3 or t.shape[1] != num:
-        raise ValueError(f"{what} must be (S,), (E, S) or (B, E, S) with E = {num}, "
-                         f"got {tuple(t.shape)}")
+        raise ValueError(
+            f"{what} must be (S,), (E, S) or (B, E, S) with E = {num}, got {tuple(t.shape)}"
+        )
     return t
 
 
@@ -56,7 +58,9 @@ def Prior(  # noqa: N802 (a Cost constructor)
     A float ``sqrt_info`` is a scalar weight."""
     space = variable.space
     idx = torch.arange(variable.count) if index is None else _as_index(index, "Prior index")
-    target = _per_factor(target, space.storage_dim, idx.shape[0], f"Prior on {variable.name!r}: target")
+    target = _per_factor(
+        target, space.storage_dim, idx.shape[0], f"Prior on {variable.name!r}: target"
+    )
     if isinstance(sqrt_info, float | int):
         weight, sqrt_info = float(sqrt_info), None
 
@@ -64,9 +68,17 @@ def Prior(  # noqa: N802 (a Cost constructor)
         r = space.local(aux[0], xs[0])
         return r, [space.jr_inv(r)] if jacobians else None
 
-    return make_cost(None, [variable], {"target": target}, index=[idx], weight=weight,
-                     sqrt_info=sqrt_info, loss=loss, name=name or f"prior_{variable.name}",
-                     analytic=prior)
+    return make_cost(
+        None,
+        [variable],
+        {"target": target},
+        index=[idx],
+        weight=weight,
+        sqrt_info=sqrt_info,
+        loss=loss,
+        name=name or f"prior_{variable.name}",
+        analytic=prior,
+    )
 
 
 def Between(  # noqa: N802 (a Cost constructor)
@@ -86,7 +98,9 @@ def Between(  # noqa: N802 (a Cost constructor)
     second = other or variable
     space = variable.space
     if second.space != space:
-        raise ValueError(f"Between: {variable.name!r} is {space} but {second.name!r} is {second.space}")
+        raise ValueError(
+            f"Between: {variable.name!r} is {space} but {second.name!r} is {second.space}"
+        )
     i, j = _as_index(i, "Between i"), _as_index(j, "Between j")
     measured = _per_factor(measured, space.storage_dim, i.shape[0], "Between measured")
     if isinstance(sqrt_info, float | int):
@@ -101,6 +115,14 @@ def Between(  # noqa: N802 (a Cost constructor)
         Ji = -Jj @ space.adjoint(space.compose(space.inverse(xj), xi))
         return r, [Ji, Jj]
 
-    return make_cost(None, [variable, second], {"measured": measured}, index=[i, j],
-                     weight=weight, sqrt_info=sqrt_info, loss=loss,
-                     name=name or f"between_{variable.name}", analytic=between)
+    return make_cost(
+        None,
+        [variable, second],
+        {"measured": measured},
+        index=[i, j],
+        weight=weight,
+        sqrt_info=sqrt_info,
+        loss=loss,
+        name=name or f"between_{variable.name}",
+        analytic=between,
+    )

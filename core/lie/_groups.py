@@ -31,6 +31,10 @@ class LieGroup:
     def __repr__(self) -> str:
         return self.name
 
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        # modules do not pickle; the four groups are singletons, so pickle/deepcopy by name
+        return _group_by_name, (self.name,)
+
     def identity(
         self, *batch_shape: int, dtype: torch.dtype | None = None, device: Device = None
     ) -> Tensor:
@@ -230,3 +234,9 @@ SO2 = LieGroup("SO2", so2.STORAGE_DIM, so2.DOF, so2)
 SE2 = LieGroup("SE2", se2.STORAGE_DIM, se2.DOF, se2)
 SO3 = LieGroup("SO3", so3.STORAGE_DIM, so3.DOF, so3)
 SE3 = LieGroup("SE3", se3.STORAGE_DIM, se3.DOF, se3)
+_GROUPS = {g.name: g for g in (SO2, SE2, SO3, SE3)}
+
+
+def _group_by_name(name: str) -> LieGroup:
+    """Unpickling helper: the module-level group instance called ``name``."""
+    return _GROUPS[name]

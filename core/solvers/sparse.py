@@ -103,7 +103,10 @@ class SparseCholesky:
             from cholespy import CholeskySolverD, MatrixType
 
             f = CholeskySolverD(
-                n, torch.from_numpy(indptr), torch.from_numpy(rows), torch.from_numpy(v),
+                n,
+                torch.from_numpy(indptr),
+                torch.from_numpy(rows),
+                torch.from_numpy(v),
                 MatrixType.CSC,
             )
             return f
