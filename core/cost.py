@@ -10,11 +10,12 @@ Two ways to give the residual:
 
 * ``residual``: a function of ONE factor, ``f(x_1, ..., x_k, *aux) -> (d,)``, with ``x_a`` of
   shape ``(storage_dim_a,)`` and each aux of its per-factor shape. It is vectorized with
-  ``torch.func.vmap`` over factors and batch; Jacobians come from ``torch.func.jacfwd`` with respect to the tangent
-  perturbation ``delta_a`` of ``retract(x_a, delta_a)`` at 0.
+  ``torch.func.vmap`` over factors and batch; Jacobians come from ``torch.func.jacfwd`` with
+  respect to the tangent perturbation ``delta_a`` of ``retract(x_a, delta_a)`` at 0.
 * ``analytic``: a batched function
-  ``f(xs, aux, jacobians) -> (r (B, E, d), [J_a (B, E, d, dof_a)])`` over tensors ``xs[a] (B, E, storage_a)`` and ``aux[k] (B|1, E, ...)``, with Jacobians with
-  respect to the same right tangent perturbations (library costs use this).
+  ``f(xs, aux, jacobians) -> (r (B, E, d), [J_a (B, E, d, dof_a)])`` over tensors
+  ``xs[a] (B, E, storage_a)`` and ``aux[k] (B|1, E, ...)``, with Jacobians with respect to the
+  same right tangent perturbations (library costs use this).
 
 Auxiliary tensors carry a leading batch dimension of size ``B`` or ``1`` (shared across the batch
 without a copy); for indexed costs the next dimension is ``E``.

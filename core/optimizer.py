@@ -192,8 +192,8 @@ def _trial(
     """Solve ``(H + lambda D) delta = -g`` and linearize at the candidate.
 
     Returns ``delta (B, n)``, the candidate values, the gain ratio ``(B,)``, the candidate's
-    linearization and the factorization's ``ok (B,)``. With ``(H + D') delta = -g`` the model decrease is
-    ``m(0) - m(delta) = 0.5 delta^T (D' delta - g)`` (no extra product with ``H``).
+    linearization and the factorization's ``ok (B,)``. With ``(H + D') delta = -g`` the model
+    decrease is ``m(0) - m(delta) = 0.5 delta^T (D' delta - g)`` (no extra product with ``H``).
     """
     if opts.damping_mode == "marquardt":
         diag = lin.H[:, lin.pattern.diag].clamp(1e-6, 1e32)

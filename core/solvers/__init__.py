@@ -6,14 +6,18 @@ from typing import Literal
 
 from core.solvers.base import Factor, LinearSolver, damped, solve
 from core.solvers.dense import DenseCholesky
+from core.solvers.pcg import PCG
+from core.solvers.schur import Schur
 from core.solvers.sparse import SparseCholesky, available_backends
 
-SolverName = Literal["auto", "dense", "sparse", "cholmod", "cholespy", "scipy"]
+SolverName = Literal["auto", "dense", "sparse", "cholmod", "cholespy", "scipy", "pcg"]
 
 __all__ = [
     "DenseCholesky",
     "Factor",
     "LinearSolver",
+    "PCG",
+    "Schur",
     "SolverName",
     "SparseCholesky",
     "available_backends",
@@ -35,5 +39,7 @@ def make_solver(name: SolverName | LinearSolver, n: int, device: str = "cpu") ->
         return SparseCholesky()
     if name in ("cholmod", "cholespy", "scipy"):
         return SparseCholesky(backend=name)
+    if name == "pcg":
+        return PCG()  # blocks inferred from the pattern; PCG(objective) to name them
     raise ValueError(f"unknown solver {name!r}; use one of auto, dense, sparse, cholmod, "
-                     "cholespy, scipy or pass a LinearSolver")
+                     "cholespy, scipy, pcg or pass a LinearSolver")
