@@ -150,7 +150,10 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
         active = status == RUNNING
         delta, cand, gain, new, factor_ok = _trial(objective, values, lin, lam, solver, opts)
         finite = torch.isfinite(new.cost) & factor_ok
-        accept = active & finite & ((gain > opts.min_gain) | (not opts.adaptive))
+        # A step whose cost change is rounding noise is accepted too: at the optimum this keeps
+        # the iterates (and an unrolled gradient) converging instead of raising the damping.
+        noise = (lin.cost - new.cost).abs() <= 100 * torch.finfo(lin.cost.dtype).eps * lin.cost
+        accept = active & finite & ((gain > opts.min_gain) | noise | (not opts.adaptive))
         values = {k: torch.where(accept[:, None, None], cand[k], x) for k, x in values.items()}
         decrease = lin.cost - new.cost
         small = (decrease.abs() <= opts.rel_tol * lin.cost) | (new.cost <= opts.abs_tol)
@@ -221,9 +224,9 @@ def _update_damping(
     rejected one ``lambda *= nu, nu *= 2``."""
     if not opts.adaptive:
         return lam, nu
-    shrink = torch.clamp(1 - (2 * gain - 1) ** 3, min=1 / 3)
+    shrink = torch.clamp(1 - (2 * gain - 1) ** 3, min=1 / 3, max=2.0)
     lam = torch.where(accept, (lam * shrink).clamp_min(opts.damping_min), lam)
-    lam = torch.where(reject, lam * nu, lam)
+    lam = torch.where(reject, (lam * nu).clamp_max(2 * opts.damping_max), lam)
     nu = torch.where(accept, torch.full_like(nu, 2.0), torch.where(reject, nu * 2, nu))
     return lam, nu
 
