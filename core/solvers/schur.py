@@ -1,0 +1,353 @@
+"""Schur complement solver: eliminate many small independent blocks first (bundle adjustment).
+
+With the unknowns split into the reduced ones ``c`` (cameras, ...) and the eliminated ones ``p``
+(points), whose block ``V`` of ``A = H + diag(damping)`` is block diagonal (each factor touches at
+most one point), ``A = [[U, W], [W^T, V]]`` and ``A x = b`` is solved by (Triggs et al., "Bundle
+adjustment - a modern synthesis", 2000, sec. 6.1; Agarwal et al., "Bundle adjustment in the
+large", ECCV 2010)::
+
+    S = U - W V^-1 W^T                  (reduced camera system, m x m)
+    S x_c = b_c - W V^-1 b_p
+    x_p = V^-1 (b_p - W^T x_c)
+
+``V^-1`` is a batched Cholesky inverse of the ``P`` point blocks. ``W`` is stored as ``T`` dense
+blocks, one per (reduced element, point) pair that a factor couples; ``S`` is accumulated as dense
+``dmax x dmax`` blocks over the element pairs of its structure (upper triangle only: one product
+``Y_i W_j^T`` per pair of ``W`` blocks sharing a point, ``Y = W V^-1``), then gathered into a CSC
+pattern and factored densely (small ``m``) or by ``SparseCholesky`` (symbolic analysis reused).
+All index maps are computed once per pattern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from core.objective import Objective, Pattern
+from core.solvers.base import damped
+from core.solvers.dense import DenseCholesky
+from core.solvers.sparse import Backend, SparseCholesky
+
+Reduced = Literal["auto", "dense", "sparse"]
+
+
+@dataclass(frozen=True)
+class SchurMaps:
+    """Index maps of one pattern (see the module docstring for the symbols).
+
+    ``keep (m,)``: global columns of the reduced unknowns (ascending); ``elim (P, d)``: columns of
+    each point; ``v_pos (P, d, d)``: ``V`` blocks in the values; ``w_pos (T, dmax, d)``: ``W``
+    blocks in the values (``nnz``: padding, read as 0); ``w_elem, w_point (T,)``: their reduced
+    element and point; ``elem_rows (NE, dmax)``: reduced indices of each element (``m``: padding);
+    ``u_src, u_dst``: ``U`` entries (upper blocks) -> flat positions in the ``(NB, dmax, dmax)``
+    blocks of ``S``; ``pair_i, pair_j, pair_block (Np,)``: W-block pairs sharing a point and the
+    ``S`` block they update; ``s_gather (nnz_S,)``: flat block positions in ``reduced``'s order.
+    """
+
+    keep: Tensor
+    elim: Tensor
+    v_pos: Tensor
+    w_pos: Tensor
+    w_elem: Tensor
+    w_point: Tensor
+    elem_rows: Tensor
+    u_src: Tensor
+    u_dst: Tensor
+    pair_i: Tensor
+    pair_j: Tensor
+    pair_block: Tensor
+    num_blocks: int
+    dmax: int
+    s_gather: Tensor
+    reduced: Pattern
+
+    def to(self, device: torch.device) -> SchurMaps:
+        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
+        r = self.reduced
+        moved["reduced"] = Pattern(r.n, *(t.to(device) for t in (r.indptr, r.rows, r.cols, r.diag)),
+                                   (), ())
+        return SchurMaps(**moved)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The unknowns' roles. Per global column ``(n,)``: ``elem`` its reduced element (-1 for
+    points), ``point`` its point (-1 otherwise), ``local`` its index inside the element or point.
+    Per reduced element: ``elem_rows (NE, dmax)`` its reduced indices (``m``: padding) and
+    ``elem_dof (NE,)``. ``keep (m,)`` and ``elim (P, d)`` as in :class:`SchurMaps`."""
+
+    elem: Tensor
+    point: Tensor
+    local: Tensor
+    elem_rows: Tensor
+    elem_dof: Tensor
+    keep: Tensor
+    elim: Tensor
+
+
+def _layout(objective: Objective, eliminate: str) -> _Layout:
+    """One reduced element per variable element (contiguous reduced indices)."""
+    n = objective.dim
+    elem = torch.full((n,), -1, dtype=torch.long)
+    point = torch.full((n,), -1, dtype=torch.long)
+    local = torch.zeros(n, dtype=torch.long)
+    starts, dofs, num_elems, reduced_index = [], [], 0, 0
+    for v in objective.variables:
+        off, d = objective.offsets[v.name], v.space.dof
+        ids = torch.arange(v.count).repeat_interleave(d)
+        local[off : off + v.dof] = torch.arange(d).repeat(v.count)
+        if v.name == eliminate:
+            point[off : off + v.dof] = ids
+            continue
+        elem[off : off + v.dof] = ids + num_elems
+        starts.append(reduced_index + torch.arange(v.count) * d)
+        dofs.append(torch.full((v.count,), d, dtype=torch.long))
+        num_elems, reduced_index = num_elems + v.count, reduced_index + v.dof
+    keep = torch.nonzero(point < 0)[:, 0]
+    var = next(v for v in objective.variables if v.name == eliminate)
+    elim = objective.offsets[eliminate] + torch.arange(var.dof).view(var.count, var.space.dof)
+    elem_dof = torch.cat(dofs)
+    a = torch.arange(int(elem_dof.max()))
+    elem_rows = torch.where(a < elem_dof[:, None], torch.cat(starts)[:, None] + a, keep.numel())
+    return _Layout(elem, point, local, elem_rows, elem_dof, keep, elim)
+
+
+def _merge_elements(lay: _Layout, w_elem: Tensor, w_point: Tensor) -> _Layout:
+    """Merge the reduced elements that touch exactly the same points (a BA camera's pose and its
+    intrinsics) into one: fewer, larger ``W`` blocks, and 4x fewer ``S`` products for BA.
+
+    Point sets are compared by two random hashes, then verified exactly (no merge on a clash).
+    ``w_elem, w_point``: the (element, point) couplings of ``W``, repeats allowed."""
+    ne, num_points = lay.elem_dof.shape[0], lay.elim.shape[0]
+    key = torch.unique(w_elem * num_points + w_point)
+    e, p = key // num_points, key % num_points
+    rnd = torch.randint(1, 2**31, (2, num_points), generator=torch.Generator().manual_seed(0))
+    h = torch.zeros(2, ne, dtype=torch.long).index_add(1, e, rnd[:, p])
+    count = torch.bincount(e, minlength=ne)
+    lonely = torch.nonzero(count == 0)[:, 0]
+    h[:, lonely] = -1 - lonely  # elements without points stay on their own
+    _, group = torch.unique(torch.stack([count, h[0], h[1]], 1), dim=0, return_inverse=True)
+    num_groups = int(group.max()) + 1
+    distinct = torch.bincount(torch.unique(group[e] * num_points + p) // num_points,
+                              minlength=num_groups)
+    if num_groups == ne or not bool((distinct[group[e]] == count[e]).all()):
+        return lay
+    order = torch.argsort(group * ne + torch.arange(ne))  # members by element id
+    gdof = torch.zeros(num_groups, dtype=torch.long).index_add(0, group, lay.elem_dof)
+    gstart = gdof.cumsum(0) - gdof
+    offset = torch.empty_like(group)
+    offset[order] = lay.elem_dof[order].cumsum(0) - lay.elem_dof[order] - gstart[group[order]]
+    valid = lay.elem_rows < lay.keep.numel()
+    a = torch.arange(lay.elem_rows.shape[1])
+    rows = torch.full((num_groups, int(gdof.max())), lay.keep.numel(), dtype=torch.long)
+    target = (group[:, None].expand_as(valid)[valid], (offset[:, None] + a)[valid])
+    rows[target] = lay.elem_rows[valid]
+    red = lay.elem >= 0
+    old = lay.elem.clamp_min(0)
+    elem = torch.where(red, group[old], -1)
+    local = torch.where(red, offset[old] + lay.local, lay.local)
+    return _Layout(elem, lay.point, local, rows, gdof, lay.keep, lay.elim)
+
+
+def _w_pairs(w_elem: Tensor, w_point: Tensor, num_points: int) -> tuple[Tensor, Tensor]:
+    """All pairs ``(i, j)`` of W blocks (sorted by point) on the same point with
+    ``elem[i] <= elem[j]`` (each element appears once per point, so ``i == j`` on the diagonal)."""
+    counts = torch.bincount(w_point, minlength=num_points)
+    group_start = counts.cumsum(0) - counts
+    reps = counts[w_point]
+    i = torch.repeat_interleave(torch.arange(w_point.shape[0]), reps)
+    seg = torch.repeat_interleave(reps.cumsum(0) - reps, reps)
+    j = group_start[w_point[i]] + torch.arange(i.shape[0]) - seg
+    upper = w_elem[i] <= w_elem[j]
+    return i[upper], j[upper]
+
+
+def _reduced_pattern(blocks: Tensor, lay: _Layout, dmax: int) -> tuple[Pattern, Tensor]:
+    """The CSC pattern of ``S`` from its upper element blocks ``blocks (NB, 2)`` and, per entry,
+    the flat position in the ``(NB, dmax, dmax)`` block storage (lower entries read transposed)."""
+    ne, m = lay.elem_dof.shape[0], lay.keep.shape[0]
+    a = torch.arange(dmax)
+    both = torch.cat([blocks, blocks[blocks[:, 0] != blocks[:, 1]].flip(1)])  # (e_row, e_col)
+    key = torch.minimum(both[:, 0], both[:, 1]) * ne + torch.maximum(both[:, 0], both[:, 1])
+    block_id = torch.searchsorted(blocks[:, 0] * ne + blocks[:, 1], key)
+    er, ec = both[:, 0, None, None], both[:, 1, None, None]
+    ar, ac = a[None, :, None], a[None, None, :]  # local row, local column
+    valid = (ar < lay.elem_dof[er]) & (ac < lay.elem_dof[ec])
+    rows = lay.elem_rows[er, ar].expand_as(valid)[valid]
+    cols = lay.elem_rows[ec, ac].expand_as(valid)[valid]
+    upper = (er <= ec).expand_as(valid)
+    first, second = torch.where(upper, ar, ac), torch.where(upper, ac, ar)
+    flat = (block_id[:, None, None] * dmax + first) * dmax + second
+    order = torch.argsort(cols * m + rows)
+    rows, cols, flat = rows[order], cols[order], flat[valid][order]
+    counts = torch.bincount(cols, minlength=m)
+    indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    diag = torch.nonzero(rows == cols)[:, 0]
+    return Pattern(m, indptr, rows, cols, diag, (), ()), flat
+
+
+def build_schur_maps(objective: Objective, eliminate: str, pattern: Pattern) -> SchurMaps:
+    """Index maps for ``pattern`` (computed on the CPU, then moved to the pattern's device)."""
+    lay = _layout(objective, eliminate)
+    rows, cols, nnz = pattern.rows.cpu(), pattern.cols.cpu(), pattern.nnz
+    pos = torch.arange(nnz)
+    p_r, p_c = lay.point[rows], lay.point[cols]
+    both_p = (p_r >= 0) & (p_c >= 0)
+    if bool((both_p & (p_r != p_c)).any()):
+        raise ValueError(f"Schur: the {eliminate!r} block of H is not block diagonal")
+    num_points, d = lay.elim.shape
+    v_pos = torch.zeros(num_points, d, d, dtype=torch.long)
+    v_pos[p_r[both_p], lay.local[rows[both_p]], lay.local[cols[both_p]]] = pos[both_p]
+    w = (lay.elem[rows] >= 0) & (p_c >= 0)
+    lay = _merge_elements(lay, lay.elem[rows[w]], p_c[w])
+    e_r, e_c, l_r, l_c = lay.elem[rows], lay.elem[cols], lay.local[rows], lay.local[cols]
+    dmax, ne = lay.elem_rows.shape[1], lay.elem_dof.shape[0]
+    w_key, w_index = torch.unique(p_c[w] * ne + e_r[w], return_inverse=True)
+    w_pos = torch.full((w_key.shape[0], dmax, d), nnz, dtype=torch.long)
+    w_pos[w_index, l_r[w], l_c[w]] = pos[w]
+    w_elem, w_point = w_key % ne, w_key // ne
+    pair_i, pair_j = _w_pairs(w_elem, w_point, num_points)
+    u = (e_r >= 0) & (e_c >= 0) & (e_r <= e_c)
+    fill_key = w_elem[pair_i] * ne + w_elem[pair_j]
+    block_key, inverse = torch.unique(torch.cat([e_r[u] * ne + e_c[u], fill_key]),
+                                      return_inverse=True)
+    num_u = int(u.sum())
+    u_dst = (inverse[:num_u] * dmax + l_r[u]) * dmax + l_c[u]
+    blocks = torch.stack([block_key // ne, block_key % ne], dim=1)
+    reduced, s_gather = _reduced_pattern(blocks, lay, dmax)
+    maps = SchurMaps(lay.keep, lay.elim, v_pos, w_pos, w_elem, w_point, lay.elem_rows, pos[u],
+                     u_dst, pair_i, pair_j, inverse[num_u:], int(block_key.shape[0]), dmax,
+                     s_gather, reduced)
+    return maps.to(pattern.rows.device)
+
+
+def check_eliminable(objective: Objective, eliminate: str) -> None:
+    """Raise ``ValueError`` unless ``eliminate`` names a variable of ``objective`` that leaves
+    others, and no factor touches two different elements of it."""
+    names = [v.name for v in objective.variables]
+    if eliminate not in names:
+        raise ValueError(f"Schur: no variable {eliminate!r} to eliminate; variables: {names}")
+    if len(names) == 1:
+        raise ValueError(f"Schur: eliminating {eliminate!r} leaves no reduced system")
+    for c in objective.costs:
+        slots = [i for v, i in zip(c.optimized, c.index) if v.name == eliminate]
+        for other in slots[1:]:
+            bad = torch.nonzero(other != slots[0])
+            if bad.numel():
+                e = int(bad[0, 0])
+                raise ValueError(
+                    f"Schur: cost {c.name!r} factor {e} touches {eliminate}[{int(slots[0][e])}] "
+                    f"and {eliminate}[{int(other[e])}]; the {eliminate!r} block of H must be "
+                    "block diagonal (each factor touching at most one element)")
+
+
+@dataclass
+class SchurFactor:
+    """``V^-1 (B, P, d, d)``, ``W (B, T, dmax, d)`` and the factor of ``S``; ``ok (B,)``."""
+
+    maps: SchurMaps
+    v_inv: Tensor
+    W: Tensor
+    reduced: Any
+    ok: Tensor
+
+    def solve(self, b: Tensor) -> Tensor:
+        """Solve ``A x = b`` for ``b (B, n)`` (any number of times)."""
+        mp, batch = self.maps, b.shape[0]
+        m = mp.keep.shape[0]
+        rows = mp.elem_rows[mp.w_elem]  # (T, dmax)
+        bp = b[:, mp.elim]  # (B, P, d)
+        u = (self.v_inv @ bp[..., None])[:, mp.w_point]  # (B, T, d, 1)
+        Wu = (self.W @ u)[..., 0]
+        rhs = torch.cat([b[:, mp.keep], b.new_zeros(batch, 1)], dim=1)
+        rhs = rhs.index_add(1, rows.reshape(-1), -Wu.reshape(batch, -1))[:, :m]
+        xc = self.reduced.solve(rhs)
+        xe = torch.cat([xc, xc.new_zeros(batch, 1)], dim=1)[:, rows]  # (B, T, dmax)
+        Wtx = (self.W.transpose(-1, -2) @ xe[..., None])[..., 0]  # (B, T, d)
+        xp = (self.v_inv @ bp.index_add(1, mp.w_point, -Wtx)[..., None])[..., 0]
+        x = torch.zeros_like(b).index_copy(1, mp.keep, xc)
+        return x.index_copy(1, mp.elim.reshape(-1), xp.reshape(batch, -1))
+
+
+class Schur:
+    """Schur-complement linear solver for ``objective``, eliminating the variable ``eliminate``.
+
+    Args:
+        objective: the objective whose patterns will be factored (gives the unknown layout).
+        eliminate: name of the variable to eliminate first (e.g. ``"points"``); each factor must
+            touch at most one of its elements (checked here, ``ValueError`` otherwise).
+        reduced: how to factor ``S``: ``"dense"`` (batched Cholesky, any device), ``"sparse"``
+            (``SparseCholesky``, CPU) or ``"auto"``: dense when ``m <= dense_max``.
+        dense_max: the ``"auto"`` threshold on the reduced size ``m``.
+        backend: the sparse backend for ``reduced="sparse"``.
+        chunk: about this many ``S`` products ``(B x pairs x dmax^2)`` are formed at once (sized
+            for the CPU cache; 64x more on other devices; at least 4096 pairs).
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        eliminate: str = "points",
+        *,
+        reduced: Reduced = "auto",
+        dense_max: int = 1500,
+        backend: Backend = "auto",
+        chunk: int = 1 << 18,
+    ) -> None:
+        if reduced not in ("auto", "dense", "sparse"):
+            raise ValueError(f"Schur: reduced must be auto, dense or sparse, got {reduced!r}")
+        check_eliminable(objective, eliminate)
+        self.objective, self.eliminate = objective, eliminate
+        self.reduced, self.dense_max, self.chunk = reduced, dense_max, chunk
+        self._dense = DenseCholesky()
+        self._sparse = SparseCholesky(backend=backend) if reduced != "dense" else None
+        self._maps: dict[int, tuple[Pattern, SchurMaps]] = {}
+
+    def __repr__(self) -> str:
+        return f"Schur(eliminate={self.eliminate!r}, reduced={self.reduced!r})"
+
+    def maps(self, pattern: Pattern) -> SchurMaps:
+        """The index maps of ``pattern`` (computed on first use, then cached)."""
+        if pattern.n != self.objective.dim:
+            raise ValueError(f"Schur: pattern has n = {pattern.n} but the objective has "
+                             f"{self.objective.dim} unknowns; pass the objective being solved")
+        cached = self._maps.get(id(pattern))
+        if cached is None or cached[0] is not pattern:
+            cached = (pattern, build_schur_maps(self.objective, self.eliminate, pattern))
+            self._maps[id(pattern)] = cached
+        return cached[1]
+
+    def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SchurFactor:
+        """Eliminate the points of ``H (B, nnz) + diag(damping (B, n))`` and factor ``S``."""
+        mp = self.maps(pattern)
+        values = damped(H, pattern, damping)
+        batch = values.shape[0]
+        padded = torch.cat([values, values.new_zeros(batch, 1)], dim=1)
+        L, info = torch.linalg.cholesky_ex(padded[:, mp.v_pos])  # (B, P, d, d)
+        good = info == 0
+        eye = torch.eye(mp.v_pos.shape[-1], dtype=values.dtype, device=values.device)
+        v_inv = torch.cholesky_inverse(torch.where(good[..., None, None], L, eye))
+        W = padded[:, mp.w_pos]  # (B, T, dmax, d)
+        S = self._reduced_values(values, W, v_inv, mp)
+        use_dense = self.reduced == "dense" or (
+            self.reduced == "auto" and mp.reduced.n <= self.dense_max)
+        solver = self._dense if use_dense or self._sparse is None else self._sparse
+        factor = solver.factor(S, mp.reduced, S.new_zeros(batch, mp.reduced.n))
+        return SchurFactor(mp, v_inv, W, factor, good.all(-1) & factor.ok)
+
+    def _reduced_values(self, values: Tensor, W: Tensor, v_inv: Tensor, mp: SchurMaps) -> Tensor:
+        """``S = U - W V^-1 W^T`` as values ``(B, nnz_S)`` of ``mp.reduced``."""
+        batch, dd = values.shape[0], mp.dmax * mp.dmax
+        blocks = values.new_zeros(batch, mp.num_blocks * dd)
+        blocks = blocks.index_add(1, mp.u_dst, values[:, mp.u_src]).view(batch, -1, dd)
+        Y = -(W @ v_inv[:, mp.w_point])  # (B, T, dmax, d), negated once here
+        budget = self.chunk if values.device.type == "cpu" else 64 * self.chunk
+        step = max(4096, budget // (batch * dd))
+        for s in range(0, mp.pair_i.shape[0], step):
+            i, j = mp.pair_i[s : s + step], mp.pair_j[s : s + step]
+            fill = Y[:, i] @ W[:, j].transpose(-1, -2)  # (B, chunk, dmax, dmax)
+            blocks = blocks.index_add(1, mp.pair_block[s : s + step], fill.reshape(batch, -1, dd))
+        return blocks.reshape(batch, -1)[:, mp.s_gather]
