@@ -133,6 +133,13 @@ class OptimizationLayer(nn.Module):
         H = lin.H.detach()
         solver = make_solver(self.optimizer.solver, objective.dim, H.device)
         factor = solver.factor(H, pattern, torch.zeros_like(lin.g))
+        if not bool(factor.ok.all()):
+            bad = torch.nonzero(~factor.ok).flatten().tolist()
+            raise ValueError(
+                f"implicit backward: the normal matrix at the solution is singular for batch "
+                f"elements {bad}, so the optimum does not depend smoothly on the inputs: fix the "
+                "gauge (e.g. a prior on one pose) or use backward='unroll'"
+            )
         if self.implicit_hessian == "gauss_newton":
             delta = solve(factor, H, pattern, -lin.g)
         else:
@@ -211,5 +218,6 @@ def _merge_info(head: Solution, tail: Solution) -> Solution:
         damping=b.damping,
         time_s=a.time_s + b.time_s,
         best_values=b.best_values,
+        solver_failures=a.solver_failures + b.solver_failures,
     )
     return Solution(tail.values, info, tail.linearization)

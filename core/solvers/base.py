@@ -53,6 +53,12 @@ class _FactorSolve(torch.autograd.Function):
     def backward(ctx, grad_x: Tensor) -> tuple[Tensor | None, Tensor, None, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         grad_b = ctx.factor.solve(grad_x)
+        failed = ~ctx.factor.ok & (grad_x != 0).any(-1)
+        if bool(failed.any()):  # e.g. an iterative solver that did not converge
+            raise RuntimeError(
+                "adjoint solve failed (not positive definite or not converged) for batch "
+                f"elements {torch.nonzero(failed).flatten().tolist()}"
+            )
         grad_A = None
         if ctx.needs_input_grad[0]:
             grad_A = -grad_b[:, ctx.pattern.rows] * x[:, ctx.pattern.cols]
