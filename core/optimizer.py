@@ -41,7 +41,9 @@ class Info:
 
     ``status (B,)``: CONVERGED, MAX_ITERS or FAILED codes (``status_names`` for strings);
     ``iterations (B,)``: iterations each element ran; ``cost_history (T + 1, B)``: cost after each
-    iteration (the initial cost first); ``damping (B,)``: final damping; ``time_s``: wall time.
+    iteration (the initial cost first); ``damping (B,)``: final damping; ``time_s``: wall time;
+    ``solver_failures (B,)``: iterations whose linear solve failed (not positive definite, or an
+    iterative solver that did not converge; the step was rejected).
     """
 
     status: Tensor
@@ -50,6 +52,7 @@ class Info:
     damping: Tensor
     time_s: float
     best_values: dict[str, Tensor] = field(default_factory=dict)
+    solver_failures: Tensor | None = None
 
     @property
     def initial_cost(self) -> Tensor:
@@ -140,6 +143,7 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
     lam = torch.full((batch,), opts.damping_init, dtype=first.dtype, device=first.device)
     nu = torch.full_like(lam, 2.0)
     iterations = torch.zeros(batch, dtype=torch.long, device=first.device)
+    failures = torch.zeros_like(iterations)
     history = [lin.cost.detach()]
     best_cost, best = lin.cost.detach(), values
     for it in range(opts.max_iters):
@@ -160,6 +164,7 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
         small = small | (delta.abs().amax(-1) <= opts.step_tol)
         lin = new.select(accept, lin)
         iterations = iterations + active.long()
+        failures = failures + (active & ~factor_ok).long()
         lam, nu = _update_damping(lam, nu, gain, accept, active & ~accept, opts)
         done = (accept & small) | (lam > opts.damping_max)
         status = torch.where(active & done, CONVERGED, status)
@@ -180,6 +185,7 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
         lam,
         time.perf_counter() - start,
         best if not opts.adaptive else values,
+        failures,
     )
     return Solution(values, info, lin)
 
