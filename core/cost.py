@@ -268,4 +268,10 @@ def _validated(cost: Cost) -> Cost:
     U = cost.sqrt_info
     if U is not None and (U.ndim < 2 or U.shape[-1] != U.shape[-2]):
         raise ValueError(f"cost {name!r}: sqrt_info must be (..., d, d), got {tuple(U.shape)}")
+    for field, t, rank in (("weight", cost.weight, 1), ("sqrt_info", U, 2)):
+        if t is not None and t.ndim > rank and t.shape[-rank - 1] not in (1, num):
+            raise ValueError(
+                f"cost {name!r}: {field} must be shared or per factor (E={num}), "
+                f"got {tuple(t.shape)}"
+            )
     return cost

@@ -53,7 +53,7 @@ class RobustLoss:
             drho = 1 / (1 + s / c2)
         elif self.kind == "welsch":
             e = torch.exp(-s / c2)
-            rho, drho = c2 * (1 - e), e
+            rho, drho = -c2 * torch.expm1(-s / c2), e
         elif self.kind == "geman_mcclure":
             rho = s * c2 / (s + c2)
             drho = (c2 / (s + c2)) ** 2

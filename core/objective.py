@@ -127,11 +127,10 @@ class Objective:
         assert batch is not None and ref is not None
         for c in self.costs:
             for key, t in c.inputs().items():
-                if t.ndim >= 1 and key.rsplit(".", 1)[1] not in (
-                    "weight",
-                    "sqrt_info",
-                    "loss_scale",
-                ):
+                # aux (B|1, E, ...); weight (B|1, E, d) and sqrt_info (B|1, E, d, d) when batched
+                field = key.rsplit(".", 1)[1]
+                batched_ndim = {"weight": 3, "sqrt_info": 4}.get(field, 1)
+                if field != "loss_scale" and t.ndim >= batched_ndim:
                     if t.shape[0] not in (1, batch):
                         raise ValueError(
                             f"{key} has batch dimension {t.shape[0]}, expected 1 or {batch}"

@@ -148,10 +148,10 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
     best_cost, best = lin.cost.detach(), values
     for it in range(opts.max_iters):
         active = status == RUNNING
-        if it % opts.check_every == 0 and not bool(active.any()):
-            break
         status = torch.where(active & (lin.g.abs().amax(-1) < opts.grad_tol), CONVERGED, status)
         active = status == RUNNING
+        if it % opts.check_every == 0 and not bool(active.any()):
+            break
         delta, cand, gain, new, factor_ok = _trial(objective, values, lin, lam, solver, opts)
         finite = torch.isfinite(new.cost) & factor_ok
         # A step whose cost change is rounding noise is accepted too: at the optimum this keeps

@@ -102,20 +102,26 @@ class SparseCholesky:
         if self.backend == "cholespy":
             from cholespy import CholeskySolverD, MatrixType
 
-            f = CholeskySolverD(
-                n,
-                torch.from_numpy(indptr),
-                torch.from_numpy(rows),
-                torch.from_numpy(v),
-                MatrixType.CSC,
-            )
-            return f
+            # int32 indices (cholespy's signature) and a private copy of the values: a view into
+            # the (B, nnz) array (k >= 1) corrupts the heap
+            try:
+                return CholeskySolverD(
+                    n,
+                    torch.from_numpy(indptr.astype(np.int32)),
+                    torch.from_numpy(rows.astype(np.int32)),
+                    torch.from_numpy(v.copy()),
+                    MatrixType.CSC,
+                )
+            except ValueError:  # "Matrix is not positive definite!"
+                return None
         from scipy.sparse.linalg import splu
 
-        try:
-            return splu(A, permc_spec="MMD_AT_PLUS_A")
+        try:  # symmetric mode, diagonal pivots: A is SPD iff every pivot is positive
+            lu = splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                      options={"SymmetricMode": True})
         except RuntimeError:  # exactly singular
             return None
+        return lu if bool((lu.U.diagonal() > 0).all()) else None
 
     def _analysis(self, pattern: Pattern, A: Any) -> Any:
         key = id(pattern)

@@ -9,7 +9,16 @@ import torch
 import core
 from core.lie import se2, se3
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 for this module only (restored afterwards)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 MODES = ["unroll", "truncated", "implicit"]
 TIGHT = dict(rel_tol=1e-15, abs_tol=0.0, step_tol=1e-15, grad_tol=1e-13, damping_init=1e-9)
 
