@@ -88,8 +88,15 @@ def synthetic_graph(dim: int, seed: int = 0) -> PoseGraph:
     j = torch.tensor([1, 2, 3, 4, 0, 3, 2], dtype=torch.int64)
     sample = random_se3 if dim == 3 else random_se2
     d = 6 if dim == 3 else 3
-    return PoseGraph(dim=dim, poses=sample(5, gen), ids=ids, i=i, j=j,
-                     measurements=sample(7, gen), information=random_spd(7, d, gen))
+    return PoseGraph(
+        dim=dim,
+        poses=sample(5, gen),
+        ids=ids,
+        i=i,
+        j=j,
+        measurements=sample(7, gen),
+        information=random_spd(7, d, gen),
+    )
 
 
 def synthetic_bal(seed: int = 0) -> BALProblem:
@@ -118,8 +125,9 @@ def test_read_sphere2500() -> None:
     assert torch.equal(g.ids, torch.arange(2500))
     assert torch.equal(g.i[:2], torch.tensor([0, 1])) and torch.equal(g.j[:2], torch.tensor([1, 2]))
     torch.testing.assert_close(g.poses[0], torch.tensor([0.0] * 6 + [1.0], dtype=torch.float64))
-    torch.testing.assert_close(g.poses[:, 3:].norm(dim=1), torch.ones(2500, dtype=torch.float64),
-                               rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        g.poses[:, 3:].norm(dim=1), torch.ones(2500, dtype=torch.float64), rtol=0, atol=1e-15
+    )
     # first edge: 10 * I3 translation, rotation block 400.021 0.00193512 2.06612 ...
     info = g.information[0]
     assert torch.equal(info, info.T)
@@ -128,16 +136,20 @@ def test_read_sphere2500() -> None:
     assert info[5, 5] == 99.203
 
 
-@pytest.mark.parametrize("name, poses, edges, info00", [
-    ("intel.g2o", 1728, 2512, 115.187),
-    ("M3500.g2o", 3500, 5453, 44.721360),
-])
+@pytest.mark.parametrize(
+    "name, poses, edges, info00",
+    [
+        ("intel.g2o", 1728, 2512, 115.187),
+        ("M3500.g2o", 3500, 5453, 44.721360),
+    ],
+)
 def test_read_2d(name: str, poses: int, edges: int, info00: float) -> None:
     g = read_g2o(data_file(name))
     assert (g.dim, g.num_poses, g.num_edges) == (2, poses, edges)
     assert g.poses.shape == (poses, 4) and g.information.shape == (edges, 3, 3)
-    torch.testing.assert_close(g.poses[:, 2] ** 2 + g.poses[:, 3] ** 2,
-                               torch.ones(poses, dtype=torch.float64))
+    torch.testing.assert_close(
+        g.poses[:, 2] ** 2 + g.poses[:, 3] ** 2, torch.ones(poses, dtype=torch.float64)
+    )
     assert g.information[0, 0, 0] == info00
     assert torch.equal(g.information, g.information.mT)
     assert bool((g.i < poses).all() and (g.j < poses).all())
@@ -146,8 +158,7 @@ def test_read_2d(name: str, poses: int, edges: int, info00: float) -> None:
 def test_read_m3500_first_records() -> None:
     g = read_g2o(data_file("M3500.g2o"))
     theta = -0.012958
-    expected = torch.tensor([1.030390, 0.011350, np.cos(theta), np.sin(theta)],
-                            dtype=torch.float64)
+    expected = torch.tensor([1.030390, 0.011350, np.cos(theta), np.sin(theta)], dtype=torch.float64)
     torch.testing.assert_close(g.poses[1], expected, rtol=0, atol=1e-16)
     assert torch.equal(g.measurements[0], g.poses[1])  # EDGE_SE2 0 1 equals VERTEX_SE2 1
 
@@ -178,9 +189,14 @@ def test_read_dubrovnik() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, atol", [
-    ("sphere2500.g2o", 0.0), ("intel.g2o", 1e-15), ("M3500.g2o", 1e-15),
-])
+@pytest.mark.parametrize(
+    "name, atol",
+    [
+        ("sphere2500.g2o", 0.0),
+        ("intel.g2o", 1e-15),
+        ("M3500.g2o", 1e-15),
+    ],
+)
 def test_g2o_round_trip_real(tmp_path: Path, name: str, atol: float) -> None:
     g = read_g2o(data_file(name))
     write_g2o(tmp_path / name, g)
@@ -219,8 +235,12 @@ def test_g2o_vertex_order_fix_and_comments(tmp_path: Path) -> None:
     g = read_g2o(write(tmp_path, text, "g.g2o"))
     assert torch.equal(g.ids, torch.tensor([-2, 5, 7]))
     assert g.i.tolist() == [2, 0] and g.j.tolist() == [0, 1]
-    torch.testing.assert_close(g.poses[2], torch.tensor(
-        [1.0, 2.0, np.cos(0.25), np.sin(0.25)], dtype=torch.float64), rtol=0, atol=1e-16)
+    torch.testing.assert_close(
+        g.poses[2],
+        torch.tensor([1.0, 2.0, np.cos(0.25), np.sin(0.25)], dtype=torch.float64),
+        rtol=0,
+        atol=1e-16,
+    )
     assert g.information[0].tolist() == [[1, 0, 0], [0, 2, 0], [0, 0, 3]]
     assert g.information[1].tolist() == [[4, 0.5, 0], [0.5, 4, 0], [0, 0, 4]]
 
@@ -234,8 +254,9 @@ def test_g2o_quaternion_normalized(tmp_path: Path) -> None:
     g = read_g2o(write(tmp_path, text, "q.g2o"))
     assert torch.equal(g.poses[0], torch.tensor([1.0, 2, 3, 0, 0, 0, 1], dtype=torch.float64))
     torch.testing.assert_close(g.poses[1, 3:], torch.full((4,), 0.5, dtype=torch.float64))
-    torch.testing.assert_close(g.measurements[0, 3:],
-                               torch.tensor([0, 0, 0.6, 0.8], dtype=torch.float64))
+    torch.testing.assert_close(
+        g.measurements[0, 3:], torch.tensor([0, 0, 0.6, 0.8], dtype=torch.float64)
+    )
     assert torch.equal(g.information[0], torch.eye(6, dtype=torch.float64))
 
 
@@ -312,15 +333,34 @@ def test_sphere2500_initial_cost() -> None:
 def test_pose_graph_shape_validation() -> None:
     g = synthetic_graph(3)
     with pytest.raises(ValueError, match="measurements"):
-        PoseGraph(dim=3, poses=g.poses, ids=g.ids, i=g.i, j=g.j,
-                  measurements=g.measurements[:, :4], information=g.information)
+        PoseGraph(
+            dim=3,
+            poses=g.poses,
+            ids=g.ids,
+            i=g.i,
+            j=g.j,
+            measurements=g.measurements[:, :4],
+            information=g.information,
+        )
     with pytest.raises(ValueError, match="dim"):
-        PoseGraph(dim=4, poses=g.poses, ids=g.ids, i=g.i, j=g.j,
-                  measurements=g.measurements, information=g.information)
+        PoseGraph(
+            dim=4,
+            poses=g.poses,
+            ids=g.ids,
+            i=g.i,
+            j=g.j,
+            measurements=g.measurements,
+            information=g.information,
+        )
     b = synthetic_bal()
     with pytest.raises(ValueError, match="point_index"):
-        BALProblem(cameras=b.cameras, points=b.points, camera_index=b.camera_index,
-                   point_index=b.point_index[1:], observations=b.observations)
+        BALProblem(
+            cameras=b.cameras,
+            points=b.points,
+            camera_index=b.camera_index,
+            point_index=b.point_index[1:],
+            observations=b.observations,
+        )
 
 
 def test_to_keeps_index_dtype() -> None:
@@ -345,28 +385,51 @@ E3 = "EDGE_SE3:QUAT {} {} 0 0 0 0 0 0 1 " + INFO3 + "\n"
 G2O_ERRORS = {
     "unknown tag": (V2.format(0) + "VERTEX_XY 1 0 0\n", 2, "unsupported record"),
     "too few fields": (V2.format(0) + "VERTEX_SE2 1 0 0\n", 2, "needs 4 fields"),
-    "too many fields": (V2.format(0) + V2.format(1) + "EDGE_SE2 0 1 1 0 0 1 0 0 1 0 1 9\n",
-                        3, "needs 11 fields"),
-    "edge info count 3d": (V3.format(0) + V3.format(1) + "EDGE_SE3:QUAT 0 1 0 0 0 0 0 0 1 1\n",
-                           3, "needs 30 fields"),
+    "too many fields": (
+        V2.format(0) + V2.format(1) + "EDGE_SE2 0 1 1 0 0 1 0 0 1 0 1 9\n",
+        3,
+        "needs 11 fields",
+    ),
+    "edge info count 3d": (
+        V3.format(0) + V3.format(1) + "EDGE_SE3:QUAT 0 1 0 0 0 0 0 0 1 1\n",
+        3,
+        "needs 30 fields",
+    ),
     "non-numeric": (V2.format(0) + "\n# c\nVERTEX_SE2 1 0 abc 0\n", 4, "'abc' is not a number"),
     "non-integer id": (V2.format(0) + "VERTEX_SE2 1.5 0 0 0\n", 2, "'1.5' is not an integer"),
     "nan": (V2.format(0) + V2.format(1) + "EDGE_SE2 0 1 nan 0 0 1 0 0 1 0 1\n", 3, "non-finite"),
     "inf": (V3.format(0) + "VERTEX_SE3:QUAT 1 0 inf 0 0 0 0 1\n", 2, "non-finite"),
-    "unknown vertex": (V2.format(0) + V2.format(1) + E2.format(0, 1) + E2.format(1, 5),
-                       4, "unknown vertex id 5"),
-    "duplicate vertex": (V2.format(3) + V2.format(1) + V2.format(2) + V2.format(1), 4,
-                         "duplicate vertex id 1"),
+    "unknown vertex": (
+        V2.format(0) + V2.format(1) + E2.format(0, 1) + E2.format(1, 5),
+        4,
+        "unknown vertex id 5",
+    ),
+    "duplicate vertex": (
+        V2.format(3) + V2.format(1) + V2.format(2) + V2.format(1),
+        4,
+        "duplicate vertex id 1",
+    ),
     "mixed 2d 3d": (V2.format(0) + V2.format(1) + V3.format(2), 3, "mixes 3D"),
     "mixed 3d 2d": (V3.format(0) + E3.format(0, 0) + E2.format(0, 0), 3, "mixes 2D"),
-    "not positive definite": (V2.format(0) + V2.format(1) + E2.format(0, 1)
-                              + "EDGE_SE2 1 0 1 0 0 1 0 0 -1 0 1\n", 4, "not positive definite"),
-    "singular information 3d": (V3.format(0) + V3.format(1) + E3.format(0, 1)
-                                + E3.format(1, 0).replace(INFO3, INFO3[:-1] + "0"),
-                                4, "not positive definite"),
+    "not positive definite": (
+        V2.format(0) + V2.format(1) + E2.format(0, 1) + "EDGE_SE2 1 0 1 0 0 1 0 0 -1 0 1\n",
+        4,
+        "not positive definite",
+    ),
+    "singular information 3d": (
+        V3.format(0)
+        + V3.format(1)
+        + E3.format(0, 1)
+        + E3.format(1, 0).replace(INFO3, INFO3[:-1] + "0"),
+        4,
+        "not positive definite",
+    ),
     "zero quaternion": (V3.format(0) + "VERTEX_SE3:QUAT 1 0 0 0 0 0 0 0\n", 2, "quaternion"),
-    "zero measurement quaternion": (V3.format(0) + "EDGE_SE3:QUAT 0 0 0 0 0 0 0 0 0 " + INFO3,
-                                    2, "quaternion"),
+    "zero measurement quaternion": (
+        V3.format(0) + "EDGE_SE3:QUAT 0 0 0 0 0 0 0 0 0 " + INFO3,
+        2,
+        "quaternion",
+    ),
 }
 
 
@@ -402,29 +465,56 @@ BAL_ERRORS = {
     "header negative": ("2 -3 2\n" + BAL_OBS + BAL_GOOD_PARAMS, 1, "non-negative"),
     "header after blank lines": ("\n\n2 x 2\n" + BAL_OBS + BAL_GOOD_PARAMS, 3, "not integers"),
     "empty": ("", 1, "header"),
-    "camera index out of range": ("2 3 2\n0 0 1 2\n2 2 3 4\n" + BAL_GOOD_PARAMS, 3,
-                                  "camera index 2 out of range"),
-    "point index out of range": ("2 3 2\n0 3 1 2\n1 2 3 4\n" + BAL_GOOD_PARAMS, 2,
-                                 "point index 3 out of range"),
+    "camera index out of range": (
+        "2 3 2\n0 0 1 2\n2 2 3 4\n" + BAL_GOOD_PARAMS,
+        3,
+        "camera index 2 out of range",
+    ),
+    "point index out of range": (
+        "2 3 2\n0 3 1 2\n1 2 3 4\n" + BAL_GOOD_PARAMS,
+        2,
+        "point index 3 out of range",
+    ),
     "negative index": ("2 3 2\n0 0 1 2\n-1 2 3 4\n" + BAL_GOOD_PARAMS, 3, "camera index -1"),
-    "non-integer index": ("2 3 2\n0 0 1 2\n1 0.5 3 4\n" + BAL_GOOD_PARAMS, 3,
-                          "'0.5' is not an integer"),
-    "non-numeric observation": ("2 3 2\n0 0 1 2\n1 2 3 x4\n" + BAL_GOOD_PARAMS, 3,
-                                "'x4' is not a number"),
-    "non-numeric parameter": ("2 3 2\n" + BAL_OBS + "abc\n" + "0.5\n" * 26, 4,
-                              "'abc' is not a number"),
-    "non-numeric late parameter": ("2 3 2\n" + BAL_OBS + "0.5\n" * 20 + "1e\n" + "0.5\n" * 6, 24,
-                                   "'1e' is not a number"),
+    "non-integer index": (
+        "2 3 2\n0 0 1 2\n1 0.5 3 4\n" + BAL_GOOD_PARAMS,
+        3,
+        "'0.5' is not an integer",
+    ),
+    "non-numeric observation": (
+        "2 3 2\n0 0 1 2\n1 2 3 x4\n" + BAL_GOOD_PARAMS,
+        3,
+        "'x4' is not a number",
+    ),
+    "non-numeric parameter": (
+        "2 3 2\n" + BAL_OBS + "abc\n" + "0.5\n" * 26,
+        4,
+        "'abc' is not a number",
+    ),
+    "non-numeric late parameter": (
+        "2 3 2\n" + BAL_OBS + "0.5\n" * 20 + "1e\n" + "0.5\n" * 6,
+        24,
+        "'1e' is not a number",
+    ),
     "nan parameter": ("2 3 2\n" + BAL_OBS + "0.5\n" * 26 + "nan\n", 30, "non-finite"),
-    "earliest bad observation token": ("2 3 2\n0 0 1 x\n1 0.5 3 4\n" + BAL_GOOD_PARAMS, 2,
-                                       "'x' is not a number"),
-    "inf observation": ("2 3 2\n" + "0 0 1.0 -inf\n1 2 3.0 4.0\n" + BAL_GOOD_PARAMS, 2,
-                        "non-finite"),
+    "earliest bad observation token": (
+        "2 3 2\n0 0 1 x\n1 0.5 3 4\n" + BAL_GOOD_PARAMS,
+        2,
+        "'x' is not a number",
+    ),
+    "inf observation": (
+        "2 3 2\n" + "0 0 1.0 -inf\n1 2 3.0 4.0\n" + BAL_GOOD_PARAMS,
+        2,
+        "non-finite",
+    ),
     "truncated": ("2 3 2\n" + BAL_OBS + "0.5\n" * 26 + "\n\n", 29, "unexpected end of file"),
     "truncated observations": ("2 3 2\n0 0 1.0 2.0\n1 2\n", 3, "unexpected end of file"),
     "header only": ("2 3 2\n", 1, "unexpected end of file"),
-    "trailing garbage": ("2 3 2\n" + BAL_OBS + BAL_GOOD_PARAMS + "\n\n7 junk\n", 33,
-                         "trailing data"),
+    "trailing garbage": (
+        "2 3 2\n" + BAL_OBS + BAL_GOOD_PARAMS + "\n\n7 junk\n",
+        33,
+        "trailing data",
+    ),
 }
 
 

@@ -37,9 +37,11 @@ def dense_solve(lin: core.Linearization, damping: torch.Tensor, b: torch.Tensor)
 def test_pcg_matches_dense_solve(gen: torch.Generator, how: str) -> None:
     objective, _, lin = pose_graph(gen)
     sizes = block_sizes_of(objective)
-    solver = {"objective": lambda: PCG(objective, tol=1e-12),
-              "block_sizes": lambda: PCG(block_sizes=sizes, tol=1e-12),
-              "inferred": lambda: PCG(tol=1e-12)}[how]()
+    solver = {
+        "objective": lambda: PCG(objective, tol=1e-12),
+        "block_sizes": lambda: PCG(block_sizes=sizes, tol=1e-12),
+        "inferred": lambda: PCG(tol=1e-12),
+    }[how]()
     damping = torch.rand(lin.g.shape, generator=gen, dtype=DT) * 1e-3
     factor = solver.factor(lin.H, lin.pattern, damping)
     x = factor.solve(-lin.g)
@@ -49,8 +51,9 @@ def test_pcg_matches_dense_solve(gen: torch.Generator, how: str) -> None:
     assert (factor.iterations > 0).all() and (factor.iterations < 1000).all()
     # a second right-hand side with the same factor
     b2 = torch.randn(lin.g.shape, generator=gen, dtype=DT)
-    torch.testing.assert_close(factor.solve(b2), dense_solve(lin, damping, b2), rtol=1e-7,
-                               atol=1e-8)
+    torch.testing.assert_close(
+        factor.solve(b2), dense_solve(lin, damping, b2), rtol=1e-7, atol=1e-8
+    )
 
 
 def test_inferred_blocks_are_the_variable_elements(gen: torch.Generator) -> None:
@@ -93,8 +96,7 @@ def test_lm_with_pcg_matches_dense(gen: torch.Generator) -> None:
     pcg = core.LevenbergMarquardt(solver=PCG(objective, tol=1e-10), **opts).solve(objective, values)
     named = core.LevenbergMarquardt(solver="pcg", **opts).solve(objective, values)
     torch.testing.assert_close(pcg.info.final_cost, dense.info.final_cost, rtol=1e-6, atol=1e-12)
-    torch.testing.assert_close(named.info.final_cost, dense.info.final_cost, rtol=1e-6,
-                               atol=1e-12)
+    torch.testing.assert_close(named.info.final_cost, dense.info.final_cost, rtol=1e-6, atol=1e-12)
 
 
 def test_bad_arguments(gen: torch.Generator) -> None:

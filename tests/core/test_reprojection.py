@@ -30,15 +30,19 @@ def random_factors(gen: torch.Generator, batch: int = 2, num: int = 7):
     # move the points 5 units along the camera's -z axis (in front of a BAL camera)
     X = se3.act(se3.inverse(T), se3.act(T, X) * 0.2 + torch.tensor([0, 0, -5.0], dtype=DT))
     K = torch.tensor([500.0, 0.1, -0.05], dtype=DT) + 0.01 * torch.randn(
-        batch, num, 3, generator=gen, dtype=DT)
+        batch, num, 3, generator=gen, dtype=DT
+    )
     return T, K, X
 
 
 def test_jacobians_match_finite_differences(gen: torch.Generator) -> None:
     T, K, X = random_factors(gen)
     batch, num = X.shape[:2]
-    v = (core.Variable("cameras", core.SE3, num), core.Variable("intrinsics", core.Vector(3), num),
-         core.Variable("points", core.Vector(3), num))
+    v = (
+        core.Variable("cameras", core.SE3, num),
+        core.Variable("intrinsics", core.Vector(3), num),
+        core.Variable("points", core.Vector(3), num),
+    )
     idx = torch.arange(num)
     observed = torch.randn(batch, num, 2, generator=gen, dtype=DT)
     cost = Reprojection(*v, idx, idx, observed)
@@ -46,8 +50,9 @@ def test_jacobians_match_finite_differences(gen: torch.Generator) -> None:
     assert terms.J is not None and terms.J.shape == (batch, num, 2, 12)
 
     def residual(delta: torch.Tensor) -> torch.Tensor:
-        pred, _, _ = project(se3.retract(T, delta[..., :6]), K + delta[..., 6:9],
-                             X + delta[..., 9:])
+        pred, _, _ = project(
+            se3.retract(T, delta[..., :6]), K + delta[..., 6:9], X + delta[..., 9:]
+        )
         return pred - observed
 
     eps, fd = 1e-6, torch.zeros_like(terms.J)
@@ -62,23 +67,37 @@ def test_jacobians_match_finite_differences(gen: torch.Generator) -> None:
 def test_matches_autodiff_cost(gen: torch.Generator) -> None:
     T, K, X = random_factors(gen, batch=1)
     num = X.shape[1]
-    v = (core.Variable("cameras", core.SE3, num), core.Variable("intrinsics", core.Vector(3), num),
-         core.Variable("points", core.Vector(3), num))
+    v = (
+        core.Variable("cameras", core.SE3, num),
+        core.Variable("intrinsics", core.Vector(3), num),
+        core.Variable("points", core.Vector(3), num),
+    )
     idx = torch.arange(num)
     observed = torch.randn(1, num, 2, generator=gen, dtype=DT)
     values = {"cameras": T, "intrinsics": K, "points": X}
     analytic = Reprojection(*v, idx, idx, observed).evaluate(values, jacobians=True)
-    auto = core.Cost(lambda t, k, x, z: project(t, k, x)[0] - z, v, [observed],
-                     index=[idx, idx, idx]).evaluate(values, jacobians=True)
+    auto = core.Cost(
+        lambda t, k, x, z: project(t, k, x)[0] - z, v, [observed], index=[idx, idx, idx]
+    ).evaluate(values, jacobians=True)
     torch.testing.assert_close(analytic.r, auto.r)
     torch.testing.assert_close(analytic.J, auto.J)
 
 
 def test_bal_round_trip(gen: torch.Generator) -> None:
-    cams = torch.cat([0.5 * torch.randn(4, 3, generator=gen, dtype=DT),
-                      torch.randn(4, 6, generator=gen, dtype=DT)], dim=-1)
-    problem = core.io.BALProblem(cams, torch.randn(3, 3, dtype=DT), torch.tensor([0, 3]),
-                                 torch.tensor([1, 2]), torch.zeros(2, 2, dtype=DT))
+    cams = torch.cat(
+        [
+            0.5 * torch.randn(4, 3, generator=gen, dtype=DT),
+            torch.randn(4, 6, generator=gen, dtype=DT),
+        ],
+        dim=-1,
+    )
+    problem = core.io.BALProblem(
+        cams,
+        torch.randn(3, 3, dtype=DT),
+        torch.tensor([0, 3]),
+        torch.tensor([1, 2]),
+        torch.zeros(2, 2, dtype=DT),
+    )
     variables, init = bal_to_variables(problem)
     assert [v.name for v in variables] == ["cameras", "intrinsics", "points"]
     assert init["cameras"].shape == (1, 4, 7) and init["points"].shape == (1, 3, 3)
@@ -86,8 +105,9 @@ def test_bal_round_trip(gen: torch.Generator) -> None:
     # the SE3 element is world -> camera: act(T, X) == R X + t
     R = core.SO3.to_matrix(core.SO3.exp(cams[:, :3]))
     X = torch.randn(4, 3, generator=gen, dtype=DT)
-    torch.testing.assert_close(se3.act(init["cameras"][0], X),
-                               (R @ X[..., None])[..., 0] + cams[:, 3:6])
+    torch.testing.assert_close(
+        se3.act(init["cameras"][0], X), (R @ X[..., None])[..., 0] + cams[:, 3:6]
+    )
 
 
 def test_bad_arguments() -> None:
@@ -113,8 +133,12 @@ def numpy_bal_cost(path: Path) -> float:
         cam, x = cams[int(ci)], pts[int(pi)]
         theta = np.linalg.norm(cam[:3])
         k = cam[:3] / theta
-        P = (x * np.cos(theta) + np.cross(k, x) * np.sin(theta)
-             + k * k.dot(x) * (1 - np.cos(theta)) + cam[3:6])
+        P = (
+            x * np.cos(theta)
+            + np.cross(k, x) * np.sin(theta)
+            + k * k.dot(x) * (1 - np.cos(theta))
+            + cam[3:6]
+        )
         q = -P[:2] / P[2]
         r2 = q.dot(q)
         pred = cam[6] * (1 + cam[7] * r2 + cam[8] * r2 * r2) * q
@@ -135,15 +159,18 @@ def test_dubrovnik(shared_data: Path) -> None:
     assert initial == pytest.approx(numpy_bal_cost(path), rel=1e-12)
     assert initial == pytest.approx(2764.21998442216, rel=1e-12)
     opts = dict(max_iters=200, damping_mode="marquardt", rel_tol=1e-12, abs_tol=1e-14)
-    runs = [core.LevenbergMarquardt(solver=s, **opts).solve(objective, init)
-            for s in ("sparse", Schur(objective, "points"))]
+    runs = [
+        core.LevenbergMarquardt(solver=s, **opts).solve(objective, init)
+        for s in ("sparse", Schur(objective, "points"))
+    ]
     for run in runs:
         assert run.info.status_names == ["converged"]
         assert float(run.info.final_cost) < 1e-10
     steps = min(len(r.info.cost_history) for r in runs)
     head = min(steps, 40)
-    torch.testing.assert_close(runs[1].info.cost_history[:head], runs[0].info.cost_history[:head],
-                               rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(
+        runs[1].info.cost_history[:head], runs[0].info.cost_history[:head], rtol=1e-6, atol=1e-10
+    )
 
 
 def test_dubrovnik_gtsam(shared_data: Path) -> None:
@@ -173,7 +200,11 @@ def test_dubrovnik_gtsam(shared_data: Path) -> None:
     params.setRelativeErrorTol(1e-12)
     params.setAbsoluteErrorTol(1e-14)
     result = gtsam.LevenbergMarquardtOptimizer(graph, values, params).optimize()
-    ours = core.LevenbergMarquardt(solver=Schur(objective, "points"), max_iters=200,
-                                   damping_mode="marquardt", rel_tol=1e-12, abs_tol=1e-14
-                                   ).solve(objective, init)
+    ours = core.LevenbergMarquardt(
+        solver=Schur(objective, "points"),
+        max_iters=200,
+        damping_mode="marquardt",
+        rel_tol=1e-12,
+        abs_tol=1e-14,
+    ).solve(objective, init)
     assert graph.error(result) < 1e-10 and float(ours.info.final_cost) < 1e-10

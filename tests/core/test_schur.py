@@ -16,8 +16,13 @@ DT = torch.float64
 
 
 def synthetic_ba(
-    gen: torch.Generator, num_cameras: int = 5, num_points: int = 50, views: int = 4,
-    batch: int = 1, pixel_noise: float = 0.5, shared_intrinsics: bool = False,
+    gen: torch.Generator,
+    num_cameras: int = 5,
+    num_points: int = 50,
+    views: int = 4,
+    batch: int = 1,
+    pixel_noise: float = 0.5,
+    shared_intrinsics: bool = False,
 ) -> tuple[BALVariables, core.CostTable, dict[str, torch.Tensor]]:
     """Cameras on a ring looking at points in the unit ball (BAL conventions), each point seen
     by ``views`` cameras; returns the variables, the reprojection cost and noisy initial values
@@ -34,18 +39,23 @@ def synthetic_ba(
     order = torch.rand(num_points, num_cameras, generator=gen).argsort(-1)[:, :views]
     camera_index = order.reshape(-1)
     point_index = torch.arange(num_points).repeat_interleave(views)
-    pred, _, _ = core.costs.reprojection.project(cams[camera_index], intr[camera_index],
-                                                 points[point_index])
+    pred, _, _ = core.costs.reprojection.project(
+        cams[camera_index], intr[camera_index], points[point_index]
+    )
     observed = pred + pixel_noise * torch.randn(pred.shape, generator=gen, dtype=DT)
     num_k = 1 if shared_intrinsics else num_cameras
-    v = BALVariables(core.Variable("cameras", core.SE3, num_cameras),
-                     core.Variable("intrinsics", core.Vector(3), num_k),
-                     core.Variable("points", core.Vector(3), num_points))
+    v = BALVariables(
+        core.Variable("cameras", core.SE3, num_cameras),
+        core.Variable("intrinsics", core.Vector(3), num_k),
+        core.Variable("points", core.Vector(3), num_points),
+    )
     k_index = camera_index * 0 if shared_intrinsics else camera_index
     cost = Reprojection(*v, camera_index, point_index, observed, intrinsics_index=k_index)
     init = {
-        "cameras": core.SE3.retract(cams.expand(batch, -1, -1), 0.01 * torch.randn(
-            batch, num_cameras, 6, generator=gen, dtype=DT)),
+        "cameras": core.SE3.retract(
+            cams.expand(batch, -1, -1),
+            0.01 * torch.randn(batch, num_cameras, 6, generator=gen, dtype=DT),
+        ),
         "intrinsics": intr[:num_k].expand(batch, -1, -1).clone(),
         "points": points + 0.05 * torch.randn(batch, num_points, 3, generator=gen, dtype=DT),
     }
@@ -58,10 +68,16 @@ def ba_system(
     """A BA normal system with extra structure: points first in the ordering (a prior on them),
     camera-camera coupling (between costs) besides the point elimination."""
     v, cost, init = synthetic_ba(gen, batch=batch, shared_intrinsics=shared_intrinsics)
-    point_prior = core.costs.Prior(v.points, torch.zeros(3, dtype=DT), index=torch.arange(3),
-                                   sqrt_info=0.1)
-    between = core.costs.Between(v.cameras, torch.tensor([0, 1]), torch.tensor([1, 3]),
-                                 core.SE3.identity(dtype=DT), sqrt_info=0.1)
+    point_prior = core.costs.Prior(
+        v.points, torch.zeros(3, dtype=DT), index=torch.arange(3), sqrt_info=0.1
+    )
+    between = core.costs.Between(
+        v.cameras,
+        torch.tensor([0, 1]),
+        torch.tensor([1, 3]),
+        core.SE3.identity(dtype=DT),
+        sqrt_info=0.1,
+    )
     objective = core.Objective([point_prior, cost, between])
     assert objective.variables[0].name == "points"
     return objective, core.linearize(objective, init)
@@ -111,8 +127,9 @@ def test_not_positive_definite_is_reported(gen: torch.Generator) -> None:
 
 def test_rejects_coupled_points(gen: torch.Generator) -> None:
     v, cost, _ = synthetic_ba(gen)
-    link = core.costs.Between(v.points, torch.tensor([0, 4]), torch.tensor([0, 5]),
-                              torch.zeros(3, dtype=DT))
+    link = core.costs.Between(
+        v.points, torch.tensor([0, 4]), torch.tensor([0, 5]), torch.zeros(3, dtype=DT)
+    )
     objective = core.Objective([cost, link])
     with pytest.raises(ValueError, match=r"factor 1 touches points\[4\] and points\[5\]"):
         Schur(objective, "points")
@@ -125,8 +142,7 @@ def test_rejects_foreign_pattern(gen: torch.Generator) -> None:
     other, _ = ba_system(gen)
     v, cost, _ = synthetic_ba(gen, num_points=10)
     with pytest.raises(ValueError, match="unknowns"):
-        Schur(core.Objective([cost]), "points").factor(lin.H, lin.pattern,
-                                                       torch.ones_like(lin.g))
+        Schur(core.Objective([cost]), "points").factor(lin.H, lin.pattern, torch.ones_like(lin.g))
     Schur(other, "points").factor(lin.H, lin.pattern, torch.ones_like(lin.g))  # same structure
 
 
@@ -135,13 +151,15 @@ def test_lm_with_schur_matches_dense(gen: torch.Generator) -> None:
     objective = core.Objective([cost])
     opts = dict(max_iters=100, rel_tol=1e-12, damping_mode="marquardt")
     dense = core.LevenbergMarquardt(solver="dense", **opts).solve(objective, init)
-    schur = core.LevenbergMarquardt(solver=Schur(objective, "points"), **opts).solve(objective,
-                                                                                      init)
+    schur = core.LevenbergMarquardt(solver=Schur(objective, "points"), **opts).solve(
+        objective, init
+    )
     assert dense.info.status_names == schur.info.status_names == ["converged"] * 2
     assert (schur.info.final_cost < 1e-2 * schur.info.initial_cost).all()
     # both starts reach the same optimum (noise level: 0.5 * 0.5^2 * (400 - 188 dof) ~ 26)
-    torch.testing.assert_close(schur.info.final_cost[0], schur.info.final_cost[1], rtol=1e-9,
-                               atol=0)
+    torch.testing.assert_close(
+        schur.info.final_cost[0], schur.info.final_cost[1], rtol=1e-9, atol=0
+    )
     torch.testing.assert_close(schur.info.final_cost, dense.info.final_cost, rtol=1e-6, atol=0)
 
 
