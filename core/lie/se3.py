@@ -149,10 +149,20 @@ def _q_block(xi: Tensor) -> Tensor:
         _util.SE3_Q_LAST,
         lambda t: (2 * t - 3 * torch.sin(t) + t * torch.cos(t)) / (2 * t**5),
     )
-    fp, pf = f @ p, p @ f
-    fpf = fp @ f
-    ffp = f @ fp
-    return 0.5 * p + a * (fp + pf + fpf) + e * (ffp + pf @ f - 3 * fpf) + c * (fpf @ f + f @ fpf)
+    # The products of skew matrices reduce to outer products (a^ b^ = b a^T - (a . b) I), so no
+    # 3x3 matmul is needed: with d = phi . rho, u = phi x rho, F = phi^:
+    #   F P + P F + F P F = rho phi^T + phi rho^T - d F - 2 d I
+    #   F F P + P F F - 3 F P F = u phi^T - phi u^T + d F
+    #   F P F F + F F P F = -2 d (phi phi^T - theta^2 I)
+    rho, phi = xi[..., :3], xi[..., 3:]
+    d = (phi * rho).sum(-1)[..., None, None]
+    u = _util.cross(phi, rho)
+    eye = torch.eye(3, dtype=xi.dtype, device=xi.device)
+    outer = lambda x, y: x[..., :, None] * y[..., None, :]  # noqa: E731
+    first = outer(rho, phi) + outer(phi, rho) - d * f - 2 * d * eye
+    second = outer(u, phi) - outer(phi, u) + d * f
+    third = -2 * d * (outer(phi, phi) - theta2 * eye)
+    return 0.5 * p + a * first + e * second + c * third
 
 
 def jl(xi: Tensor) -> Tensor:
