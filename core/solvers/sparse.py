@@ -57,12 +57,35 @@ class SparseFactor:
 
 
 @dataclass
+class BlockFactor:
+    """One CHOLMOD factor of the block-diagonal ``diag(A_1, ..., A_B)``: the whole batch is
+    factored and solved in one call each (no per-element Python or allocation overhead)."""
+
+    factor: Any
+    ok: Tensor
+
+    def solve(self, b: Tensor) -> Tensor:
+        rhs = b.detach().to("cpu", torch.float64).numpy()
+        x = self.factor(rhs.reshape(-1)).reshape(rhs.shape)
+        return torch.from_numpy(x).to(b.device, b.dtype)
+
+
+@dataclass
 class SparseCholesky:
-    """Sparse direct solver (CPU). ``backend="auto"`` picks the fastest installed one."""
+    """Sparse direct solver (CPU). ``backend="auto"`` picks the fastest installed one.
+
+    With CHOLMOD a batch is factored as one block-diagonal matrix (one call, one symbolic
+    analysis per pattern and batch size). ``mode="auto"`` uses the supernodal factorization for
+    problems of ``supernodal_from`` unknowns or more (sphere2500, n = 15,000: 57 ms vs 153 ms
+    simplicial) and the simplicial one below (64 graphs of 256 poses: 62 ms vs 107 ms); the
+    simplicial factor is LDL^T, so positive definiteness is checked on D.
+    """
 
     backend: Backend = "auto"
     ordering: str = "default"
-    _symbolic: dict[int, tuple[Pattern, Any]] = field(default_factory=dict, repr=False)
+    mode: Literal["auto", "supernodal", "simplicial"] = "auto"
+    supernodal_from: int = 5000
+    _symbolic: dict[tuple[int, int], tuple[Any, ...]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         have = available_backends()
@@ -71,34 +94,25 @@ class SparseCholesky:
         elif self.backend not in have:
             raise ValueError(f"sparse backend {self.backend!r} is not installed; have {have}")
 
-    def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SparseFactor:
+    def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SparseFactor | BlockFactor:
         values = damped(H, pattern, damping).detach().to("cpu", torch.float64).numpy()
-        indptr = pattern.indptr.cpu().numpy().astype(np.int64)
-        rows = pattern.rows.cpu().numpy().astype(np.int64)
-        factors, ok = [], []
-        for k in range(values.shape[0]):
-            f = self._factor_one(pattern, indptr, rows, values[k])
-            factors.append(f)
-            ok.append(f is not None)
-        return SparseFactor(factors, torch.tensor(ok, device=H.device), self.backend)
+        batch = values.shape[0]
+        if self.backend == "cholmod" and batch > 1 and np.isfinite(values).all():
+            whole = self._cholmod(pattern, values)
+            if whole is not None:
+                return BlockFactor(whole, torch.ones(batch, dtype=torch.bool, device=H.device))
+            # some element is not positive definite: factor one by one to find which
+        factors = [self._factor_one(pattern, values[k : k + 1]) for k in range(batch)]
+        ok = torch.tensor([f is not None for f in factors], device=H.device)
+        return SparseFactor(factors, ok, self.backend)
 
-    def _factor_one(self, pattern: Pattern, indptr: np.ndarray, rows: np.ndarray, v: np.ndarray):
-        import scipy.sparse as sp
-
+    def _factor_one(self, pattern: Pattern, v: np.ndarray) -> Any:
+        """Factor one element, values ``(1, nnz)``; None if not positive definite."""
         if not np.isfinite(v).all():
             return None
-        n = pattern.n
-        A = sp.csc_matrix((v, rows, indptr), shape=(n, n))
         if self.backend == "cholmod":
-            from sksparse.cholmod import CholmodNotPositiveDefiniteError
-
-            symbolic = self._analysis(pattern, A)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")  # CHOLMOD warns on a non-positive pivot
-                    return symbolic.cholesky(A)
-            except (CholmodNotPositiveDefiniteError, Warning):
-                return None
+            return self._cholmod(pattern, v)
+        indptr, rows, n = _structure(pattern, 1) + (pattern.n,)
         if self.backend == "cholespy":
             from cholespy import CholeskySolverD, MatrixType
 
@@ -109,26 +123,70 @@ class SparseCholesky:
                     n,
                     torch.from_numpy(indptr.astype(np.int32)),
                     torch.from_numpy(rows.astype(np.int32)),
-                    torch.from_numpy(v.copy()),
+                    torch.from_numpy(v[0].copy()),
                     MatrixType.CSC,
                 )
             except ValueError:  # "Matrix is not positive definite!"
                 return None
+        import scipy.sparse as sp
         from scipy.sparse.linalg import splu
 
+        A = sp.csc_matrix((v[0], rows, indptr), shape=(n, n))
         try:  # symmetric mode, diagonal pivots: A is SPD iff every pivot is positive
-            lu = splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
-                      options={"SymmetricMode": True})
+            lu = splu(
+                A,
+                permc_spec="MMD_AT_PLUS_A",
+                diag_pivot_thresh=0.0,
+                options={"SymmetricMode": True},
+            )
         except RuntimeError:  # exactly singular
             return None
         return lu if bool((lu.U.diagonal() > 0).all()) else None
 
-    def _analysis(self, pattern: Pattern, A: Any) -> Any:
-        key = id(pattern)
+    def _cholmod(self, pattern: Pattern, values: np.ndarray) -> Any:
+        """Factor ``diag(A_1, ..., A_B)`` (values ``(B, nnz)``) with one CHOLMOD call, reusing
+        the symbolic analysis of this pattern and batch size; None if not positive definite."""
+        import scipy.sparse as sp
+        from sksparse.cholmod import CholmodNotPositiveDefiniteError, analyze
+
+        batch, n = values.shape[0], pattern.n
+        key = (id(pattern), batch)
         cached = self._symbolic.get(key)
         if cached is None or cached[0] is not pattern:
-            from sksparse.cholmod import analyze
-
-            cached = (pattern, analyze(A, mode="supernodal", ordering_method=self.ordering))
+            indptr, rows = _structure(pattern, batch)
+            A = sp.csc_matrix((values.reshape(-1), rows, indptr), shape=(batch * n,) * 2)
+            symbolic = analyze(A, mode=self._mode(n), ordering_method=self.ordering)
+            cached = (pattern, symbolic, indptr, rows)
             self._symbolic[key] = cached
-        return cached[1]
+        _, symbolic, indptr, rows = cached
+        A = sp.csc_matrix((values.reshape(-1), rows, indptr), shape=(batch * n,) * 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # CHOLMOD warns on a non-positive pivot
+                return _positive_definite(symbolic.cholesky(A), self._mode(n))
+        except (CholmodNotPositiveDefiniteError, Warning):
+            return None
+
+    def _mode(self, n: int) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "supernodal" if n >= self.supernodal_from else "simplicial"
+
+
+def _structure(pattern: Pattern, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSC ``indptr, rows`` of the block-diagonal matrix of ``batch`` copies of ``pattern``: in
+    CSC order the blocks' values are simply the ``(B, nnz)`` values concatenated."""
+    n, nnz = pattern.n, pattern.nnz
+    offsets = np.arange(batch, dtype=np.int64)[:, None]
+    indptr = pattern.indptr.cpu().numpy().astype(np.int64)
+    rows = pattern.rows.cpu().numpy().astype(np.int64)
+    big_indptr = np.concatenate([(indptr[:-1] + nnz * offsets).reshape(-1), [batch * nnz]])
+    return big_indptr, (rows + n * offsets).reshape(-1)
+
+
+def _positive_definite(factor: Any, mode: str) -> Any:
+    """``factor``, or None if it shows ``A`` is not positive definite (a supernodal LL^T raises
+    on its own; a simplicial LDL^T has a non-positive entry in D)."""
+    if mode == "simplicial" and not bool((factor.D() > 0).all()):
+        return None
+    return factor
