@@ -44,20 +44,30 @@ def combine(solver: str, results: Sequence[PeerResult]) -> PeerResult:
     )
 
 
-def _gtsam_params(max_iters: int, rel_tol: float, abs_tol: float):
+def gtsam_solve(
+    fg, values, max_iters: int = 100, ordering=None, rel_tol: float = 1e-5, abs_tol: float = 1e-5
+) -> PeerResult:
+    """GTSAM's LM (multifrontal Cholesky; COLAMD unless ``ordering`` is given) on a built graph;
+    the timer covers the optimizer's construction and ``optimize()``."""
     import gtsam
 
     params = gtsam.LevenbergMarquardtParams()
     params.setMaxIterations(max_iters)
     params.setRelativeErrorTol(rel_tol)
     params.setAbsoluteErrorTol(abs_tol)
-    return params
+    if ordering is not None:
+        params.setOrdering(ordering)
+    initial_cost = fg.error(values)
+    start = time.perf_counter()
+    optimizer = gtsam.LevenbergMarquardtOptimizer(fg, values, params)
+    result = optimizer.optimize()
+    elapsed = time.perf_counter() - start
+    return PeerResult("gtsam", elapsed, optimizer.iterations(), initial_cost, fg.error(result))
 
 
-def gtsam_pose_graph(graph: PoseGraph, max_iters: int = 100, prior_sqrt_info: float = 1e3,
-                     rel_tol: float = 1e-5, abs_tol: float = 1e-5) -> PeerResult:
-    """GTSAM 4.x LM with native ``BetweenFactorPose3/2`` and the tangent information
-    (``S Omega S``, ../shared/data/README.md), a prior on the first pose; GTSAM's error is
+def gtsam_pose_graph_problem(graph: PoseGraph, prior_sqrt_info: float = 1e3):
+    """GTSAM factor graph and values: native ``BetweenFactorPose3/2`` with the tangent information
+    (``S Omega S``, ../shared/data/README.md) and a prior on the first pose; GTSAM's error is
     ``0.5 ||r||^2``, the same cost as ours."""
     import gtsam
 
@@ -65,14 +75,18 @@ def gtsam_pose_graph(graph: PoseGraph, max_iters: int = 100, prior_sqrt_info: fl
     info = graph.tangent_information().numpy()
     z, x0 = graph.measurements.numpy(), graph.poses.numpy()
     if graph.dim == 3:
+
         def pose(p: np.ndarray):
             return gtsam.Pose3(gtsam.Rot3.Quaternion(p[6], p[3], p[4], p[5]), p[:3])
+
         # GTSAM orders Pose3 tangents (rotation, translation): permute our (t, r) information.
         perm = [3, 4, 5, 0, 1, 2]
         factor, prior_factor = gtsam.BetweenFactorPose3, gtsam.PriorFactorPose3
     else:
+
         def pose(p: np.ndarray):
             return gtsam.Pose2(p[0], p[1], float(np.arctan2(p[3], p[2])))
+
         perm = [0, 1, 2]
         factor, prior_factor = gtsam.BetweenFactorPose2, gtsam.PriorFactorPose2
     for k in range(graph.num_poses):
@@ -82,28 +96,39 @@ def gtsam_pose_graph(graph: PoseGraph, max_iters: int = 100, prior_sqrt_info: fl
         fg.add(factor(i, j, pose(z[e]), model))
     dof = 6 if graph.dim == 3 else 3
     fg.add(prior_factor(0, pose(x0[0]), gtsam.noiseModel.Isotropic.Sigma(dof, 1 / prior_sqrt_info)))
-    params = _gtsam_params(max_iters, rel_tol, abs_tol)
-    initial_cost = fg.error(values)
-    start = time.perf_counter()
-    optimizer = gtsam.LevenbergMarquardtOptimizer(fg, values, params)
-    result = optimizer.optimize()
-    elapsed = time.perf_counter() - start
-    return PeerResult("gtsam", elapsed, optimizer.iterations(), initial_cost, fg.error(result))
+    return fg, values
 
 
-def gtsam_pose_graphs(graphs: Sequence[PoseGraph], max_iters: int = 100,
-                      prior_sqrt_info: float = 1e3) -> PeerResult:
+def gtsam_pose_graph(
+    graph: PoseGraph,
+    max_iters: int = 100,
+    prior_sqrt_info: float = 1e3,
+    rel_tol: float = 1e-5,
+    abs_tol: float = 1e-5,
+) -> PeerResult:
+    """GTSAM LM on :func:`gtsam_pose_graph_problem` (graph building not timed)."""
+    fg, values = gtsam_pose_graph_problem(graph, prior_sqrt_info)
+    return gtsam_solve(fg, values, max_iters, rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+def gtsam_pose_graphs(
+    graphs: Sequence[PoseGraph], max_iters: int = 100, prior_sqrt_info: float = 1e3
+) -> PeerResult:
     """:func:`gtsam_pose_graph` on each graph, one after another."""
     return combine("gtsam", [gtsam_pose_graph(g, max_iters, prior_sqrt_info) for g in graphs])
 
 
-def gtsam_bal_graph(problem: BALProblem):
-    """GTSAM factor graph and values for a BAL problem with native ``GeneralSFMFactorCal3Bundler``.
+def gtsam_bal_problem(problem: BALProblem):
+    """GTSAM factor graph, values and ordering for a BAL problem with native
+    ``GeneralSFMFactorCal3Bundler`` factors.
 
     GTSAM's cameras look down +z with ``p = P[:2] / P[2]``; BAL's down -z with ``p = -P[:2] /
     P[2]``. As GTSAM's own BAL reader does, the camera pose is ``wRc = R^T Rx(pi)``,
     ``wtc = -R^T t`` and the measurement ``(u, -v)``: GTSAM's residual is then ``(r_u, -r_v)``,
-    the same cost. Keys: cameras ``c0..``, points ``p0..``.
+    the same cost (``Cal3Bundler(f, k1, k2, 0, 0)`` has BAL's radial distortion). Keys: cameras
+    ``c0..``, points ``p0..``. The ordering eliminates the points first (the elimination is then a
+    Schur complement; faster than COLAMD here). No gauge prior: the same cost as ours; the damping
+    handles the gauge freedom.
     """
     import gtsam
 
@@ -121,59 +146,76 @@ def gtsam_bal_graph(problem: BALProblem):
     unit = gtsam.noiseModel.Unit.Create(2)
     obs = problem.observations.numpy() * np.array([1.0, -1.0])
     for c, k, uv in zip(problem.camera_index.tolist(), problem.point_index.tolist(), obs):
-        fg.add(gtsam.GeneralSFMFactorCal3Bundler(uv, unit, gtsam.symbol("c", c), gtsam.symbol("p", k)))
-    return fg, values
-
-
-def gtsam_bal(problem: BALProblem, max_iters: int = 100, rel_tol: float = 1e-5,
-              abs_tol: float = 1e-5) -> PeerResult:
-    """GTSAM LM (multifrontal Cholesky) on :func:`gtsam_bal_graph`, eliminating the points
-    first (the ordering that makes the elimination a Schur complement; faster than COLAMD here).
-    No gauge prior: the same cost as ours, the damping handles the gauge freedom."""
-    import gtsam
-
-    fg, values = gtsam_bal_graph(problem)
-    params = _gtsam_params(max_iters, rel_tol, abs_tol)
+        fg.add(
+            gtsam.GeneralSFMFactorCal3Bundler(uv, unit, gtsam.symbol("c", c), gtsam.symbol("p", k))
+        )
     ordering = gtsam.Ordering()
     for k in range(problem.num_points):
         ordering.push_back(gtsam.symbol("p", k))
     for c in range(problem.num_cameras):
         ordering.push_back(gtsam.symbol("c", c))
-    params.setOrdering(ordering)
-    initial_cost = fg.error(values)
-    start = time.perf_counter()
-    optimizer = gtsam.LevenbergMarquardtOptimizer(fg, values, params)
-    result = optimizer.optimize()
-    elapsed = time.perf_counter() - start
-    return PeerResult("gtsam", elapsed, optimizer.iterations(), initial_cost, fg.error(result))
+    return fg, values, ordering
+
+
+def gtsam_bal(problem: BALProblem, max_iters: int = 100) -> PeerResult:
+    """GTSAM LM on :func:`gtsam_bal_problem` (graph building not timed)."""
+    fg, values, ordering = gtsam_bal_problem(problem)
+    return gtsam_solve(fg, values, max_iters, ordering)
 
 
 def _ceres_result(out: dict) -> PeerResult:
-    return PeerResult("ceres", float(out["time_s"]), int(out["iterations"]),
-                      float(out["initial_cost"]), float(out["final_cost"]))
+    return PeerResult(
+        "ceres",
+        float(out["time_s"]),
+        int(out["iterations"]),
+        float(out["initial_cost"]),
+        float(out["final_cost"]),
+    )
 
 
-def ceres_pose_graphs(graphs: Sequence[PoseGraph], max_iters: int = 100,
-                      prior_sqrt_info: float = 1e3, threads: int = 0) -> PeerResult:
-    """Ceres (SPARSE_NORMAL_CHOLESKY, SuiteSparse) on each SE(3) graph, one after another, through
+def write_pose_graphs(graphs: Sequence[PoseGraph], folder: str | Path) -> list[Path]:
+    """Write ``graphs`` as ``folder/graph<k>.g2o`` (exact round trip) for the Ceres runner."""
+    files = [Path(folder) / f"graph{k}.g2o" for k in range(len(graphs))]
+    for f, g in zip(files, graphs):
+        if g.dim != 3:
+            raise ValueError("the Ceres runner solves SE(3) pose graphs only")
+        write_g2o(f, g)
+    return files
+
+
+def ceres_pose_graph_files(
+    files: Sequence[Path], max_iters: int = 100, prior_sqrt_info: float = 1e3, threads: int = 0
+) -> PeerResult:
+    """Ceres (SPARSE_NORMAL_CHOLESKY, SuiteSparse) on each g2o file, one after another, through
     the native runner; raises :class:`bench.ceres.CeresUnavailable` when Ceres is missing."""
-    if any(g.dim != 3 for g in graphs):
-        raise ValueError("the Ceres runner solves SE(3) pose graphs only")
-    ceres.build()
-    with tempfile.TemporaryDirectory(prefix="ariadne_ceres_") as tmp:
-        files = [Path(tmp) / f"graph{k}.g2o" for k in range(len(graphs))]
-        for f, g in zip(files, graphs):
-            write_g2o(f, g)
-        out = ceres.solve_files("pose_graph", files, max_iters=max_iters, threads=threads,
-                                prior_sqrt_info=prior_sqrt_info)
+    out = ceres.solve_files(
+        "pose_graph", files, max_iters=max_iters, threads=threads, prior_sqrt_info=prior_sqrt_info
+    )
     return _ceres_result(out)
 
 
+def ceres_pose_graphs(
+    graphs: Sequence[PoseGraph],
+    max_iters: int = 100,
+    prior_sqrt_info: float = 1e3,
+    threads: int = 0,
+) -> PeerResult:
+    """:func:`ceres_pose_graph_files` on ``graphs`` written to a temporary folder."""
+    ceres.build()
+    with tempfile.TemporaryDirectory(prefix="ariadne_ceres_") as tmp:
+        files = write_pose_graphs(graphs, tmp)
+        return ceres_pose_graph_files(files, max_iters, prior_sqrt_info, threads)
+
+
+def ceres_bal_file(path: Path, max_iters: int = 100, threads: int = 0) -> PeerResult:
+    """Ceres (SPARSE_SCHUR, points eliminated first) on a BAL file through the runner."""
+    return _ceres_result(ceres.solve_files("bal", [path], max_iters=max_iters, threads=threads))
+
+
 def ceres_bal(problem: BALProblem, max_iters: int = 100, threads: int = 0) -> PeerResult:
-    """Ceres (SPARSE_SCHUR, points eliminated first) on a BAL problem through the runner."""
+    """:func:`ceres_bal_file` on ``problem`` written to a temporary file."""
     ceres.build()
     with tempfile.TemporaryDirectory(prefix="ariadne_ceres_") as tmp:
         path = Path(tmp) / "problem.bal"
         write_bal(path, problem)
-        out = ceres.solve_files("bal", [path], max_iters=max_iters, threads=threads)
-    return _ceres_result(out)
+        return ceres_bal_file(path, max_iters, threads)
