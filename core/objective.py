@@ -170,32 +170,52 @@ class Objective:
 
     @cached_property
     def _cpu_pattern(self) -> Pattern:
-        device = torch.device("cpu")
-        columns = []
-        for c in self.costs:
-            per_slot = []
-            for v, i in zip(c.optimized, c.index):
-                d = v.space.dof
-                base = self.offsets[v.name] + i.to(device) * d
-                per_slot.append(base[:, None] + torch.arange(d, device=device))
-            columns.append(torch.cat(per_slot, dim=1))  # (E, D)
-        n = self.dim
-        keys = torch.cat(
-            [(col[:, None, :] * n + col[:, :, None]).reshape(-1) for col in columns]
-        )  # key = column * n + row, so sorting gives CSC order
-        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-        rows, cols = unique % n, unique // n
-        positions, start = [], 0
-        for col in columns:
-            size = col.shape[0] * col.shape[1] ** 2
-            positions.append(inverse[start : start + size].view(col.shape[0], col.shape[1], -1))
-            start += size
-        counts = torch.bincount(cols, minlength=n)
-        if bool((counts == 0).any()):
-            free = int(torch.nonzero(counts == 0)[0])
+        """Block-level symbolic assembly: every variable element is a block; the unique block
+        pairs (one sort over ``E k^2`` keys, not ``E D^2``) give the scalar CSC structure."""
+        sizes = torch.cat([torch.full((v.count,), v.space.dof) for v in self.variables])
+        starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+        num_blocks, first, k = sizes.numel(), {}, 0
+        for v in self.variables:
+            first[v.name], k = k, k + v.count
+        blocks = [
+            torch.stack([first[v.name] + i.cpu() for v, i in zip(c.optimized, c.index)], 1)
+            for c in self.costs
+        ]  # (E, k): block of each slot
+        keys = torch.cat([(b[:, None, :] * num_blocks + b[:, :, None]).reshape(-1) for b in blocks])
+        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)  # CSC block order
+        R, C = unique % num_blocks, unique // num_blocks
+        dR = sizes[R]
+        below = dR.cumsum(0) - dR
+        row_offset = below - below[torch.searchsorted(C, C)]  # rows above, in the block column
+        col_nnz = sizes.new_zeros(num_blocks).index_add(0, C, dR)
+        if bool((col_nnz == 0).any()):
+            free = int(starts[torch.nonzero(col_nnz == 0)[0]])
             raise ValueError(f"unknown {free} ({self.describe_column(free)}) appears in no cost")
-        indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        diag = torch.nonzero(rows == cols)[:, 0]
+        per_column = col_nnz.repeat_interleave(sizes)
+        indptr = torch.cat([per_column.new_zeros(1), per_column.cumsum(0)])
+        n, nnz = self.dim, int(indptr[-1])
+        rows = torch.empty(nnz, dtype=torch.long)
+        for dr, dc in {(int(a), int(b)) for a, b in zip(dR.tolist(), sizes[C].tolist())}:
+            u = torch.nonzero((dR == dr) & (sizes[C] == dc))[:, 0]
+            q, p = torch.arange(dc), torch.arange(dr)
+            at = indptr[starts[C[u]][:, None, None] + q[:, None]] + row_offset[u][:, None, None] + p
+            rows[at.reshape(-1)] = (starts[R[u]][:, None, None] + p).expand_as(at).reshape(-1)
+        cols = torch.arange(n).repeat_interleave(per_column)
+        own = torch.searchsorted(unique, torch.arange(num_blocks) * (num_blocks + 1))
+        local = torch.arange(n) - starts.repeat_interleave(sizes)
+        diag = indptr[:-1] + row_offset[own].repeat_interleave(sizes) + local
+        positions, columns, done = [], [], 0
+        for c, b in zip(self.costs, blocks):
+            E, slots = b.shape
+            dofs = torch.tensor([v.space.dof for v in c.optimized])
+            slot = torch.arange(slots).repeat_interleave(dofs)  # (D,)
+            within = torch.arange(int(dofs.sum())) - (dofs.cumsum(0) - dofs)[slot]
+            u = inverse[done : done + E * slots * slots].view(E, slots, slots)
+            done += E * slots * slots
+            col = starts[b][:, slot] + within  # (E, D) global columns
+            pair = u[:, slot[:, None], slot[None, :]]  # (E, D, D)
+            positions.append(indptr[col][:, None, :] + row_offset[pair] + within[:, None])
+            columns.append(col)
         return Pattern(n, indptr, rows, cols, diag, tuple(positions), tuple(columns))
 
     def describe_column(self, col: int) -> str:
