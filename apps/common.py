@@ -1,0 +1,280 @@
+"""Training plumbing shared by the apps: device and distributed setup, atomic checkpoints,
+metrics (JSON and CSV), training-curve plots, the output folder.
+
+Nothing here knows an app: each app's ``train.py`` calls these with its own state and metrics.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`setup_distributed`
+joins the process group (gloo on CPU, nccl on CUDA); each rank then trains on its shard
+(:func:`shard`), the model is wrapped in ``DistributedDataParallel`` (:func:`wrap_model`), sums are
+combined with :func:`all_reduce_sum`, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+
+
+# ------------------------------------------------------------------------------------------
+# device, threads, distributed
+# ------------------------------------------------------------------------------------------
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else CPU; otherwise ``name`` (``cuda`` raises when CUDA is
+    missing rather than silently running on the CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by ``torchrun`` with several processes (gloo on CPU,
+    nccl on CUDA; each rank on ``cuda:LOCAL_RANK``); a single process returns ``Dist()``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    return Dist(rank, world, local)
+
+
+def rank_device(device: torch.device, d: Dist) -> torch.device:
+    """The device this rank uses (``cuda:LOCAL_RANK`` under a multi-GPU launch)."""
+    if d.enabled and device.type == "cuda":
+        return torch.device("cuda", d.local_rank)
+    return device
+
+
+def teardown_distributed(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, d: Dist) -> nn.Module:
+    """``DistributedDataParallel(model)`` when distributed, else ``model``."""
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def shard(items: Sequence[T], d: Dist) -> list[T]:
+    """This rank's share of ``items`` (round robin)."""
+    return list(items[d.rank :: d.world_size])
+
+
+def all_reduce_sum(values: Sequence[float], d: Dist) -> list[float]:
+    """Sum ``values`` over ranks (identity when not distributed)."""
+    if not d.enabled:
+        return [float(v) for v in values]
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1 or null, got {threads}")
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------
+
+
+def output_dir(configured: str | None = None) -> Path:
+    """``configured`` when given, else Hydra's run folder when Hydra is running, else the
+    current folder; created if missing."""
+    if configured is not None:
+        path = Path(configured)
+    else:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            path = Path(HydraConfig.get().runtime.output_dir)
+        except (ImportError, ValueError):
+            path = Path.cwd()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
+    """``torch.save(state)`` atomically: a reader sees the old file or the new one, never half."""
+    _atomic_write(Path(path), lambda tmp: torch.save(dict(state), tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """The state saved by :func:`save_checkpoint`, or None when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt file: say which
+        raise ValueError(f"{path}: cannot read checkpoint ({exc})") from exc
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch's CPU (and CUDA) generator states, for an exact resume."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: tensors to numbers, non-finite floats to None."""
+    if isinstance(x, torch.Tensor):
+        x = x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_metrics(
+    folder: str | Path,
+    app: str,
+    epochs: int,
+    train_time_s: float,
+    val: Mapping[str, float],
+    history: Sequence[Mapping[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """``metrics.json`` (APPS.md schema, plus ``extra`` top-level keys) and ``metrics.csv`` (one
+    row per ``history`` entry), both atomically. Returns the JSON object."""
+    folder = Path(folder)
+    doc = _clean({"app": app, "epochs": epochs, "train_time_s": train_time_s, "val": dict(val),
+                  "history": [dict(h) for h in history], **extra})
+    text = json.dumps(doc, indent=2)
+    _atomic_write(folder / METRICS_JSON, lambda tmp: tmp.write_text(text + "\n"))
+    write_csv(folder / METRICS_CSV, history)
+    return doc
+
+
+def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Rows to CSV (columns: the union of keys, in first-seen order), atomically."""
+    rows = [dict(r) for r in rows]
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow(_clean(r))
+
+    _atomic_write(Path(path), write)
+
+
+def plot_curves(
+    path: str | Path,
+    history: Sequence[Mapping[str, Any]],
+    panels: Sequence[Sequence[str]],
+    baselines: Mapping[str, float] | None = None,
+    title: str = "",
+) -> None:
+    """One panel per group of ``history`` keys, against ``epoch``; ``baselines`` (key -> value)
+    draws a dashed horizontal line in the panel holding that key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baselines = baselines or {}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    for ax, keys in zip(axes[0], panels):
+        for key in keys:
+            values = [h.get(key, float("nan")) for h in history]
+            ax.plot(epochs, values, marker="o", label=key)
+            if key in baselines:
+                ax.axhline(baselines[key], ls="--", color="gray", label=f"{key} baseline")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
