@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--iterations", type=int, nargs="+", default=[5, 10, 20, 50])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--poses", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     data = pose_graph_batch(args.poses, args.batch, seed=0)
     rows, grads = [], {}
     for iterations in args.iterations:
