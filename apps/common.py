@@ -154,7 +154,7 @@ def output_dir(configured: str | None = None) -> Path:
     return path
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """``write(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -169,7 +169,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """``torch.save(state)`` atomically: a reader sees the old file or the new one, never half."""
-    _atomic_write(Path(path), lambda tmp: torch.save(dict(state), tmp))
+    atomic_write(Path(path), lambda tmp: torch.save(dict(state), tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
@@ -225,7 +225,7 @@ def write_metrics(
     doc = _clean({"app": app, "epochs": epochs, "train_time_s": train_time_s, "val": dict(val),
                   "history": [dict(h) for h in history], **extra})
     text = json.dumps(doc, indent=2)
-    _atomic_write(folder / METRICS_JSON, lambda tmp: tmp.write_text(text + "\n"))
+    atomic_write(folder / METRICS_JSON, lambda tmp: tmp.write_text(text + "\n"))
     write_csv(folder / METRICS_CSV, history)
     return doc
 
@@ -244,7 +244,7 @@ def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
             for r in rows:
                 writer.writerow(_clean(r))
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 def plot_curves(
@@ -253,28 +253,34 @@ def plot_curves(
     panels: Sequence[Sequence[str]],
     baselines: Mapping[str, float] | None = None,
     title: str = "",
+    references: Sequence[tuple[str, str, float]] = (),
 ) -> None:
-    """One panel per group of ``history`` keys, against ``epoch``; ``baselines`` (key -> value)
-    draws a dashed horizontal line in the panel holding that key."""
+    """One panel per group of ``history`` keys, against ``epoch``. Horizontal reference lines:
+    ``baselines`` (key -> value) draws one labelled ``"<key> baseline"`` in the panel holding
+    that key; each ``(key, label, value)`` of ``references`` draws one labelled ``label``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    baselines = baselines or {}
+    references = [(k, f"{k} baseline", v) for k, v in (baselines or {}).items()] + list(
+        references)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     epochs = [h["epoch"] for h in history]
+    styles = ["--", ":", "-."]
     for ax, keys in zip(axes[0], panels):
         for key in keys:
             values = [h.get(key, float("nan")) for h in history]
+            values = [float("nan") if v is None else v for v in values]
             ax.plot(epochs, values, marker="o", label=key)
-            if key in baselines:
-                ax.axhline(baselines[key], ls="--", color="gray", label=f"{key} baseline")
+        mine = [r for r in references if r[0] in keys]
+        for (_, label, level), style in zip(mine, styles * len(mine)):
+            ax.axhline(level, ls=style, color="gray", label=label)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -1,6 +1,10 @@
 """Solve a g2o pose graph with Levenberg-Marquardt and print a summary.
 
 python -m apps.pose_graph.solve FILE.g2o [--solver sparse|dense|...] [--max-iters N] [--json]
+                                [--viz OUT.png]
+
+``--viz`` draws the initial estimate and the solution (trajectory and loop closures) with Open3D
+(offscreen when there is no display; matplotlib if Open3D cannot render).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from apps.pose_graph.problem import pose_graph_objective
 from core import LevenbergMarquardt, io
@@ -30,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--json", action="store_true", help="print one JSON object as the last line"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-iteration log")
+    parser.add_argument("--viz", metavar="OUT.png", default=None,
+                        help="draw the initial estimate and the solved graph into this PNG")
     args = parser.parse_args(argv)
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -59,6 +66,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"  cost {summary['initial_cost']:.6f} -> {summary['final_cost']:.6f} in "
         f"{summary['iterations']} iterations, {summary['time_s']:.3f} s ({summary['status']})"
     )
+    if args.viz:
+        from apps.pose_graph.viz import draw_graph
+
+        name = Path(args.file).name
+        draw_graph(args.viz, solution.values["poses"][0], graph.i, graph.j, initial=graph.poses,
+                   title=f"{name}: {graph.num_poses} poses, {graph.num_edges} edges, cost "
+                         f"{summary['initial_cost']:.6g} -> {summary['final_cost']:.6g}")
+        summary["viz"] = args.viz
+        print(f"  picture: {args.viz}")
     if args.json:
         print(json.dumps(summary))
     return summary

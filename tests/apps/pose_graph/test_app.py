@@ -1,0 +1,402 @@
+"""The pose-graph app: smoke runs through Hydra's compose API (SE3 and SE2), resume equivalence,
+the data generator's invariants, the metrics, bad input, a g2o write/read/solve round trip and the
+picture's fallback."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+import core
+from apps import common
+from apps.pose_graph import data as pg_data
+from apps.pose_graph import train, viz
+from apps.pose_graph.data import FEATURES, GraphSpec, Sample, make_dataset, make_sample, roc_auc
+from apps.pose_graph.model import EdgeWeightNet
+from apps.pose_graph.problem import GraphProblem, anchor, ate, pose_graph_objective, rpe
+from apps.pose_graph.solve import main as solve_main
+from core import io
+
+ROOT = Path(__file__).resolve().parents[3]
+VAL_KEYS = {"ate", "ate_baseline", "rpe", "rpe_baseline", "outlier_precision", "outlier_recall"}
+TIMES = {"train_time_s", "epoch_time_s", "solve_time_s", "solve_time_s_baseline",
+         "val_solve_time_s", "time_s"}
+
+
+# ------------------------------------------------------------------------------------------
+# fixtures
+# ------------------------------------------------------------------------------------------
+
+
+def smoke_config(tmp: Path, *overrides: str, cache: Path | None = None):
+    """The smoke preset writing into ``tmp`` (threads left alone: the test process is shared)."""
+    cache = cache or tmp / "cache"
+    with initialize_config_dir(config_dir=str(train.CONF), version_base=None):
+        return compose(train.APP, overrides=["preset=smoke", f"out_dir={tmp}",
+                                             f"cache_dir={cache}", "threads=null", *overrides])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("smoke")
+    doc = train.run(smoke_config(out))
+    return out, doc
+
+
+@pytest.fixture(scope="module")
+def spec() -> GraphSpec:
+    return GraphSpec(num_poses=(60, 80))
+
+
+def _without_times(x):
+    if isinstance(x, dict):
+        return {k: _without_times(v) for k, v in x.items() if k not in TIMES}
+    if isinstance(x, list):
+        return [_without_times(v) for v in x]
+    return x
+
+
+# ------------------------------------------------------------------------------------------
+# smoke and resume
+# ------------------------------------------------------------------------------------------
+
+
+def test_smoke_run_writes_outputs(smoke_run: tuple[Path, dict]) -> None:
+    out, doc = smoke_run
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(doc))
+    assert saved["app"] == "pose_graph" and saved["epochs"] == 1
+    assert VAL_KEYS <= set(saved["val"])
+    assert all(math.isfinite(saved["val"][k]) for k in VAL_KEYS)
+    assert saved["train_time_s"] >= 0
+    assert len(saved["history"]) == 1 and math.isfinite(saved["history"][0]["train_loss"])
+    assert {"epoch", "train_loss", "val_ate"} <= set(saved["history"][0])
+    assert saved["baseline"]["loss"] in ("huber", "cauchy")
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 2 and rows[0].startswith("epoch,train_loss")
+    assert (out / "checkpoint.pt").is_file() and (out / "curves.png").stat().st_size > 0
+    state = common.load_checkpoint(out / "checkpoint.pt")
+    assert state is not None and state["epoch"] == 1
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_smoke_se2_with_picture(tmp_path: Path) -> None:
+    doc = train.run(smoke_config(tmp_path, "data.dim=2", "viz=true", "data.num_poses=[40,45]"))
+    assert VAL_KEYS <= set(doc["val"]) and math.isfinite(doc["val"]["ate"])
+    assert (tmp_path / "pose_graph.png").stat().st_size > 0
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    cache = tmp_path / "cache"
+    full = train.run(smoke_config(straight, "epochs=2", cache=cache))
+    first = train.run(smoke_config(split, "epochs=1", cache=cache))
+    assert len(first["history"]) == 1
+    resumed = train.run(smoke_config(split, "epochs=2", "resume=true", cache=cache))
+    assert _without_times(resumed["history"]) == _without_times(full["history"])
+    assert _without_times(resumed["val"]) == _without_times(full["val"])
+    state = common.load_checkpoint(split / "checkpoint.pt")
+    assert state is not None and state["epoch"] == 2
+
+
+def test_resume_without_checkpoint_starts_afresh(tmp_path: Path) -> None:
+    doc = train.run(smoke_config(tmp_path, "resume=true"))
+    assert len(doc["history"]) == 1
+
+
+def test_cli_smoke(tmp_path: Path) -> None:
+    """``python -m apps.pose_graph preset=smoke`` end to end (Hydra's run folder)."""
+    run = subprocess.run([sys.executable, "-m", "apps.pose_graph", "preset=smoke",
+                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert VAL_KEYS <= set(saved["val"])
+
+
+def test_smoke_with_real_format_graph(tmp_path: Path) -> None:
+    """``eval_g2o``: a g2o file (written from a clean synthetic graph) gets outliers injected
+    and is solved by the trained network and the baseline."""
+    s = make_sample(GraphSpec(num_poses=(60, 70), outlier_ratio=0.0), 21)
+    path = tmp_path / "clean.g2o"
+    io.write_g2o(path, s.graph)
+    doc = train.run(smoke_config(tmp_path, f"eval_g2o={path}", "viz=true"))
+    g2o = doc["g2o"]
+    assert g2o["poses"] == s.graph.num_poses and g2o["outliers"] > 0
+    assert all(math.isfinite(g2o[k]) for k in ("ate", "ate_baseline", "ate_oracle"))
+    assert g2o["ate_oracle"] < 1e-6  # the clean graph's optimum is the ground truth
+    assert json.loads((tmp_path / "metrics.json").read_text())["g2o"]["file"] == str(path)
+    assert (tmp_path / "pose_graph_g2o.png").stat().st_size > 0
+
+
+def test_cuda_request_without_cuda_raises() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(ValueError, match="CUDA"):
+        common.select_device("cuda")
+    assert common.select_device("auto").type == "cpu"
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "apps.pose_graph",
+               "preset=smoke", "data.num_val=2", f"hydra.run.dir={tmp_path}"]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert VAL_KEYS <= set(saved["val"])
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+@pytest.mark.parametrize("kind", pg_data.TRAJECTORIES)
+def test_sample_invariants(dim: int, kind: str) -> None:
+    spec = GraphSpec(dim=dim, num_poses=(60, 80))
+    s = make_sample(spec, 7, kind)
+    g, n = s.graph, s.graph.num_poses
+    assert s.kind == kind and 60 <= n <= 80 and g.dim == dim
+    assert g.poses.shape == (n, 7 if dim == 3 else 4) == s.truth.shape
+    odo = ~s.is_loop
+    assert bool(odo[: n - 1].all()) and not bool(odo[n - 1 :].any())
+    assert torch.equal(g.j[: n - 1], g.i[: n - 1] + 1)
+    loops = s.is_loop
+    assert bool(((g.j - g.i)[loops] >= spec.min_gap).all())
+    assert int(s.is_outlier.sum()) == round(0.25 / 0.75 * int((loops & ~s.is_outlier).sum()))
+    assert torch.allclose(g.poses[0], s.truth[0])
+    assert s.features.shape == (int(loops.sum()), len(FEATURES))
+    assert bool(torch.isfinite(s.features).all())
+    assert bool((torch.linalg.eigvalsh(g.tangent_information()) > 0).all())
+    # inlier measurements agree with the truth up to the noise; odometry composes to init
+    space = s.space
+    exact = space.compose(space.inverse(s.truth[g.i]), s.truth[g.j])
+    err = space.local(exact, g.measurements)
+    inlier = ~s.is_outlier
+    assert float(err[inlier].abs().max()) < 0.5
+    assert float(err[s.is_outlier].norm(dim=-1).max()) > 0.2  # outliers are wrong
+
+
+def test_generator_is_seeded(spec: GraphSpec) -> None:
+    a, b, c = make_sample(spec, 3), make_sample(spec, 3), make_sample(spec, 4)
+    assert torch.equal(a.graph.measurements, b.graph.measurements)
+    assert torch.equal(a.features, b.features) and torch.equal(a.truth, b.truth)
+    assert a.graph.measurements.shape != c.graph.measurements.shape or not torch.equal(
+        a.graph.measurements, c.graph.measurements)
+
+
+def test_score_alone_has_auc_about_0_8() -> None:
+    spec = GraphSpec(num_poses=(40, 50))
+    samples = [make_sample(spec, k) for k in range(40)]
+    score = torch.cat([s.features[:, 0] for s in samples])
+    inlier = ~torch.cat([s.loop_outlier for s in samples])
+    assert 0.74 < roc_auc(score, inlier) < 0.86
+    assert roc_auc(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([False, True, True])) == 1.0
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_outliers_injected_into_a_real_format_graph(dim: int) -> None:
+    clean = make_sample(GraphSpec(dim=dim, num_poses=(60, 70), outlier_ratio=0.0), 5)
+    loops = int(clean.is_loop.sum())
+    s = pg_data.from_graph(clean.graph, clean.truth, GraphSpec(), seed=1)
+    assert s.graph.dim == dim and s.kind == "g2o"
+    assert int(s.is_outlier.sum()) == round(loops / 3) and int(s.is_loop.sum()) > loops
+    assert torch.equal(s.graph.poses, clean.graph.poses)
+    assert bool(torch.isfinite(s.features).all())
+    inliers = s.is_loop & ~s.is_outlier
+    assert torch.equal(s.graph.measurements[inliers], clean.graph.measurements[clean.is_loop])
+    with pytest.raises(ValueError, match="odometry"):
+        broken = io.PoseGraph(dim=dim, poses=clean.graph.poses, ids=clean.graph.ids,
+                              i=clean.graph.i[1:], j=clean.graph.j[1:],
+                              measurements=clean.graph.measurements[1:],
+                              information=clean.graph.information[1:])
+        pg_data.from_graph(broken, clean.truth, GraphSpec(), seed=1)
+
+
+def test_dataset_cache_round_trip(tmp_path: Path, spec: GraphSpec) -> None:
+    first = make_dataset(spec, [1, 2], tmp_path)
+    files = list(tmp_path.glob("*.pt"))
+    assert len(files) == 1
+    again = make_dataset(spec, [1, 2], tmp_path)
+    for a, b in zip(first, again):
+        assert torch.equal(a.graph.measurements, b.graph.measurements)
+        assert torch.equal(a.is_outlier, b.is_outlier) and a.kind == b.kind
+    make_dataset(GraphSpec(num_poses=(60, 81)), [1, 2], tmp_path)  # other settings: other key
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# problem, metrics, model
+# ------------------------------------------------------------------------------------------
+
+
+def test_metrics_are_invariant_to_a_rigid_motion(spec: GraphSpec) -> None:
+    s = make_sample(spec, 5)
+    move = core.SE3.random(1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    moved = core.SE3.compose(move[:, None], s.truth[None])
+    assert float(ate(moved, s.truth, core.SE3)[0]) < 1e-9
+    assert float(rpe(moved, s.truth, core.SE3)[0]) < 1e-9
+    assert torch.allclose(anchor(moved, s.truth, core.SE3)[0], s.truth, atol=1e-9)
+    shifted = s.truth.clone()
+    shifted[1:, 0] += 1.0  # all but the anchor one metre off
+    expected = math.sqrt((s.graph.num_poses - 1) / s.graph.num_poses)
+    assert float(ate(shifted[None], s.truth, core.SE3)[0]) == pytest.approx(expected)
+
+
+def test_oracle_weights_beat_no_weights(spec: GraphSpec) -> None:
+    """Rejecting exactly the outliers gives a better solution than keeping them all (L2)."""
+    lm = core.LevenbergMarquardt(max_iters=30, solver="sparse")
+    oracle, everything, initial = 0.0, 0.0, 0.0
+    for seed in range(3):  # one graph of each kind
+        s = make_sample(spec, seed)
+        p = GraphProblem.build(s.graph, s.is_loop, "cauchy")
+        weights = torch.stack([(~s.loop_outlier).double(),
+                               torch.ones(p.num_loops, dtype=torch.float64)])
+        inputs = p.inputs(weights, torch.tensor(1e6, dtype=torch.float64))
+        aux = {k: v for k, v in inputs.items() if k != "poses"}
+        sol = lm.solve(p.objective.with_inputs(aux), {"poses": inputs["poses"]})
+        a, b = ate(sol.values["poses"], s.truth, s.space).tolist()
+        oracle, everything = oracle + a, everything + b
+        initial += float(ate(s.graph.poses[None], s.truth, s.space)[0])
+    assert oracle < 0.7 * everything and oracle < 0.5 * initial
+
+
+def test_gradients_reach_the_network(spec: GraphSpec) -> None:
+    s = make_sample(spec, 1)
+    p = GraphProblem.build(s.graph, s.is_loop, "cauchy")
+    net = EdgeWeightNet(len(FEATURES)).double()
+    net.fit_normalization(s.features)
+    layer = core.OptimizationLayer(p.objective, core.LevenbergMarquardt(max_iters=20,
+                                                                        solver="sparse"))
+    w, scale = net(s.features)
+    sol, _ = layer(p.inputs(w, scale))
+    ate(sol["poses"], s.truth, s.space).sum().backward()
+    grads = [q.grad for q in net.parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    assert float(net.log_scale.grad.abs()) > 0 and float(net.mlp[0].weight.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+
+
+def test_bad_generator_settings_raise() -> None:
+    with pytest.raises(ValueError, match="dim"):
+        GraphSpec(dim=4)
+    with pytest.raises(ValueError, match="unknown trajectories"):
+        GraphSpec(trajectories=("spiral",))
+    with pytest.raises(ValueError, match="outlier_ratio"):
+        GraphSpec(outlier_ratio=1.0)
+    with pytest.raises(ValueError, match="num_poses"):
+        GraphSpec(num_poses=(10, 20))
+    with pytest.raises(ValueError, match="outlier_mix"):
+        GraphSpec(outlier_mix=(0.5, -1.0, 0.5))
+
+
+def test_wrong_shapes_raise(spec: GraphSpec) -> None:
+    s = make_sample(spec, 1)
+    with pytest.raises(ValueError, match="features"):
+        Sample(s.graph, s.truth, s.is_loop, s.is_outlier, s.features[:, :3], s.kind)
+    with pytest.raises(ValueError, match="truth"):
+        Sample(s.graph, s.truth[:-1], s.is_loop, s.is_outlier, s.features, s.kind)
+    p = GraphProblem.build(s.graph, s.is_loop)
+    with pytest.raises(ValueError, match="loop weights"):
+        p.inputs(torch.ones(p.num_loops + 1, dtype=torch.float64), 1.0)
+    with pytest.raises(ValueError, match="is_loop"):
+        GraphProblem.build(s.graph, s.is_loop[:-1])
+    with pytest.raises(ValueError, match="features"):
+        EdgeWeightNet(len(FEATURES))(torch.zeros(3, len(FEATURES) + 1))
+    with pytest.raises(ValueError, match="score"):
+        pg_data.edge_features(s.graph, s.is_loop, torch.zeros(2))
+
+
+def test_bad_config_raises(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException):
+        smoke_config(tmp_path, "no_such_key=1")
+    with pytest.raises(ValueError, match="unknown config key 'no_such_key'"):
+        train.run(smoke_config(tmp_path, "+no_such_key=1"))
+    with pytest.raises(ValueError, match="unknown config key 'data.bogus'"):
+        train.run(smoke_config(tmp_path, "+data.bogus=1"))
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        smoke_config(tmp_path, "optimizer.backward=sideways")
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        smoke_config(tmp_path, "epochs=many")
+    with pytest.raises(ValueError, match="batch_size"):
+        train.run(smoke_config(tmp_path, "batch_size=0"))
+    with pytest.raises(ValueError, match="trajectories"):
+        train.run(smoke_config(tmp_path, "data.trajectories=[spiral]"))
+
+
+def test_corrupt_checkpoint_raises_with_path(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt"):
+        train.run(smoke_config(tmp_path, "resume=true"))
+
+
+def test_malformed_g2o_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.g2o"
+    path.write_text("VERTEX_SE3:QUAT 0 0 0 0 0 0 0 1\nEDGE_SE3:QUAT 0 1 0 0\n")
+    with pytest.raises(ValueError, match=f"{path}:2:"):
+        solve_main([str(path), "--quiet"])
+
+
+# ------------------------------------------------------------------------------------------
+# g2o round trip and pictures
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_g2o_write_read_solve(tmp_path: Path, dim: int,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    spec = GraphSpec(dim=dim, num_poses=(60, 70), outlier_ratio=0.0)
+    s = make_sample(spec, 11)
+    path = tmp_path / "synthetic.g2o"
+    io.write_g2o(path, s.graph)
+    back = io.read_g2o(path)
+    assert back.dim == dim and back.num_poses == s.graph.num_poses
+    assert torch.equal(back.i, s.graph.i) and torch.equal(back.j, s.graph.j)
+    assert torch.allclose(back.measurements, s.graph.measurements, atol=1e-12)
+    assert torch.allclose(back.information, s.graph.information)
+    # the library's solve of the file's graph improves on the odometry
+    objective, init = pose_graph_objective(back)
+    solution = core.LevenbergMarquardt(max_iters=50, solver="sparse").solve(objective, init)
+    solved = solution.values["poses"]
+    assert float(ate(solved, s.truth, s.space)[0]) < float(ate(init["poses"], s.truth, s.space)[0])
+    # and the CLI gives the same, with a picture
+    png = tmp_path / "graph.png"
+    summary = solve_main([str(path), "--json", "--quiet", "--max-iters", "50", "--viz", str(png)])
+    assert summary["final_cost"] == pytest.approx(float(solution.info.final_cost[0]), rel=1e-9)
+    assert summary["viz"] == str(png) and png.stat().st_size > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+
+
+def test_picture_falls_back_to_matplotlib(tmp_path: Path, spec: GraphSpec,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("no OpenGL here")
+
+    monkeypatch.setattr(viz, "_render_open3d", broken)
+    s = make_sample(spec, 1)
+    i, j = s.graph.i[s.is_loop], s.graph.j[s.is_loop]
+    path = tmp_path / "fallback.png"
+    viz.draw_solution(path, s.graph.poses, s.truth, i, j, s.loop_outlier,
+                      torch.rand(int(s.is_loop.sum())), title="fallback")
+    assert path.stat().st_size > 0
