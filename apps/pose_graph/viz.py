@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from apps.common import save_panels
+
 log = logging.getLogger(__name__)
 
 TRUTH = (0.6, 0.6, 0.6)
@@ -158,32 +160,6 @@ def _render_matplotlib(layers: list[Lines], size: tuple[int, int], planar: bool)
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(np.float64) / 255
     plt.close(fig)
     return image
-
-
-def save_panels(path: str | Path, panels: list[tuple[str, np.ndarray]],
-                legend: list[tuple[str, tuple[float, float, float]]], title: str = "") -> None:
-    """Compose titled panels side by side, with a color legend, into one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    h, w = panels[0][1].shape[:2]
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * w / 100, h / 100 + 0.9),
-                             dpi=100, squeeze=False)
-    for ax, (name, image) in zip(axes[0], panels):
-        ax.imshow(np.clip(image, 0, 1))
-        ax.set_title(name, fontsize=11)
-        ax.axis("off")
-    handles = [Line2D([0], [0], color=c, lw=3, label=label) for label, c in legend]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=10, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def draw_solution(path: str | Path, estimate: Tensor, truth: Tensor, i: Tensor, j: Tensor,
