@@ -153,14 +153,14 @@ class Cost:
         return r, J
 
     def _weigh(self, r: Tensor, J: Tensor | None) -> CostTerms:
+        if self.sqrt_info is not None:  # W = diag(weight) U: a per-factor weight on an information
+            U = self.sqrt_info
+            r = (U @ r[..., None])[..., 0]
+            J = None if J is None else U @ J
         if self.weight is not None:
             w = self.weight
             r = w * r
             J = None if J is None else w[..., None] * J if w.ndim else w * J
-        elif self.sqrt_info is not None:
-            U = self.sqrt_info
-            r = (U @ r[..., None])[..., 0]
-            J = None if J is None else U @ J
         s = (r * r).sum(-1)
         if self.loss is None:
             return CostTerms(r, J, 0.5 * s.sum(-1))
@@ -263,8 +263,6 @@ def _validated(cost: Cost) -> Cost:
                 f"cost {name!r}: aux {k!r} must have shape (B|1, E={num}, ...), "
                 f"got {tuple(t.shape)}"
             )
-    if cost.weight is not None and cost.sqrt_info is not None:
-        raise ValueError(f"cost {name!r}: give weight= or sqrt_info=, not both")
     U = cost.sqrt_info
     if U is not None and (U.ndim < 2 or U.shape[-1] != U.shape[-2]):
         raise ValueError(f"cost {name!r}: sqrt_info must be (..., d, d), got {tuple(U.shape)}")

@@ -517,16 +517,19 @@ def test_aux_not_a_tensor() -> None:
         )
 
 
-def test_weight_and_sqrt_info_both_given() -> None:
-    with pytest.raises(ValueError, match=r"'obs'.*weight=.*sqrt_info="):
-        core.Cost(
-            _fn,
-            optimized=(_landmarks(),),
-            index=[torch.tensor([0])],
-            name="obs",
-            weight=2.0,
-            sqrt_info=torch.eye(3, dtype=F64),
-        )
+def test_weight_and_sqrt_info_combine() -> None:
+    """W = diag(weight) U: the weight scales the information-whitened residual and Jacobian."""
+    gen = torch.Generator().manual_seed(0)
+    U = torch.triu(torch.randn(2, 3, 3, generator=gen, dtype=F64)) + 3 * torch.eye(3, dtype=F64)
+    w = torch.tensor([[0.5], [2.0]], dtype=F64)
+    idx = [torch.tensor([0, 2])]
+    values = {"landmarks": torch.randn(1, 4, 3, generator=gen, dtype=F64)}
+    both = core.Cost(_fn, optimized=(_landmarks(),), index=idx, weight=w, sqrt_info=U, name="obs")
+    only = core.Cost(_fn, optimized=(_landmarks(),), index=idx, sqrt_info=U, name="obs")
+    a, b = both.evaluate(values, True), only.evaluate(values, True)
+    torch.testing.assert_close(a.r, w * b.r)
+    torch.testing.assert_close(a.J, w[..., None] * b.J)
+    torch.testing.assert_close(a.cost, 0.5 * (w * b.r).square().sum((1, 2)))
 
 
 def test_sqrt_info_not_square() -> None:
