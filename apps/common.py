@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -311,3 +311,56 @@ def save_panels(path: str | Path, panels: list[tuple[str, np.ndarray]],
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+class WeightNet(nn.Module):
+    """``features (N, F) -> (weights (N,), scale ())``: the apps' perception head.
+
+    Features are standardized with statistics fixed from the training set
+    (:meth:`fit_normalization`); an MLP with ``hidden`` units per layer gives one logit per item
+    (edge, observation), ``weight = sigmoid(logit)``; the robust-loss scale is ``exp(log_scale)``
+    (always > 0). ``bias`` sets the initial logit; ``zero_head`` also zeroes the head's weights
+    so every item starts at ``sigmoid(bias)``.
+    """
+
+    def __init__(self, num_features: int, hidden: int = 32, layers: int = 2, scale: float = 1.0,
+                 bias: float = 2.0, zero_head: bool = False) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if num_features < 1 or hidden < 1 or layers < 0 or not scale > 0:
+            raise ValueError(f"{name}: bad sizes features={num_features}, hidden={hidden}, "
+                             f"layers={layers} or scale={scale}")
+        dims = [num_features] + [hidden] * layers
+        blocks: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            blocks += [nn.Linear(a, b), nn.SiLU()]
+        head = nn.Linear(dims[-1], 1)
+        if zero_head:
+            nn.init.zeros_(head.weight)
+        head.bias.data.fill_(bias)
+        self.mlp = nn.Sequential(*blocks, head)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    def _check(self, features: Tensor) -> None:
+        if features.ndim != 2 or features.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"{type(self).__name__}: features must be (N, {self.mean.shape[0]}), "
+                             f"got {tuple(features.shape)}")
+
+    @torch.no_grad()
+    def fit_normalization(self, features: Tensor) -> None:
+        """Set the standardization from training features ``(N, F)``."""
+        self._check(features)
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp_min(1e-6))
+
+    @property
+    def scale(self) -> Tensor:
+        return self.log_scale.exp()
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(features)
+        x = (features - self.mean) / self.std
+        logit = self.mlp(x.to(self.log_scale.dtype))[:, 0]
+        return torch.sigmoid(logit), self.log_scale.exp()
