@@ -110,10 +110,12 @@ class OptimizationLayer(nn.Module):
             values = {k: v.detach() for k, v in head.values.items()}
         tail = replace(self.optimizer, max_iters=self.optimizer.max_iters - head_iters)
         if head_iters:
-            # Near the optimum the gain ratio is rounding noise: take every finite step, so the
-            # last iterations always carry the gradient.
+            # Near the optimum the gain ratio and the cost decrease are rounding noise: take every
+            # finite step and test no convergence, so exactly the last `backward_iters`
+            # iterations carry the gradient.
+            never = -float("inf")
             tail = replace(
-                tail, min_gain=-float("inf"), rel_tol=0.0, abs_tol=0.0, step_tol=0.0, grad_tol=0.0
+                tail, min_gain=never, rel_tol=never, abs_tol=never, step_tol=never, grad_tol=never
             )
         solution = tail.solve(objective, values)
         if head_iters:
