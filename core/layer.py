@@ -36,7 +36,7 @@ from typing_extensions import assert_never
 from core.linearize import linearize
 from core.objective import Objective
 from core.optimizer import Info, LevenbergMarquardt, Solution
-from core.solvers import make_solver, solve
+from core.solvers import LinearSolver, make_solver, solve
 
 Backward = Literal["unroll", "truncated", "implicit"]
 
@@ -74,6 +74,7 @@ class OptimizationLayer(nn.Module):
             raise ValueError(f"backward_iters must be >= 1, got {backward_iters}")
         self.objective = objective
         self.optimizer = optimizer
+        self._solvers: dict[tuple[str, str], LinearSolver] = {}
         self.backward = backward
         self.backward_iters = backward_iters
         if implicit_hessian not in ("gauss_newton", "exact"):
@@ -89,26 +90,38 @@ class OptimizationLayer(nn.Module):
             raise ValueError(f"OptimizationLayer: missing initial values for {sorted(missing)}")
         init = {k: v for k, v in inputs.items() if k in names}
         objective = self.objective.with_inputs({k: v for k, v in inputs.items() if k not in names})
+        optimizer = self._resolved(next(iter(init.values())).device)
         mode = self.backward
         if mode == "unroll":
-            solution = self.optimizer.solve(objective, init)
+            solution = optimizer.solve(objective, init)
             return solution.values, solution.info
         if mode == "truncated":
-            return self._truncated(objective, init)
+            return self._truncated(optimizer, objective, init)
         if mode == "implicit":
-            return self._implicit(objective, init)
+            return self._implicit(optimizer, objective, init)
         assert_never(mode)
 
+    def _resolved(self, device: torch.device) -> LevenbergMarquardt:
+        """The optimizer with its solver name resolved to an instance kept across calls, so the
+        sparse symbolic analysis is done once per structure, not once per forward."""
+        spec = self.optimizer.solver
+        if not isinstance(spec, str):
+            return self.optimizer
+        key = (spec, str(device))
+        if key not in self._solvers:
+            self._solvers[key] = make_solver(spec, self.objective.dim, device)
+        return replace(self.optimizer, solver=self._solvers[key])
+
     def _truncated(
-        self, objective: Objective, init: dict[str, Tensor]
+        self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], Info]:
-        head_iters = max(self.optimizer.max_iters - self.backward_iters, 0)
+        head_iters = max(optimizer.max_iters - self.backward_iters, 0)
         values = init
         if head_iters:
             with torch.no_grad():
-                head = replace(self.optimizer, max_iters=head_iters).solve(objective, init)
+                head = replace(optimizer, max_iters=head_iters).solve(objective, init)
             values = {k: v.detach() for k, v in head.values.items()}
-        tail = replace(self.optimizer, max_iters=self.optimizer.max_iters - head_iters)
+        tail = replace(optimizer, max_iters=optimizer.max_iters - head_iters)
         if head_iters:
             # Near the optimum the gain ratio and the cost decrease are rounding noise: take every
             # finite step and test no convergence, so exactly the last `backward_iters`
@@ -123,17 +136,17 @@ class OptimizationLayer(nn.Module):
         return solution.values, solution.info
 
     def _implicit(
-        self, objective: Objective, init: dict[str, Tensor]
+        self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], Info]:
         with torch.no_grad():
-            solution = self.optimizer.solve(objective, {k: v.detach() for k, v in init.items()})
+            solution = optimizer.solve(objective, {k: v.detach() for k, v in init.items()})
         x_star = {k: v.detach() for k, v in solution.values.items()}
         if not torch.is_grad_enabled():
             return x_star, solution.info
         lin = linearize(objective, x_star)  # g(x*, theta), differentiable in theta
         pattern = lin.pattern
         H = lin.H.detach()
-        solver = make_solver(self.optimizer.solver, objective.dim, H.device)
+        solver = make_solver(optimizer.solver, objective.dim, H.device)  # the resolved instance
         factor = solver.factor(H, pattern, torch.zeros_like(lin.g))
         if not bool(factor.ok.all()):
             bad = torch.nonzero(~factor.ok).flatten().tolist()

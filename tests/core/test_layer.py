@@ -237,3 +237,22 @@ def test_bad_inputs():
         layer({"poses": init, "between.nope": torch.ones(1)})
     with pytest.raises(ValueError, match="backward mode"):
         core.OptimizationLayer(layer.objective, layer.optimizer, backward="dlm-ish")
+
+
+@pytest.mark.skipif("cholmod" not in core.solvers.available_backends(), reason="no CHOLMOD")
+@pytest.mark.parametrize("mode", MODES)
+def test_symbolic_analysis_once_across_forwards(mode, monkeypatch):
+    """The layer keeps its solver: repeated forwards (a training loop) and the implicit backward
+    reuse one symbolic analysis of the pattern."""
+    import sksparse.cholmod as cholmod
+
+    calls = []
+    real = cholmod.analyze
+    monkeypatch.setattr(cholmod, "analyze", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer, init, _ = overdetermined_se3(mode, iters=5, loss=None)
+    layer.optimizer = core.LevenbergMarquardt(max_iters=5, solver="sparse", **TIGHT)
+    w = torch.ones(1, 8, 1, requires_grad=True)
+    for _ in range(3):
+        sol, _ = layer({"poses": init, "between.weight": w})
+        sol["poses"].sum().backward()
+    assert len(calls) == 1
