@@ -82,6 +82,22 @@ class Cost:
         """A copy with some fields changed (values are re-validated)."""
         return _validated(replace(self, **changes))
 
+    def to(self, device: torch.device | str) -> Cost:
+        """A copy whose tensors (indices, aux, weight, sqrt_info, robust scale) are on
+        ``device``: solving on a GPU then moves nothing between host and device per iteration."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        loss = self.loss
+        if loss is not None and isinstance(loss.scale, Tensor):
+            loss = loss.with_scale(loss.scale.to(device))
+        return replace(
+            self,
+            index=tuple(i.to(device) for i in self.index),
+            aux={k: t.to(device) for k, t in self.aux.items()},
+            weight=move(self.weight),
+            sqrt_info=move(self.sqrt_info),
+            loss=loss,
+        )
+
     def inputs(self) -> dict[str, Tensor]:
         """The tensors a layer may replace, keyed ``"<name>.<aux>"``, ``.weight``, ``.sqrt_info``,
         ``.loss_scale``."""

@@ -75,6 +75,7 @@ class OptimizationLayer(nn.Module):
         self.objective = objective
         self.optimizer = optimizer
         self._solvers: dict[tuple[str, str], LinearSolver] = {}
+        self._objectives: dict[str, tuple[Objective, Objective]] = {}
         self.backward = backward
         self.backward_iters = backward_iters
         if implicit_hessian not in ("gauss_newton", "exact"):
@@ -89,8 +90,11 @@ class OptimizationLayer(nn.Module):
         if missing:
             raise ValueError(f"OptimizationLayer: missing initial values for {sorted(missing)}")
         init = {k: v for k, v in inputs.items() if k in names}
-        objective = self.objective.with_inputs({k: v for k, v in inputs.items() if k not in names})
-        optimizer = self._resolved(next(iter(init.values())).device)
+        device = next(iter(init.values())).device
+        objective = self._on(device).with_inputs(
+            {k: v for k, v in inputs.items() if k not in names}
+        )
+        optimizer = self._resolved(device)
         mode = self.backward
         if mode == "unroll":
             solution = optimizer.solve(objective, init)
@@ -100,6 +104,14 @@ class OptimizationLayer(nn.Module):
         if mode == "implicit":
             return self._implicit(optimizer, objective, init)
         assert_never(mode)
+
+    def _on(self, device: torch.device) -> Objective:
+        """The objective with its tensors on ``device``, moved once per device and kept."""
+        key = str(device)
+        cached = self._objectives.get(key)
+        if cached is None or cached[0] is not self.objective:
+            cached = self._objectives[key] = (self.objective, self.objective.to(device))
+        return cached[1]
 
     def _resolved(self, device: torch.device) -> LevenbergMarquardt:
         """The optimizer with its solver name resolved to an instance kept across calls, so the
@@ -148,6 +160,12 @@ class OptimizationLayer(nn.Module):
         H = lin.H.detach()
         solver = make_solver(optimizer.solver, objective.dim, H.device)  # the resolved instance
         factor = solver.factor(H, pattern, torch.zeros_like(lin.g))
+        if self.implicit_hessian == "gauss_newton":
+            delta = solve(factor, H, pattern, -lin.g)
+        else:
+            hvp = _exact_hvp(objective.with_inputs(_detached(objective)), x_star)
+            delta = _ExactSolve.apply(-lin.g, factor, hvp, self.cg_tol, self.cg_iters)
+        # checked after the solve: solvers that verify their solves (cuDSS, PCG) update ``ok``
         if not bool(factor.ok.all()):
             bad = torch.nonzero(~factor.ok).flatten().tolist()
             raise ValueError(
@@ -155,11 +173,6 @@ class OptimizationLayer(nn.Module):
                 f"elements {bad}, so the optimum does not depend smoothly on the inputs: fix the "
                 "gauge (e.g. a prior on one pose) or use backward='unroll'"
             )
-        if self.implicit_hessian == "gauss_newton":
-            delta = solve(factor, H, pattern, -lin.g)
-        else:
-            hvp = _exact_hvp(objective.with_inputs(_detached(objective)), x_star)
-            delta = _ExactSolve.apply(-lin.g, factor, hvp, self.cg_tol, self.cg_iters)
         return objective.retract(x_star, delta - delta.detach()), solution.info
 
 

@@ -92,6 +92,24 @@ class Objective:
                     raise ValueError(f"{key} is on {t.device} but {ref[0]} is on {ref[1].device}")
         self._aux_ref = ref
 
+    @property
+    def device(self) -> torch.device:
+        """Where the costs' tensors (indices, aux) live."""
+        return self.costs[0].index[0].device
+
+    def to(self, device: torch.device | str) -> Objective:
+        """The same objective with every cost's tensors on ``device`` (pattern cache shared)."""
+        device = torch.device(device)
+        if all(i.device == device for c in self.costs for i in c.index) and all(
+            t.device == device for c in self.costs for t in c.inputs().values()
+        ):
+            return self
+        new = Objective.__new__(Objective)
+        new.__dict__.update(self.__dict__)
+        new.costs = tuple(c.to(device) for c in self.costs)
+        new._check_aux()
+        return new
+
     def with_inputs(self, inputs: Mapping[str, Tensor]) -> Objective:
         """A new objective whose costs' auxiliary tensors are replaced by ``inputs`` (same
         structure: the cached pattern is shared)."""

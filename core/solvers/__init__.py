@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+
+from core.solvers import cudss
 from core.solvers.base import Factor, LinearSolver, damped, solve
+from core.solvers.cudss import CuDSS
 from core.solvers.dense import DenseCholesky
 from core.solvers.pcg import PCG
 from core.solvers.schur import Schur
 from core.solvers.sparse import SparseCholesky, available_backends
 
-SolverName = Literal["auto", "dense", "sparse", "cholmod", "cholespy", "scipy", "pcg"]
+SolverName = Literal["auto", "dense", "sparse", "cholmod", "cholespy", "scipy", "pcg", "cudss"]
 
 __all__ = [
+    "CuDSS",
     "DenseCholesky",
     "Factor",
     "LinearSolver",
@@ -28,18 +33,27 @@ __all__ = [
 
 
 def make_solver(name: SolverName | LinearSolver, n: int, device: str = "cpu") -> LinearSolver:
-    """A solver from its name; ``"auto"``: dense for ``n <= 500`` or off the CPU, else sparse."""
+    """A solver from its name. ``"auto"``: dense for ``n <= 500``; above, sparse Cholesky on the
+    CPU, cuDSS on CUDA when installed (else dense)."""
     if not isinstance(name, str):
         return name
     if name == "auto":
-        name = "dense" if n <= 500 or str(device) != "cpu" else "sparse"
+        on_cpu = torch.device(device).type == "cpu"
+        if n <= 500:
+            name = "dense"
+        elif on_cpu:
+            name = "sparse"
+        else:
+            name = "cudss" if cudss.available() else "dense"
     if name == "dense":
         return DenseCholesky()
     if name == "sparse":
         return SparseCholesky()
     if name in ("cholmod", "cholespy", "scipy"):
         return SparseCholesky(backend=name)
+    if name == "cudss":
+        return CuDSS()
     if name == "pcg":
         return PCG()  # blocks inferred from the pattern; PCG(objective) to name them
     raise ValueError(f"unknown solver {name!r}; use one of auto, dense, sparse, cholmod, "
-                     "cholespy, scipy, pcg or pass a LinearSolver")
+                     "cholespy, scipy, pcg, cudss or pass a LinearSolver")

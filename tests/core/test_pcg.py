@@ -115,7 +115,7 @@ def test_pcg_on_cuda(gen: torch.Generator) -> None:
     objective, values, lin = pose_graph(gen)
     damping = torch.full_like(lin.g, 1e-3)
     expected = dense_solve(lin, damping, -lin.g)
-    lin_gpu = core.linearize(objective, {k: v.cuda() for k, v in values.items()})
+    lin_gpu = core.linearize(objective.to("cuda"), {k: v.cuda() for k, v in values.items()})
     factor = PCG(objective, tol=1e-12).factor(lin_gpu.H, lin_gpu.pattern, damping.cuda())
     x = factor.solve(-lin_gpu.g)
     assert x.device.type == "cuda" and factor.ok.all()
