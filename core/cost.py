@@ -98,6 +98,28 @@ class Cost:
             loss=loss,
         )
 
+    def factors(self, start: int, stop: int) -> Cost:
+        """Factors ``start:stop`` as a cost of their own: views of the indices, the aux tensors and
+        the per-factor weights / sqrt_info / robust scales (shared ones are kept as they are)."""
+        num = self.num_factors
+
+        def per_factor(t: Tensor | None, dim: int) -> Tensor | None:
+            if t is None or t.ndim < -dim or t.shape[dim] != num or num == 1:
+                return t
+            return t.narrow(dim, start, stop - start)
+
+        loss = self.loss
+        if loss is not None and isinstance(loss.scale, Tensor) and loss.scale.ndim == 2:
+            loss = loss.with_scale(per_factor(loss.scale, -1))  # type: ignore[arg-type]
+        return replace(
+            self,
+            index=tuple(i[start:stop] for i in self.index),
+            aux={k: t[:, start:stop] for k, t in self.aux.items()},
+            weight=per_factor(self.weight, -2),
+            sqrt_info=per_factor(self.sqrt_info, -3),
+            loss=loss,
+        )
+
     def inputs(self) -> dict[str, Tensor]:
         """The tensors a layer may replace, keyed ``"<name>.<aux>"``, ``.weight``, ``.sqrt_info``,
         ``.loss_scale``."""

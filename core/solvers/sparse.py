@@ -57,16 +57,67 @@ class SparseFactor:
 
 
 @dataclass
-class BlockFactor:
-    """One CHOLMOD factor of the block-diagonal ``diag(A_1, ..., A_B)``: the whole batch is
-    factored and solved in one call each (no per-element Python or allocation overhead)."""
+class _Plan:
+    """CHOLMOD state for one pattern and batch size: the symbolic analysis, the block-diagonal
+    CSC structure (int32) and ONE numeric factor refactorized in place (its memory, hundreds of
+    MB for large problems, is reused instead of re-faulted every iteration). ``generation``
+    counts factorizations, so a :class:`BlockFactor` can tell whether it is still current."""
 
-    factor: Any
+    pattern: Pattern
+    symbolic: Any
+    indptr: np.ndarray
+    rows: np.ndarray
+    mode: str
+    numeric: Any = None
+    generation: int = 0
+
+    def matrix(self, values: np.ndarray) -> Any:
+        import scipy.sparse as sp
+
+        n = self.indptr.shape[0] - 1
+        return sp.csc_matrix((values.reshape(-1), self.rows, self.indptr), shape=(n, n))
+
+    def refactor(self, values: np.ndarray) -> bool:
+        """Factor ``values (B, nnz)`` in place; False if not positive definite."""
+        from sksparse.cholmod import CholmodNotPositiveDefiniteError
+
+        A = self.matrix(values)
+        self.generation += 1
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # CHOLMOD warns on a non-positive pivot
+                if self.numeric is None:
+                    self.numeric = self.symbolic.cholesky(A)
+                else:
+                    self.numeric.cholesky_inplace(A)
+        except (CholmodNotPositiveDefiniteError, Warning):
+            self.numeric = None  # a failed factorization leaves no usable factor
+            return False
+        if _positive_definite(self.numeric, self.mode) is None:
+            self.numeric = None
+            return False
+        return True
+
+
+@dataclass
+class BlockFactor:
+    """The in-place CHOLMOD factor of the block-diagonal ``diag(A_1, ..., A_B)`` (values
+    ``(B, nnz)``): the whole batch is factored and solved in one call each. If the plan has been
+    refactorized since (another factorization of the same structure before this factor's
+    backward), the factor is recomputed from its own values first."""
+
+    plan: _Plan
+    values: np.ndarray
+    generation: int
     ok: Tensor
 
     def solve(self, b: Tensor) -> Tensor:
+        if self.plan.generation != self.generation or self.plan.numeric is None:
+            if not self.plan.refactor(self.values):  # pragma: no cover - was PD before
+                raise RuntimeError("sparse Cholesky: refactorization failed")
+            self.generation = self.plan.generation
         rhs = b.detach().to("cpu", torch.float64).numpy()
-        x = self.factor(rhs.reshape(-1)).reshape(rhs.shape)
+        x = self.plan.numeric(rhs.reshape(-1)).reshape(rhs.shape)
         return torch.from_numpy(x).to(b.device, b.dtype)
 
 
@@ -85,7 +136,7 @@ class SparseCholesky:
     ordering: str = "default"
     mode: Literal["auto", "supernodal", "simplicial"] = "auto"
     supernodal_from: int = 5000
-    _symbolic: dict[tuple[int, int], tuple[Any, ...]] = field(default_factory=dict, repr=False)
+    _symbolic: dict[tuple[int, int], _Plan] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         have = available_backends()
@@ -97,10 +148,11 @@ class SparseCholesky:
     def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SparseFactor | BlockFactor:
         values = damped(H, pattern, damping).detach().to("cpu", torch.float64).numpy()
         batch = values.shape[0]
-        if self.backend == "cholmod" and batch > 1 and np.isfinite(values).all():
-            whole = self._cholmod(pattern, values)
-            if whole is not None:
-                return BlockFactor(whole, torch.ones(batch, dtype=torch.bool, device=H.device))
+        if self.backend == "cholmod" and np.isfinite(values).all():
+            plan = self._plan(pattern, batch)
+            if plan.refactor(values):
+                ok = torch.ones(batch, dtype=torch.bool, device=H.device)
+                return BlockFactor(plan, values, plan.generation, ok)
             # some element is not positive definite: factor one by one to find which
         factors = [self._factor_one(pattern, values[k : k + 1]) for k in range(batch)]
         ok = torch.tensor([f is not None for f in factors], device=H.device)
@@ -111,7 +163,7 @@ class SparseCholesky:
         if not np.isfinite(v).all():
             return None
         if self.backend == "cholmod":
-            return self._cholmod(pattern, v)
+            return self._cholmod(pattern, v)  # a factor of its own (not the plan's in-place one)
         indptr, rows, n = _structure(pattern, 1) + (pattern.n,)
         if self.backend == "cholespy":
             from cholespy import CholeskySolverD, MatrixType
@@ -143,27 +195,31 @@ class SparseCholesky:
             return None
         return lu if bool((lu.U.diagonal() > 0).all()) else None
 
-    def _cholmod(self, pattern: Pattern, values: np.ndarray) -> Any:
-        """Factor ``diag(A_1, ..., A_B)`` (values ``(B, nnz)``) with one CHOLMOD call, reusing
-        the symbolic analysis of this pattern and batch size; None if not positive definite."""
-        import scipy.sparse as sp
-        from sksparse.cholmod import CholmodNotPositiveDefiniteError, analyze
+    def _plan(self, pattern: Pattern, batch: int) -> _Plan:
+        """The CHOLMOD plan of this pattern and batch size (symbolic analysis done once)."""
+        from sksparse.cholmod import analyze
 
-        batch, n = values.shape[0], pattern.n
         key = (id(pattern), batch)
-        cached = self._symbolic.get(key)
-        if cached is None or cached[0] is not pattern:
+        plan = self._symbolic.get(key)
+        if plan is None or plan.pattern is not pattern:
             indptr, rows = _structure(pattern, batch)
-            A = sp.csc_matrix((values.reshape(-1), rows, indptr), shape=(batch * n,) * 2)
-            symbolic = analyze(A, mode=self._mode(n), ordering_method=self.ordering)
-            cached = (pattern, symbolic, indptr, rows)
-            self._symbolic[key] = cached
-        _, symbolic, indptr, rows = cached
-        A = sp.csc_matrix((values.reshape(-1), rows, indptr), shape=(batch * n,) * 2)
+            mode = self._mode(pattern.n)
+            plan = _Plan(pattern, None, indptr, rows, mode)
+            dummy = np.ones((batch, pattern.nnz))  # analysis reads the structure only
+            plan.symbolic = analyze(plan.matrix(dummy), mode=mode, ordering_method=self.ordering)
+            self._symbolic[key] = plan
+        return plan
+
+    def _cholmod(self, pattern: Pattern, values: np.ndarray) -> Any:
+        """A fresh CHOLMOD factor of ``values (1, nnz)`` (the per-element fallback, which must
+        not share the plan's in-place factor); None if not positive definite."""
+        from sksparse.cholmod import CholmodNotPositiveDefiniteError
+
+        plan = self._plan(pattern, values.shape[0])
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # CHOLMOD warns on a non-positive pivot
-                return _positive_definite(symbolic.cholesky(A), self._mode(n))
+                return _positive_definite(plan.symbolic.cholesky(plan.matrix(values)), plan.mode)
         except (CholmodNotPositiveDefiniteError, Warning):
             return None
 
@@ -177,11 +233,14 @@ def _structure(pattern: Pattern, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """CSC ``indptr, rows`` of the block-diagonal matrix of ``batch`` copies of ``pattern``: in
     CSC order the blocks' values are simply the ``(B, nnz)`` values concatenated."""
     n, nnz = pattern.n, pattern.nnz
-    offsets = np.arange(batch, dtype=np.int64)[:, None]
-    indptr = pattern.indptr.cpu().numpy().astype(np.int64)
-    rows = pattern.rows.cpu().numpy().astype(np.int64)
+    index = np.int32 if batch * nnz < 2**31 else np.int64  # CHOLMOD's int32 interface if it fits
+    indptr = pattern.indptr.cpu().numpy().astype(index)
+    rows = pattern.rows.cpu().numpy().astype(index)
+    if batch == 1:
+        return indptr, rows
+    offsets = np.arange(batch, dtype=index)[:, None]
     big_indptr = np.concatenate([(indptr[:-1] + nnz * offsets).reshape(-1), [batch * nnz]])
-    return big_indptr, (rows + n * offsets).reshape(-1)
+    return big_indptr.astype(index), (rows + n * offsets).reshape(-1)
 
 
 def _positive_definite(factor: Any, mode: str) -> Any:

@@ -203,6 +203,25 @@ def test_cholmod_symbolic_analysis_is_done_once_per_pattern(monkeypatch, gen) ->
     assert len(calls) == 2
 
 
+@pytest.mark.skipif("cholmod" not in BACKENDS, reason="CHOLMOD not installed")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cholmod_factor_refactorized_in_place_stays_correct(batch: int, gen) -> None:
+    """One numeric factor per structure is refactorized in place; an older factor of the same
+    structure still solves its own matrices (it refactors from its values), and a failed
+    factorization in between does not break either."""
+    solver = SparseCholesky(backend="cholmod")
+    pattern = pose_graph_objective().pattern()
+    zero = torch.zeros(batch, pattern.n, dtype=F64)
+    (H1, A1), (H2, A2) = random_spd(pattern, batch, gen), random_spd(pattern, batch, gen)
+    f1 = solver.factor(H1, pattern, zero)
+    f2 = solver.factor(H2, pattern, zero)
+    bad, _ = random_spd(pattern, batch, gen, negate=(0,))
+    assert not bool(solver.factor(bad, pattern, zero).ok[0])
+    b = torch.randn(batch, pattern.n, generator=gen, dtype=F64)
+    for f, A in ((f1, A1), (f2, A2), (f1, A1)):
+        torch.testing.assert_close(f.solve(b), torch.linalg.solve(A, b[..., None])[..., 0])
+
+
 @pytest.mark.parametrize("backend", [k for k in ALL if k != "cholespy"])
 def test_float32_right_hand_side_keeps_its_dtype(backend: str, gen: torch.Generator) -> None:
     pattern = pose_graph_objective().pattern()
