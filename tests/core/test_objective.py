@@ -345,3 +345,39 @@ def test_with_inputs_shares_the_pattern(gen: torch.Generator) -> None:
     assert not torch.allclose(new.cost(values), objective.cost(values))
     with pytest.raises(ValueError, match=r"unknown inputs \['observe\.typo'\]"):
         objective.with_inputs({"observe.typo": seen})
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 24])
+def test_chunked_linearization_equals_whole(chunk: int, gen: torch.Generator, monkeypatch) -> None:
+    """Costs evaluated a few factors at a time (``Cost.factors`` views) assemble exactly the
+    same normal equations: per-factor weights, sqrt_info, aux and robust scales are sliced,
+    shared ones kept."""
+    import importlib
+
+    lin_module = importlib.import_module("core.linearize")  # core.linearize is also the function
+
+    B, n, E = 3, 7, 11
+    x = core.Variable("x", SE3, count=n)
+    i = torch.randint(0, n, (E,), generator=gen)
+    j = (i + 1 + torch.randint(0, n - 1, (E,), generator=gen)) % n
+    z = SE3.random(B, E, generator=gen, dtype=torch.float64)
+    M = torch.randn(E, 6, 6, generator=gen, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.eye(6, dtype=torch.float64) + 0.1 * M @ M.mT, upper=True)
+    scale = 0.5 + torch.rand(B, E, generator=gen, dtype=torch.float64)
+    costs = [
+        core.costs.Between(
+            x, i, j, z, sqrt_info=U, name="per_factor", loss=core.RobustLoss("cauchy", scale)
+        ),
+        core.costs.Between(
+            x, j, i, z, weight=torch.rand(1, E, 6, generator=gen).double(), name="weighted"
+        ),
+        core.costs.Prior(x, SE3.identity(dtype=torch.float64), index=0, sqrt_info=3.0),
+    ]
+    objective = core.Objective(costs)
+    values = {"x": SE3.random(B, n, generator=gen, dtype=torch.float64)}
+    whole = core.linearize(objective, values)
+    monkeypatch.setattr(lin_module, "CHUNK", chunk * B)
+    parts = core.linearize(objective, values)
+    torch.testing.assert_close(parts.H, whole.H)
+    torch.testing.assert_close(parts.g, whole.g)
+    torch.testing.assert_close(parts.cost, whole.cost)
