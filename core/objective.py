@@ -87,6 +87,8 @@ class Objective:
                     raise ValueError(
                         f"cost {c.name!r}: {key} must be floating point, got {t.dtype}"
                     )
+                if _cpu_scalar(t):  # a float weight or robust scale: works on any device
+                    continue
                 ref = ref or (key, t)
                 if t.device != ref[1].device:
                     raise ValueError(f"{key} is on {t.device} but {ref[0]} is on {ref[1].device}")
@@ -157,7 +159,7 @@ class Objective:
                     raise ValueError(
                         f"{key} is {t.dtype} but variable {ref[0]!r} is {ref[1].dtype}"
                     )
-                if t.device != ref[1].device:
+                if t.device != ref[1].device and not _cpu_scalar(t):
                     raise ValueError(f"{key} is on {t.device} but {ref[0]!r} is on {ref[1].device}")
         return batch
 
@@ -244,3 +246,8 @@ class Objective:
                 f, c = divmod(col - off, v.space.dof)
                 return f"{v.name}[{f}].{c}"
         raise IndexError(col)
+
+
+def _cpu_scalar(t: Tensor) -> bool:
+    """A 0-dim CPU tensor (a Python float made a tensor): torch uses it with tensors anywhere."""
+    return t.ndim == 0 and t.device.type == "cpu"

@@ -381,3 +381,16 @@ def test_chunked_linearization_equals_whole(chunk: int, gen: torch.Generator, mo
     torch.testing.assert_close(parts.H, whole.H)
     torch.testing.assert_close(parts.g, whole.g)
     torch.testing.assert_close(parts.cost, whole.cost)
+
+
+def test_float_weights_and_scales_work_with_aux_on_any_device() -> None:
+    """A float weight or robust scale (a 0-dim CPU tensor) does not pin the objective to the CPU;
+    a real CPU tensor next to aux on another device still raises."""
+    x = core.Variable("x", SE3, count=3)
+    i, j = torch.tensor([0, 1]), torch.tensor([1, 2])
+    z = torch.zeros(1, 2, 7, dtype=torch.float64, device="meta")
+    loss = core.RobustLoss("cauchy", 2.0)
+    core.Objective([core.costs.Between(x, i, j, z, sqrt_info=3.0, loss=loss)])  # no raise
+    w = torch.ones(1, 2, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight is on cpu but .*measured is on meta"):
+        core.Objective([core.costs.Between(x, i, j, z, weight=w, name="b")])

@@ -316,17 +316,19 @@ def test_implicit_gradient_matches_finite_differences(mode: str) -> None:
     h = 1e-3  # smaller steps drown in the solves' convergence noise
     with torch.no_grad():
         fd_c = (f(w, c + h) - f(w, c - h)) / (2 * h)
-        k = int(torch.nonzero(s.is_outlier)[0])  # an outlier and an inlier
+        # the outlier and the inlier with the largest derivatives: most per-observation
+        # derivatives are ~1e-5, the size of the solves' convergence noise (a first-found
+        # observation passed on one machine and failed on another)
+        g = w.grad.abs()
+        picks = [int(torch.where(mask, g, -1.0).argmax()) for mask in (s.is_outlier, ~s.is_outlier)]
         fd_w = []
-        for j in (k, int(torch.nonzero(~s.is_outlier)[0])):
+        for j in picks:
             e = torch.zeros(o, dtype=torch.float64)
             e[j] = h
             fd_w.append(float((f(w + e, c) - f(w - e, c)) / (2 * h)))
     assert float(c.grad) == pytest.approx(float(fd_c), rel=2e-3, abs=1e-6)
-    # per-observation derivatives are small: the solves' convergence noise limits the check
-    assert float(w.grad[k]) == pytest.approx(fd_w[0], rel=1e-2, abs=5e-6)
-    assert float(w.grad[int(torch.nonzero(~s.is_outlier)[0])]) == pytest.approx(
-        fd_w[1], rel=1e-2, abs=5e-6)
+    for j, fd in zip(picks, fd_w):
+        assert float(w.grad[j]) == pytest.approx(fd, rel=1e-2, abs=5e-6)
 
 
 def test_gradients_reach_the_network() -> None:
