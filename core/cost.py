@@ -153,7 +153,10 @@ class Cost:
 
     def evaluate(self, values: Mapping[str, Tensor], jacobians: bool) -> CostTerms:
         """Residuals, Jacobians and cost at ``values`` (name -> ``(B, F, S)``)."""
-        xs = [values[v.name].index_select(1, i) for v, i in zip(self.optimized, self.index)]
+        xs = [
+            values[v.name].index_select(1, i.to(values[v.name].device))  # no-op when co-located
+            for v, i in zip(self.optimized, self.index)
+        ]
         batch = xs[0].shape[0]
         aux = list(self.aux.values())
         if self.analytic is not None:

@@ -135,8 +135,9 @@ def GaussNewton(**options: object) -> LevenbergMarquardt:  # noqa: N802 (a const
 def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMarquardt) -> Solution:
     """The batched loop shared by LM and GN; see the module docstring."""
     start = time.perf_counter()
-    batch = objective.check_values(values)
     first = values[objective.variables[0].name]
+    objective = objective.to(first.device)  # indices and aux next to the values, once per solve
+    batch = objective.check_values(values)
     solver = make_solver(opts.solver, objective.dim, first.device)
     lin = linearize(objective, values)
     status = torch.where(torch.isfinite(lin.cost), RUNNING, FAILED).to(first.device)

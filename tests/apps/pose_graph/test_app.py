@@ -59,6 +59,18 @@ def spec() -> GraphSpec:
     return GraphSpec(num_poses=(60, 80))
 
 
+def _same(a, b) -> bool:
+    """Equal structure and values to 1e-9 (CUDA's atomic scatter-adds reorder sums: a resumed
+    GPU run differed from the uninterrupted one in the 14th digit)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, float):
+        return b == pytest.approx(a, rel=1e-9, abs=1e-12)
+    return a == b
+
+
 def _without_times(x):
     if isinstance(x, dict):
         return {k: _without_times(v) for k, v in x.items() if k not in TIMES}
@@ -104,8 +116,8 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     first = train.run(smoke_config(split, "epochs=1", cache=cache))
     assert len(first["history"]) == 1
     resumed = train.run(smoke_config(split, "epochs=2", "resume=true", cache=cache))
-    assert _without_times(resumed["history"]) == _without_times(full["history"])
-    assert _without_times(resumed["val"]) == _without_times(full["val"])
+    assert _same(_without_times(resumed["history"]), _without_times(full["history"]))
+    assert _same(_without_times(resumed["val"]), _without_times(full["val"]))
     state = common.load_checkpoint(split / "checkpoint.pt")
     assert state is not None and state["epoch"] == 2
 
