@@ -215,8 +215,11 @@ class Objective:
         indptr = torch.cat([per_column.new_zeros(1), per_column.cumsum(0)])
         n, nnz = self.dim, int(indptr[-1])
         rows = torch.empty(nnz, dtype=torch.long)
-        for dr, dc in {(int(a), int(b)) for a, b in zip(dR.tolist(), sizes[C].tolist())}:
-            u = torch.nonzero((dR == dr) & (sizes[C] == dc))[:, 0]
+        dC = sizes[C]
+        kinds = torch.unique(dR * (int(sizes.max()) + 1) + dC)  # the (rows, cols) block shapes
+        for kind in kinds.tolist():
+            dr, dc = divmod(kind, int(sizes.max()) + 1)
+            u = torch.nonzero((dR == dr) & (dC == dc))[:, 0]
             q, p = torch.arange(dc), torch.arange(dr)
             at = indptr[starts[C[u]][:, None, None] + q[:, None]] + row_offset[u][:, None, None] + p
             rows[at.reshape(-1)] = (starts[R[u]][:, None, None] + p).expand_as(at).reshape(-1)
@@ -233,8 +236,10 @@ class Objective:
             u = inverse[done : done + E * slots * slots].view(E, slots, slots)
             done += E * slots * slots
             col = starts[b][:, slot] + within  # (E, D) global columns
-            pair = u[:, slot[:, None], slot[None, :]]  # (E, D, D)
-            positions.append(indptr[col][:, None, :] + row_offset[pair] + within[:, None])
+            # rows above each slot pair's block in its column, expanded from (E, k, k) to
+            # (E, D, D) by repeats (copies, cheaper than an (E, D, D) gather)
+            above = row_offset[u].repeat_interleave(dofs, 1).repeat_interleave(dofs, 2)
+            positions.append(indptr[col][:, None, :] + above + within[:, None])
             columns.append(col)
         return Pattern(n, indptr, rows, cols, diag, tuple(positions), tuple(columns))
 
