@@ -8,6 +8,11 @@ the new values into the plan's device buffer and refactorizes the whole batch in
 every ``solve`` copies ``b`` into the plan's right-hand-side buffer and runs the solve phase.
 Nothing leaves the device: no host copies in the inner loop, no per-element Python.
 
+Why nvmath's low-level ``nvmath.bindings.cudss`` and not its ``DirectSolver`` class: the class
+batches a 3-D CSR tensor as cuDSS's *non-uniform* batch (one pointer per matrix, analysed matrix
+by matrix), while uniform batching (``UBATCH_SIZE``: one analysis, values side by side) is what a
+batch of same-structure normal equations needs; the class also re-wraps operands per call.
+
 The pattern is stored in full (both triangles, CSC); for a symmetric matrix the CSC arrays are
 the CSR arrays of the same matrix, so they are handed to cuDSS as they are.
 
