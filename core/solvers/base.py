@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections import OrderedDict
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -28,6 +29,32 @@ class LinearSolver(Protocol):
     """Factor ``H + diag(damping)`` for values ``H (B, nnz)`` in ``pattern``, ``damping (B, n)``."""
 
     def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> Factor: ...
+
+
+class PlanCache(OrderedDict):
+    """Per-structure solver state (symbolic analyses, device buffers) keyed by ``(id(pattern),
+    ...)``, least recently used first; holding at most ``limit`` plans, so a training run that
+    meets many structures does not keep every factor's memory alive. A factor still refers to
+    its own plan, so it stays valid after the eviction."""
+
+    def __init__(self, limit: int = 8) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def lookup(self, key: tuple, pattern: Pattern) -> Any:
+        """The plan of ``key`` if it was made for this very ``pattern`` (ids can be reused)."""
+        plan = self.get(key)
+        if plan is None or plan.pattern is not pattern:
+            return None
+        self.move_to_end(key)
+        return plan
+
+    def store(self, key: tuple, plan: Any) -> Any:
+        self[key] = plan
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+        return plan
 
 
 def damped(H: Tensor, pattern: Pattern, damping: Tensor) -> Tensor:

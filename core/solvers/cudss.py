@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from core.objective import Pattern
-from core.solvers.base import damped
+from core.solvers.base import PlanCache, damped
 
 _VALUE_TYPES = {torch.float64: "R_64F", torch.float32: "R_32F"}
 
@@ -203,9 +203,7 @@ class CuDSS:
     matrix_type: Literal["SPD", "SYMMETRIC", "GENERAL"] = "SPD"
     view: Literal["FULL", "LOWER", "UPPER"] = "FULL"
     _handles: dict[torch.device, _Handle] = field(default_factory=dict, repr=False)
-    _plans: dict[tuple[int, int, torch.dtype, torch.device], _Plan] = field(
-        default_factory=dict, repr=False
-    )
+    _plans: PlanCache = field(default_factory=PlanCache, repr=False)
 
     def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> CuDSSFactor:
         if H.device.type != "cuda":
@@ -218,11 +216,11 @@ class CuDSS:
 
     def _plan(self, pattern: Pattern, A: Tensor) -> _Plan:
         key = (id(pattern), A.shape[0], A.dtype, A.device)
-        plan = self._plans.get(key)
-        if plan is None or plan.pattern is not pattern:
+        plan = self._plans.lookup(key, pattern)
+        if plan is None:
             handle = self._handles.get(A.device)
             if handle is None:
                 handle = self._handles[A.device] = _Handle(A.device)
             plan = _Plan(handle, pattern, A.shape[0], A.dtype, self.matrix_type, self.view)
-            self._plans[key] = plan
+            self._plans.store(key, plan)
         return plan

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from core.objective import Pattern
-from core.solvers.base import damped
+from core.solvers.base import PlanCache, damped
 
 Backend = Literal["auto", "cholmod", "cholespy", "scipy"]
 
@@ -136,7 +136,7 @@ class SparseCholesky:
     ordering: str = "default"
     mode: Literal["auto", "supernodal", "simplicial"] = "auto"
     supernodal_from: int = 5000
-    _symbolic: dict[tuple[int, int], _Plan] = field(default_factory=dict, repr=False)
+    _symbolic: PlanCache = field(default_factory=PlanCache, repr=False)
 
     def __post_init__(self) -> None:
         have = available_backends()
@@ -200,14 +200,14 @@ class SparseCholesky:
         from sksparse.cholmod import analyze
 
         key = (id(pattern), batch)
-        plan = self._symbolic.get(key)
-        if plan is None or plan.pattern is not pattern:
+        plan = self._symbolic.lookup(key, pattern)
+        if plan is None:
             indptr, rows = _structure(pattern, batch)
             mode = self._mode(pattern.n)
             plan = _Plan(pattern, None, indptr, rows, mode)
             dummy = np.ones((batch, pattern.nnz))  # analysis reads the structure only
             plan.symbolic = analyze(plan.matrix(dummy), mode=mode, ordering_method=self.ordering)
-            self._symbolic[key] = plan
+            self._symbolic.store(key, plan)
         return plan
 
     def _cholmod(self, pattern: Pattern, values: np.ndarray) -> Any:

@@ -204,6 +204,23 @@ def test_cholmod_symbolic_analysis_is_done_once_per_pattern(monkeypatch, gen) ->
 
 
 @pytest.mark.skipif("cholmod" not in BACKENDS, reason="CHOLMOD not installed")
+def test_plans_are_bounded_and_evicted_factors_stay_valid(gen) -> None:
+    """At most ``limit`` structures keep their analysis and factor memory; a factor whose plan
+    was evicted still solves its matrices."""
+    solver = SparseCholesky(backend="cholmod")
+    solver._symbolic.limit = 2
+    objectives = [pose_graph_objective() for _ in range(4)]  # 4 distinct pattern objects
+    factors = []
+    for obj in objectives:
+        H, A = random_spd(obj.pattern(), 2, gen)
+        factors.append((solver.factor(H, obj.pattern(), torch.zeros(2, obj.dim, dtype=F64)), A))
+    assert len(solver._symbolic) == 2
+    b = torch.randn(2, objectives[0].dim, generator=gen, dtype=F64)
+    for f, A in factors:
+        torch.testing.assert_close(f.solve(b), torch.linalg.solve(A, b[..., None])[..., 0])
+
+
+@pytest.mark.skipif("cholmod" not in BACKENDS, reason="CHOLMOD not installed")
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cholmod_factor_refactorized_in_place_stays_correct(batch: int, gen) -> None:
     """One numeric factor per structure is refactorized in place; an older factor of the same
