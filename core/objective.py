@@ -103,7 +103,7 @@ class Objective:
         """The same objective with every cost's tensors on ``device`` (pattern cache shared)."""
         device = torch.device(device)
         if all(i.device == device for c in self.costs for i in c.index) and all(
-            t.device == device for c in self.costs for t in c.inputs().values()
+            t.device == device or _cpu_scalar(t) for c in self.costs for t in c.inputs().values()
         ):
             return self
         new = Objective.__new__(Objective)

@@ -394,3 +394,17 @@ def test_float_weights_and_scales_work_with_aux_on_any_device() -> None:
     w = torch.ones(1, 2, 1, dtype=torch.float64)
     with pytest.raises(ValueError, match="weight is on cpu but .*measured is on meta"):
         core.Objective([core.costs.Between(x, i, j, z, weight=w, name="b")])
+
+
+def test_to_returns_the_same_objective_when_already_there() -> None:
+    """``Objective.to`` is called by every solve: it must not copy an objective whose tensors are
+    already on the device (float robust scales, 0-dim CPU tensors, count as anywhere)."""
+    x = core.Variable("x", SE3, count=3)
+    z = SE3.identity(1, 2, dtype=torch.float64)
+    loss = core.RobustLoss("huber", 1.0)
+    cost = core.costs.Between(x, torch.tensor([0, 1]), torch.tensor([1, 2]), z, loss=loss)
+    objective = core.Objective([cost])
+    assert objective.to("cpu") is objective
+    moved = objective.to("meta")
+    assert moved is not objective and moved.costs[0].index[0].device.type == "meta"
+    assert moved.to("meta") is moved
