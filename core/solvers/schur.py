@@ -202,10 +202,14 @@ def build_schur_maps(objective: Objective, eliminate: str, pattern: Pattern) -> 
     v_pos = torch.zeros(num_points, d, d, dtype=torch.long)
     v_pos[p_r[both_p], lay.local[rows[both_p]], lay.local[cols[both_p]]] = pos[both_p]
     w = (lay.elem[rows] >= 0) & (p_c >= 0)
-    lay = _merge_elements(lay, lay.elem[rows[w]], p_c[w])
+    # one entry per (element, point) block is enough to see which blocks exist
+    first = w & (lay.local[rows] == 0) & (lay.local[cols] == 0)
+    lay = _merge_elements(lay, lay.elem[rows[first]], p_c[first])
     e_r, e_c, l_r, l_c = lay.elem[rows], lay.elem[cols], lay.local[rows], lay.local[cols]
     dmax, ne = lay.elem_rows.shape[1], lay.elem_dof.shape[0]
-    w_key, w_index = torch.unique(p_c[w] * ne + e_r[w], return_inverse=True)
+    w_entry_key = p_c[w] * ne + e_r[w]
+    w_key = torch.unique(p_c[first] * ne + e_r[first])  # the W blocks, sorted
+    w_index = torch.searchsorted(w_key, w_entry_key)
     w_pos = torch.full((w_key.shape[0], dmax, d), nnz, dtype=torch.long)
     w_pos[w_index, l_r[w], l_c[w]] = pos[w]
     w_elem, w_point = w_key % ne, w_key // ne
