@@ -346,12 +346,13 @@ class Schur:
         """``S = U - W V^-1 W^T`` as values ``(B, nnz_S)`` of ``mp.reduced``."""
         batch, dd = values.shape[0], mp.dmax * mp.dmax
         blocks = values.new_zeros(batch, mp.num_blocks * dd)
-        blocks = blocks.index_add(1, mp.u_dst, values[:, mp.u_src]).view(batch, -1, dd)
+        blocks.index_add_(1, mp.u_dst, values[:, mp.u_src])  # in place: no copy per chunk
+        blocks = blocks.view(batch, -1, dd)
         Y = -(W @ v_inv[:, mp.w_point])  # (B, T, dmax, d), negated once here
         budget = self.chunk if values.device.type == "cpu" else 64 * self.chunk
         step = max(4096, budget // (batch * dd))
         for s in range(0, mp.pair_i.shape[0], step):
             i, j = mp.pair_i[s : s + step], mp.pair_j[s : s + step]
             fill = Y[:, i] @ W[:, j].transpose(-1, -2)  # (B, chunk, dmax, dmax)
-            blocks = blocks.index_add(1, mp.pair_block[s : s + step], fill.reshape(batch, -1, dd))
+            blocks.index_add_(1, mp.pair_block[s : s + step], fill.reshape(batch, -1, dd))
         return blocks.reshape(batch, -1)[:, mp.s_gather]
