@@ -43,6 +43,7 @@ from core.objective import Pattern
 from core.solvers.base import PlanCache, damped
 
 _VALUE_TYPES = {torch.float64: "R_64F", torch.float32: "R_32F"}
+_CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 
 
 def available() -> bool:
@@ -193,13 +194,14 @@ class CuDSS:
 
     Fields:
         check_tol: a solve whose max-norm residual exceeds ``check_tol * ||b||_max`` marks its
-            element not ok (not positive definite, or too ill-conditioned to trust).
+            element not ok (not positive definite, or too ill-conditioned to trust); default
+            1e-6 in float64, 1e-3 in float32.
         matrix_type: cuDSS's matrix type: ``"SPD"`` (Cholesky), ``"SYMMETRIC"`` (LDL^T) or
             ``"GENERAL"`` (LU).
         view: which stored triangle(s) cuDSS reads: ``"FULL"``, ``"LOWER"``, ``"UPPER"``.
     """
 
-    check_tol: float = 1e-6
+    check_tol: float | None = None
     matrix_type: Literal["SPD", "SYMMETRIC", "GENERAL"] = "SPD"
     view: Literal["FULL", "LOWER", "UPPER"] = "FULL"
     _handles: dict[torch.device, _Handle] = field(default_factory=dict, repr=False)
@@ -212,7 +214,8 @@ class CuDSS:
             )
         A = damped(H, pattern, damping).detach().contiguous()
         plan = self._plan(pattern, A)
-        return CuDSSFactor(plan, A, plan.factorize(A), self.check_tol)
+        tol = self.check_tol if self.check_tol is not None else _CHECK_TOL[A.dtype]
+        return CuDSSFactor(plan, A, plan.factorize(A), tol)
 
     def _plan(self, pattern: Pattern, A: Tensor) -> _Plan:
         key = (id(pattern), A.shape[0], A.dtype, A.device)
