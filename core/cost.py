@@ -153,10 +153,14 @@ class Cost:
 
     def evaluate(self, values: Mapping[str, Tensor], jacobians: bool) -> CostTerms:
         """Residuals, Jacobians and cost at ``values`` (name -> ``(B, F, S)``)."""
-        xs = [
-            values[v.name].index_select(1, i.to(values[v.name].device))  # no-op when co-located
-            for v, i in zip(self.optimized, self.index)
-        ]
+        for v, i in zip(self.optimized, self.index):
+            if i.device != values[v.name].device:  # no silent host-device copy per evaluation
+                raise ValueError(
+                    f"cost {self.name!r}: indices on {i.device} but {v.name!r} on "
+                    f"{values[v.name].device}; move the objective with objective.to(device) "
+                    "(optimizers and OptimizationLayer do it themselves)"
+                )
+        xs = [values[v.name].index_select(1, i) for v, i in zip(self.optimized, self.index)]
         batch = xs[0].shape[0]
         aux = list(self.aux.values())
         if self.analytic is not None:

@@ -408,3 +408,15 @@ def test_to_returns_the_same_objective_when_already_there() -> None:
     moved = objective.to("meta")
     assert moved is not objective and moved.costs[0].index[0].device.type == "meta"
     assert moved.to("meta") is moved
+
+
+def test_values_on_another_device_than_the_indices_raise_clearly(gen: torch.Generator) -> None:
+    """``linearize`` on values away from the objective's indices names the fix instead of copying
+    the indices at every evaluation; the optimizer moves the objective itself."""
+    x = core.Variable("x", SE3, count=3)
+    cost = core.costs.Between(x, torch.tensor([0, 1]), torch.tensor([1, 2]),
+                              SE3.identity(1, 2, dtype=torch.float64), name="b")
+    objective = core.Objective([cost])
+    values = {"x": SE3.random(1, 3, generator=gen, dtype=torch.float64).to("meta")}
+    with pytest.raises(ValueError, match=r"cost 'b': indices on cpu but 'x' on meta.*\.to"):
+        core.linearize(objective, values)
