@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -79,24 +80,17 @@ class _Plan:
 
     def refactor(self, values: np.ndarray) -> bool:
         """Factor ``values (B, nnz)`` in place; False if not positive definite."""
-        from sksparse.cholmod import CholmodNotPositiveDefiniteError
-
-        A = self.matrix(values)
+        A, numeric = self.matrix(values), self.numeric
         self.generation += 1
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # CHOLMOD warns on a non-positive pivot
-                if self.numeric is None:
-                    self.numeric = self.symbolic.cholesky(A)
-                else:
-                    self.numeric.cholesky_inplace(A)
-        except (CholmodNotPositiveDefiniteError, Warning):
-            self.numeric = None  # a failed factorization leaves no usable factor
-            return False
-        if _positive_definite(self.numeric, self.mode) is None:
-            self.numeric = None
-            return False
-        return True
+
+        def factorize() -> Any:
+            if numeric is None:
+                return self.symbolic.cholesky(A)
+            numeric.cholesky_inplace(A)
+            return numeric
+
+        self.numeric = _checked(factorize, self.mode)  # None after a failure: no usable factor
+        return self.numeric is not None
 
 
 @dataclass
@@ -213,15 +207,8 @@ class SparseCholesky:
     def _cholmod(self, pattern: Pattern, values: np.ndarray) -> Any:
         """A fresh CHOLMOD factor of ``values (1, nnz)`` (the per-element fallback, which must
         not share the plan's in-place factor); None if not positive definite."""
-        from sksparse.cholmod import CholmodNotPositiveDefiniteError
-
         plan = self._plan(pattern, values.shape[0])
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # CHOLMOD warns on a non-positive pivot
-                return _positive_definite(plan.symbolic.cholesky(plan.matrix(values)), plan.mode)
-        except (CholmodNotPositiveDefiniteError, Warning):
-            return None
+        return _checked(lambda: plan.symbolic.cholesky(plan.matrix(values)), plan.mode)
 
     def _mode(self, n: int) -> str:
         if self.mode != "auto":
@@ -243,9 +230,18 @@ def _structure(pattern: Pattern, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return big_indptr.astype(index), (rows + n * offsets).reshape(-1)
 
 
-def _positive_definite(factor: Any, mode: str) -> Any:
-    """``factor``, or None if it shows ``A`` is not positive definite (a supernodal LL^T raises
-    on its own; a simplicial LDL^T has a non-positive entry in D)."""
+def _checked(factorize: Callable[[], Any], mode: str) -> Any:
+    """The CHOLMOD factor ``factorize()`` returns, or None if ``A`` is not positive definite: a
+    supernodal LL^T raises (or warns on a non-positive pivot); a simplicial LDL^T has a
+    non-positive entry in D."""
+    from sksparse.cholmod import CholmodNotPositiveDefiniteError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            factor = factorize()
+    except (CholmodNotPositiveDefiniteError, Warning):
+        return None
     if mode == "simplicial" and not bool((factor.D() > 0).all()):
         return None
     return factor
