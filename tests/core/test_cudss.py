@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
+from test_solvers import random_spd  # tests/core is on sys.path (no __init__.py)
 
 import core
 from core.lie import se3
@@ -42,17 +42,6 @@ def graph(n: int = 12, batch: int = 3, seed: int = 0, noise: float = 0.05):
     return objective, {"x": init}
 
 
-def random_system(pattern: core.Pattern, batch: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Symmetric diagonally dominant pattern values ``(B, nnz)`` and their dense ``(B, n, n)``."""
-    n = pattern.n
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    mask[pattern.rows, pattern.cols] = True
-    S = torch.randn(batch, n, n, generator=g, dtype=F64)
-    S = (S + S.mT) * mask
-    S.diagonal(dim1=-2, dim2=-1).copy_(S.abs().sum(-1) + 1.0)
-    return S[:, pattern.rows, pattern.cols], S
-
-
 # --------------------------------------------------------------------------- everywhere
 
 
@@ -80,7 +69,7 @@ def test_make_solver_names_cudss() -> None:
 def test_solves_match_dense(batch: int, dtype: torch.dtype, gen: torch.Generator) -> None:
     objective, _ = graph(n=20)
     pattern = objective.pattern("cuda")
-    values, dense = random_system(objective.pattern(), batch, gen)
+    values, dense = random_spd(objective.pattern(), batch, gen)
     damping = torch.rand(batch, pattern.n, generator=gen, dtype=F64)
     b = torch.randn(batch, pattern.n, generator=gen, dtype=F64)
     factor = CuDSS().factor(values.cuda().to(dtype), pattern, damping.cuda().to(dtype))
@@ -95,8 +84,7 @@ def test_solves_match_dense(batch: int, dtype: torch.dtype, gen: torch.Generator
 def test_indefinite_element_is_not_ok(gen: torch.Generator) -> None:
     objective, _ = graph(n=20)
     pattern = objective.pattern("cuda")
-    values, _ = random_system(objective.pattern(), 4, gen)
-    values[2] = -values[2]  # negative definite
+    values, _ = random_spd(objective.pattern(), 4, gen, negate=(2,))  # element 2 negative definite
     factor = CuDSS().factor(
         values.cuda(), pattern, torch.zeros(4, pattern.n, device="cuda", dtype=F64)
     )
@@ -112,8 +100,8 @@ def test_stale_factor_is_refactorized(gen: torch.Generator) -> None:
     solver = CuDSS()
     zero = torch.zeros(2, pattern.n, device="cuda", dtype=F64)
     (v1, d1), (v2, _) = (
-        random_system(objective.pattern(), 2, gen),
-        random_system(objective.pattern(), 2, gen),
+        random_spd(objective.pattern(), 2, gen),
+        random_spd(objective.pattern(), 2, gen),
     )
     f1 = solver.factor(v1.cuda(), pattern, zero)
     f2 = solver.factor(v2.cuda(), pattern, zero)
@@ -160,7 +148,7 @@ def test_no_host_synchronization_in_factor_and_solve(gen: torch.Generator) -> No
     synchronizes with the host, e.g. a copy to the CPU or ``.item()``)."""
     objective, _ = graph(n=30)
     pattern = objective.pattern("cuda")
-    values = random_system(objective.pattern(), 3, gen)[0].cuda()
+    values = random_spd(objective.pattern(), 3, gen)[0].cuda()
     damping = torch.zeros(3, pattern.n, device="cuda", dtype=F64)
     b = torch.randn(3, pattern.n, generator=gen, dtype=F64).cuda()
     solver = CuDSS()

@@ -51,9 +51,6 @@ VAL_KEYS = {"rot_err_deg", "rot_err_deg_baseline", "center_err", "center_err_bas
             "rmse_px", "rmse_px_baseline"}
 SOLVE_KEYS = {"cameras", "points", "observations", "iterations", "initial_cost", "final_cost",
               "rmse_px", "time_s", "status"}
-TIMES = {"train_time_s", "epoch_time_s", "solve_time_s", "solve_time_s_baseline",
-         "solve_time_s_oracle", "solve_time_s_baseline_cauchy", "val_solve_time_s",
-         "baseline_time_s", "time_s"}
 SMALL = SceneSpec(num_cameras=6, num_points=40, track=(4, 6))
 
 
@@ -74,26 +71,6 @@ def smoke_config(tmp: Path, *overrides: str, cache: Path | None = None):
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("smoke")
     return out, train.run(smoke_config(out))
-
-
-def _same(a, b) -> bool:
-    """Equal structure and values to 1e-9 (CUDA's atomic scatter-adds reorder sums: a resumed
-    GPU run differed from the uninterrupted one in the 14th digit)."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, float):
-        return b == pytest.approx(a, rel=1e-9, abs=1e-12)
-    return a == b
-
-
-def _without_times(x):
-    if isinstance(x, dict):
-        return {k: _without_times(v) for k, v in x.items() if k not in TIMES}
-    if isinstance(x, list):
-        return [_without_times(v) for v in x]
-    return x
 
 
 def _truth_values(scene: Scene) -> dict[str, torch.Tensor]:
@@ -137,15 +114,15 @@ def test_smoke_with_picture_and_residual_weights(tmp_path: Path) -> None:
     assert (tmp_path / "reconstruction.png").stat().st_size > 0
 
 
-def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+def test_resume_matches_uninterrupted_run(tmp_path: Path, same_run) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     cache = tmp_path / "cache"
     full = train.run(smoke_config(straight, "epochs=2", cache=cache))
     first = train.run(smoke_config(split, "epochs=1", cache=cache))
     assert len(first["history"]) == 1
     resumed = train.run(smoke_config(split, "epochs=2", "resume=true", cache=cache))
-    assert _same(_without_times(resumed["history"]), _without_times(full["history"]))
-    assert _same(_without_times(resumed["val"]), _without_times(full["val"]))
+    assert same_run(resumed["history"], full["history"])
+    assert same_run(resumed["val"], full["val"])
     state = common.load_checkpoint(split / "checkpoint.pt")
     assert state is not None and state["epoch"] == 2
 

@@ -30,8 +30,6 @@ from core import io
 
 ROOT = Path(__file__).resolve().parents[3]
 VAL_KEYS = {"ate", "ate_baseline", "rpe", "rpe_baseline", "outlier_precision", "outlier_recall"}
-TIMES = {"train_time_s", "epoch_time_s", "solve_time_s", "solve_time_s_baseline",
-         "val_solve_time_s", "time_s"}
 
 
 # ------------------------------------------------------------------------------------------
@@ -57,26 +55,6 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def spec() -> GraphSpec:
     return GraphSpec(num_poses=(60, 80))
-
-
-def _same(a, b) -> bool:
-    """Equal structure and values to 1e-9 (CUDA's atomic scatter-adds reorder sums: a resumed
-    GPU run differed from the uninterrupted one in the 14th digit)."""
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, float):
-        return b == pytest.approx(a, rel=1e-9, abs=1e-12)
-    return a == b
-
-
-def _without_times(x):
-    if isinstance(x, dict):
-        return {k: _without_times(v) for k, v in x.items() if k not in TIMES}
-    if isinstance(x, list):
-        return [_without_times(v) for v in x]
-    return x
 
 
 # ------------------------------------------------------------------------------------------
@@ -109,15 +87,15 @@ def test_smoke_se2_with_picture(tmp_path: Path) -> None:
     assert (tmp_path / "pose_graph.png").stat().st_size > 0
 
 
-def test_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
+def test_resume_matches_uninterrupted_run(tmp_path: Path, same_run) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
     cache = tmp_path / "cache"
     full = train.run(smoke_config(straight, "epochs=2", cache=cache))
     first = train.run(smoke_config(split, "epochs=1", cache=cache))
     assert len(first["history"]) == 1
     resumed = train.run(smoke_config(split, "epochs=2", "resume=true", cache=cache))
-    assert _same(_without_times(resumed["history"]), _without_times(full["history"]))
-    assert _same(_without_times(resumed["val"]), _without_times(full["val"]))
+    assert same_run(resumed["history"], full["history"])
+    assert same_run(resumed["val"], full["val"])
     state = common.load_checkpoint(split / "checkpoint.pt")
     assert state is not None and state["epoch"] == 2
 
