@@ -13,6 +13,7 @@ leaks through the branch that ``torch.where`` discards.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -73,6 +74,12 @@ def horner(x: Tensor, coeffs: Sequence[float]) -> Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _series_table(series: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: str) -> Tensor:
+    """The coefficients of several series as a ``(N_TERMS, K)`` tensor, made once per device."""
+    return torch.tensor(series, dtype=dtype, device=device).T.contiguous()
+
+
 def safe_theta(theta2: Tensor, threshold: float | None = None) -> tuple[Tensor, Tensor]:
     """``(small, theta_safe)`` for ``theta2 = theta**2 >= 0``.
 
@@ -84,15 +91,51 @@ def safe_theta(theta2: Tensor, threshold: float | None = None) -> tuple[Tensor, 
     return small, torch.sqrt(torch.where(small, torch.ones_like(theta2), theta2))
 
 
-def even_coeff(
-    small: Tensor,
+def branches(small: Tensor) -> tuple[bool, bool]:
+    """Whether the series and the exact branch are needed for the mask ``small``.
+
+    On the CPU (outside ``torch.func`` transforms and compilation), where reading the mask costs
+    nothing, a branch that no element takes is skipped: near convergence every angle is small
+    and the exact formulas (and their trigonometry) are never evaluated. Elsewhere (a GPU, where
+    reading it would synchronize with the host) both are evaluated and selected per element.
+    Dropping a branch that ``torch.where`` would discard changes no value and no gradient.
+    """
+    if (
+        small.device.type != "cpu"
+        or torch._C._functorch.is_functorch_wrapped_tensor(small)
+        or torch.compiler.is_compiling()
+    ):
+        return True, True
+    if small.numel() == 0:
+        return True, False  # an empty batch still needs tensors of the right shape
+    return bool(small.any()), not bool(small.all())
+
+
+def even_coeffs(
     theta2: Tensor,
-    theta_safe: Tensor,
-    series: Sequence[float],
-    exact: Callable[[Tensor], Tensor],
-) -> Tensor:
-    """Taylor series in ``theta2`` where ``small``, ``exact(theta_safe)`` elsewhere."""
-    return torch.where(small, horner(theta2, series), exact(theta_safe))
+    terms: Sequence[tuple[Sequence[float], Callable[[Tensor], Tensor]]],
+    threshold: float | None = None,
+) -> list[Tensor]:
+    """Functions ``f_k(theta)``, even in ``theta``, from ``theta2 = theta**2``: the Taylor series
+    ``terms[k][0]`` (in powers of ``theta2``) where ``theta < threshold``, ``terms[k][1](theta)``
+    at ``theta_safe`` elsewhere (see :func:`safe_theta`). All series are evaluated together in one
+    Horner pass over a ``(..., K)`` tensor; see :func:`branches` for which branches run."""
+    small, t = safe_theta(theta2, threshold)
+    use_series, use_exact = branches(small)
+    out: list[Tensor] = []
+    if use_series:
+        table = _series_table(tuple(tuple(s) for s, _ in terms), theta2.dtype, str(theta2.device))
+        x = theta2[..., None]
+        acc = table[-1].expand(*theta2.shape, len(terms))
+        for k in range(table.shape[0] - 2, -1, -1):
+            acc = torch.addcmul(table[k], acc, x)
+        out = list(acc.unbind(-1))
+    if not use_exact:
+        return out
+    exact = [f(t) for _, f in terms]
+    if not use_series:
+        return exact
+    return [torch.where(small, s, e) for s, e in zip(out, exact)]
 
 
 def _series(term: Callable[[int], Fraction]) -> tuple[float, ...]:

@@ -34,13 +34,13 @@ def identity(
 def _coeffs(theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(sin t / t, (1 - cos t) / t^2, (t - sin t) / t^3)`` for signed ``theta``."""
     theta2 = theta * theta
-    small, t = _util.safe_theta(theta2)
-    a = _util.even_coeff(small, theta2, t, _util.SIN_OVER_T, lambda t: torch.sin(t) / t)
-    b = _util.even_coeff(
-        small, theta2, t, _util.ONE_MINUS_COS_OVER_T2, lambda t: 2 * (torch.sin(t / 2) / t) ** 2
-    )
-    c = _util.even_coeff(
-        small, theta2, t, _util.T_MINUS_SIN_OVER_T3, lambda t: (t - torch.sin(t)) / t**3
+    a, b, c = _util.even_coeffs(
+        theta2,
+        [
+            (_util.SIN_OVER_T, lambda t: torch.sin(t) / t),
+            (_util.ONE_MINUS_COS_OVER_T2, lambda t: 2 * (torch.sin(t / 2) / t) ** 2),
+            (_util.T_MINUS_SIN_OVER_T3, lambda t: (t - torch.sin(t)) / t**3),
+        ],
     )
     return a, b, c
 
@@ -48,14 +48,10 @@ def _coeffs(theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _half_cot(theta: Tensor) -> Tensor:
     """``(t / 2) cot(t / 2)`` for signed ``theta`` (finite on ``(-2 pi, 2 pi)``)."""
     theta2 = theta * theta
-    small, t = _util.safe_theta(theta2)
-    return _util.even_coeff(
-        small,
-        theta2,
-        t,
-        _util.HALF_T_COT_HALF_T,
-        lambda t: 0.5 * t * torch.cos(t / 2) / torch.sin(t / 2),
+    (h,) = _util.even_coeffs(
+        theta2, [(_util.HALF_T_COT_HALF_T, lambda t: 0.5 * t * torch.cos(t / 2) / torch.sin(t / 2))]
     )
+    return h
 
 
 def exp(xi: Tensor) -> Tensor:

@@ -135,19 +135,16 @@ def _q_block(xi: Tensor) -> Tensor:
     """Barfoot's ``Q(rho, phi)`` (eq. 7.86), ``(..., 6) -> (..., 3, 3)``."""
     p, f = _util.skew(xi[..., :3]), _util.skew(xi[..., 3:])
     theta2 = (xi[..., 3:] ** 2).sum(-1)[..., None, None]
-    small, t = _util.safe_theta(theta2)
-    a = _util.even_coeff(
-        small, theta2, t, _util.T_MINUS_SIN_OVER_T3, lambda t: (t - torch.sin(t)) / t**3
-    )
-    e = _util.even_coeff(
-        small, theta2, t, _util.COS_TERM_OVER_T4, lambda t: (t * t / 2 + torch.cos(t) - 1) / t**4
-    )
-    c = _util.even_coeff(
-        small,
+    a, e, c = _util.even_coeffs(
         theta2,
-        t,
-        _util.SE3_Q_LAST,
-        lambda t: (2 * t - 3 * torch.sin(t) + t * torch.cos(t)) / (2 * t**5),
+        [
+            (_util.T_MINUS_SIN_OVER_T3, lambda t: (t - torch.sin(t)) / t**3),
+            (_util.COS_TERM_OVER_T4, lambda t: (t * t / 2 + torch.cos(t) - 1) / t**4),
+            (
+                _util.SE3_Q_LAST,
+                lambda t: (2 * t - 3 * torch.sin(t) + t * torch.cos(t)) / (2 * t**5),
+            ),
+        ],
     )
     # The products of skew matrices reduce to outer products (a^ b^ = b a^T - (a . b) I), so no
     # 3x3 matmul is needed: with d = phi . rho, u = phi x rho, F = phi^:

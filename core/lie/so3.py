@@ -37,9 +37,13 @@ def exp(xi: Tensor) -> Tensor:
     """``(..., 3) -> (..., 4)``: ``q = (sin(t/2) / t * phi, cos(t/2))``."""
     _util.check(xi, 3, "so3.exp xi")
     theta2 = (xi * xi).sum(-1, keepdim=True)
-    small, t = _util.safe_theta(theta2)
-    k = _util.even_coeff(small, theta2, t, _util.SIN_HALF_OVER_T, lambda t: torch.sin(t / 2) / t)
-    w = _util.even_coeff(small, theta2, t, _util.COS_HALF, lambda t: torch.cos(t / 2))
+    k, w = _util.even_coeffs(
+        theta2,
+        [
+            (_util.SIN_HALF_OVER_T, lambda t: torch.sin(t / 2) / t),
+            (_util.COS_HALF, lambda t: torch.cos(t / 2)),
+        ],
+    )
     return torch.cat((k * xi, w), dim=-1)
 
 
@@ -64,9 +68,14 @@ def log(x: Tensor) -> Tensor:
     v, w = x[..., :3], x[..., 3:4]
     s2 = (v * v).sum(-1, keepdim=True)
     small, s = _util.safe_theta(s2, _log_threshold(x.dtype))
+    use_series, use_exact = _util.branches(small)
+    if not use_exact:
+        return 2 / w * _util.horner(s2 / (w * w), _util.ATAN_OVER_X) * v
+    exact = 2 * torch.atan2(s, w) / s
+    if not use_series:
+        return exact * v
     w_safe = torch.where(small, w, torch.ones_like(w))
     taylor = 2 / w_safe * _util.horner(s2 / (w_safe * w_safe), _util.ATAN_OVER_X)
-    exact = 2 * torch.atan2(s, w) / s
     return torch.where(small, taylor, exact) * v
 
 
@@ -190,12 +199,12 @@ def adjoint(x: Tensor) -> Tensor:
 def _coeffs(xi: Tensor) -> tuple[Tensor, Tensor]:
     """``((1 - cos t) / t^2, (t - sin t) / t^3)`` as ``(..., 1, 1)``."""
     theta2 = (xi * xi).sum(-1)[..., None, None]
-    small, t = _util.safe_theta(theta2)
-    b = _util.even_coeff(
-        small, theta2, t, _util.ONE_MINUS_COS_OVER_T2, lambda t: 2 * (torch.sin(t / 2) / t) ** 2
-    )
-    a = _util.even_coeff(
-        small, theta2, t, _util.T_MINUS_SIN_OVER_T3, lambda t: (t - torch.sin(t)) / t**3
+    b, a = _util.even_coeffs(
+        theta2,
+        [
+            (_util.ONE_MINUS_COS_OVER_T2, lambda t: 2 * (torch.sin(t / 2) / t) ** 2),
+            (_util.T_MINUS_SIN_OVER_T3, lambda t: (t - torch.sin(t)) / t**3),
+        ],
     )
     return b, a
 
@@ -203,14 +212,11 @@ def _coeffs(xi: Tensor) -> tuple[Tensor, Tensor]:
 def _inv_coeff(xi: Tensor) -> Tensor:
     """``1 / t^2 - (1 + cos t) / (2 t sin t)`` as ``(..., 1, 1)`` (written with cot(t/2))."""
     theta2 = (xi * xi).sum(-1)[..., None, None]
-    small, t = _util.safe_theta(theta2)
-    return _util.even_coeff(
-        small,
+    (d,) = _util.even_coeffs(
         theta2,
-        t,
-        _util.JL_INV_COEFF,
-        lambda t: 1 / t**2 - torch.cos(t / 2) / (2 * t * torch.sin(t / 2)),
+        [(_util.JL_INV_COEFF, lambda t: 1 / t**2 - torch.cos(t / 2) / (2 * t * torch.sin(t / 2)))],
     )
+    return d
 
 
 def jl(xi: Tensor) -> Tensor:

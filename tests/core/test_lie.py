@@ -248,6 +248,48 @@ def test_threshold_continuity(G: LieGroup) -> None:
     torch.testing.assert_close(G.log(G.exp(lo)), G.log(y), atol=1e-11, rtol=0)
 
 
+@pytest.mark.parametrize("G", [SE2, SO3, SE3], ids=repr)
+def test_mixed_batches_match_single_branch_batches(G: LieGroup) -> None:
+    """On the CPU a batch whose angles are all small (or all large) skips the other branch; a
+    mixed batch selects per element: values and gradients must agree element by element."""
+    g = gen(3)
+    small = tangent(G, (4,), g, angle=0.2)
+    large = tangent(G, (4,), g, angle=2.0)
+    for fn in (G.exp, G.jr, G.jr_inv, G.jl, G.jl_inv, lambda xi: G.log(G.exp(xi))):
+        mixed = torch.cat([small, large]).requires_grad_()
+        alone = [small.clone().requires_grad_(), large.clone().requires_grad_()]
+        out = fn(mixed)
+        parts = [fn(a) for a in alone]
+        torch.testing.assert_close(out, torch.cat(parts), atol=1e-14, rtol=0)
+        out.sum().backward()
+        sum(p.sum() for p in parts).backward()  # type: ignore[union-attr]
+        grads = torch.cat([a.grad for a in alone])  # type: ignore[misc]
+        torch.testing.assert_close(mixed.grad, grads, atol=1e-13, rtol=0)
+
+
+def test_even_coeffs_skips_unused_branch_on_cpu_only() -> None:
+    """The exact branch of an all-small CPU batch is not evaluated (a trap function proves it);
+    inside torch.func transforms (where the mask cannot be read) both branches run."""
+    from core.lie import _util
+
+    def trap(t: Tensor) -> Tensor:
+        raise AssertionError("exact branch evaluated")
+
+    theta2 = torch.full((5, 1), 0.01, dtype=F64)
+    (c,) = _util.even_coeffs(theta2, [(_util.SIN_OVER_T, trap)])
+    torch.testing.assert_close(c, torch.sin(theta2.sqrt()) / theta2.sqrt(), atol=1e-15, rtol=0)
+    assert _util.branches(theta2 < 1) == (True, False)
+    assert _util.branches(theta2 > 1) == (False, True)
+    assert _util.branches(theta2[:0] < 1) == (True, False)  # empty: shapes still come out
+    assert so3.jl_inv(torch.zeros(0, 3, dtype=F64)).shape == (0, 3, 3)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(_util.branches(t < 1)) or t)(theta2)
+    assert seen == [(True, True)]
+    xi = torch.full((5, 3), 0.1, dtype=F64)
+    jac = torch.func.vmap(torch.func.jacfwd(so3.exp))(xi)  # traced: both branches, same values
+    torch.testing.assert_close(jac, torch.stack([jacobian(so3.exp, x) for x in xi]))
+
+
 # --------------------------------------------------------------------------- gradients
 
 
