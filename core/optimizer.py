@@ -210,8 +210,11 @@ def _trial(
     else:
         diag = torch.ones_like(lin.g)
     damping = lam[:, None] * diag
+    # A and -g before factor(): no torch work between the factorization and the solve (on a
+    # small CPU, torch's OpenMP threads spinning after such work halved CHOLMOD's solve speed)
+    A, rhs = damped(lin.H, lin.pattern, damping), -lin.g
     factor = solver.factor(lin.H.detach(), lin.pattern, damping.detach())
-    delta = solve(factor, damped(lin.H, lin.pattern, damping), lin.pattern, -lin.g)
+    delta = solve(factor, A, lin.pattern, rhs)
     cand = objective.retract(values, delta)
     new = linearize(objective, cand)
     predicted = 0.5 * (delta * (damping * delta - lin.g)).sum(-1)
