@@ -236,10 +236,13 @@ class Objective:
             u = inverse[done : done + E * slots * slots].view(E, slots, slots)
             done += E * slots * slots
             col = starts[b][:, slot] + within  # (E, D) global columns
-            # rows above each slot pair's block in its column, expanded from (E, k, k) to
-            # (E, D, D) by repeats (copies, cheaper than an (E, D, D) gather)
-            above = row_offset[u].repeat_interleave(dofs, 1).repeat_interleave(dofs, 2)
-            positions.append(indptr[col][:, None, :] + above + within[:, None])
+            # rows above each slot pair's block in its column, (E, k, k) -> (E, D, D) in one
+            # gather, then the column starts and the rows within the block added in place (no
+            # further (E, D, D) temporaries: each would be fresh pages, 50 MB for BA)
+            pos = row_offset[u][:, slot[:, None], slot[None, :]]
+            pos += indptr[col][:, None, :]
+            pos += within[:, None]
+            positions.append(pos)
             columns.append(col)
         return Pattern(n, indptr, rows, cols, diag, tuple(positions), tuple(columns))
 
