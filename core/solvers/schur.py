@@ -189,32 +189,57 @@ def _reduced_pattern(blocks: Tensor, lay: _Layout, dmax: int) -> tuple[Pattern, 
     return Pattern(m, indptr, rows, cols, diag, (), ()), flat
 
 
+def _column_entries(indptr: Tensor, rows: Tensor, first: Tensor) -> tuple[Tensor, ...]:
+    """The stored entries of the columns ``first (K,)``: per entry its ``k``, position and row,
+    and per column its entry count. In a block pattern every column of a block column has the
+    same rows, so the entries of an element's first column describe the whole element (its
+    column ``c + a`` holds the same rows at ``position + a * count``)."""
+    start, count = indptr[first], indptr[first + 1] - indptr[first]
+    k = torch.repeat_interleave(torch.arange(first.shape[0]), count)
+    pos = torch.arange(k.shape[0]) + (start - (count.cumsum(0) - count))[k]
+    return k, pos, rows[pos], count
+
+
 def build_schur_maps(objective: Objective, eliminate: str, pattern: Pattern) -> SchurMaps:
-    """Index maps for ``pattern`` (computed on the CPU, then moved to the pattern's device)."""
+    """Index maps for ``pattern`` (computed on the CPU, then moved to the pattern's device).
+
+    Only the first column of each element is read (see :func:`_column_entries`): a BA pattern's
+    millions of entries are never touched one by one."""
     lay = _layout(objective, eliminate)
-    rows, cols, nnz = pattern.rows.cpu(), pattern.cols.cpu(), pattern.nnz
-    pos = torch.arange(nnz)
-    p_r, p_c = lay.point[rows], lay.point[cols]
-    both_p = (p_r >= 0) & (p_c >= 0)
-    if bool((both_p & (p_r != p_c)).any()):
-        raise ValueError(f"Schur: the {eliminate!r} block of H is not block diagonal")
+    indptr, rows, nnz = pattern.indptr.cpu(), pattern.rows.cpu(), pattern.nnz
     num_points, d = lay.elim.shape
-    v_pos = torch.zeros(num_points, d, d, dtype=torch.long)
-    v_pos[p_r[both_p], lay.local[rows[both_p]], lay.local[cols[both_p]]] = pos[both_p]
-    w = (lay.elem[rows] >= 0) & (p_c >= 0)
-    # one entry per (element, point) block is enough to see which blocks exist
-    first = w & (lay.local[rows] == 0) & (lay.local[cols] == 0)
-    lay = _merge_elements(lay, lay.elem[rows[first]], p_c[first])
-    e_r, e_c, l_r, l_c = lay.elem[rows], lay.elem[cols], lay.local[rows], lay.local[cols]
+    a = torch.arange(d)
+    # V: a point's rows are consecutive in each of its columns, so (r, c) sits at diag[c] + r - c
+    v_pos = pattern.diag.cpu()[lay.elim][:, None, :] + (a[:, None] - a[None, :])
+    p_k, p_pos, p_row, p_count = _column_entries(indptr, rows, lay.elim[:, 0])
+    other = lay.point[p_row]
+    if bool(((other >= 0) & (other != p_k)).any()):
+        raise ValueError(f"Schur: the {eliminate!r} block of H is not block diagonal")
+    red = lay.elem[p_row] >= 0  # W entries: a reduced row in a point's column
+    first = red & (lay.local[p_row] == 0)  # one entry per (element, point) block
+    # reduced elements' first columns, before merging (each spans contiguous columns)
+    firsts = lay.keep[lay.local[lay.keep] == 0]
+    width = lay.elem_dof[lay.elem[firsts]]
+    lay = _merge_elements(lay, lay.elem[p_row[first]], p_k[first])
     dmax, ne = lay.elem_rows.shape[1], lay.elem_dof.shape[0]
-    w_entry_key = p_c[w] * ne + e_r[w]
-    w_key = torch.unique(p_c[first] * ne + e_r[first])  # the W blocks, sorted
-    w_index = torch.searchsorted(w_key, w_entry_key)
+    w_row, w_point_of, w_first = p_row[red], p_k[red], p_pos[red]
+    w_key = torch.unique(p_k[first] * ne + lay.elem[p_row[first]])  # the W blocks, sorted
+    w_index = torch.searchsorted(w_key, w_point_of * ne + lay.elem[w_row])
     w_pos = torch.full((w_key.shape[0], dmax, d), nnz, dtype=torch.long)
-    w_pos[w_index, l_r[w], l_c[w]] = pos[w]
+    w_pos[w_index, lay.local[w_row]] = w_first[:, None] + a * p_count[w_point_of][:, None]
     w_elem, w_point = w_key % ne, w_key // ne
     pair_i, pair_j = _w_pairs(w_elem, w_point, num_points)
-    u = (e_r >= 0) & (e_c >= 0) & (e_r <= e_c)
+    # U: reduced rows in the reduced elements' columns, upper element blocks
+    u_k, u_first, u_row, u_count = _column_entries(indptr, rows, firsts)
+    keep = lay.elem[u_row] >= 0
+    u_k, u_first, u_row = u_k[keep], u_first[keep], u_row[keep]
+    b = torch.arange(int(width.max()))
+    valid = b < width[u_k][:, None]
+    col = (firsts[u_k][:, None] + b)[valid]
+    pos = (u_first[:, None] + b * u_count[u_k][:, None])[valid]
+    row = u_row[:, None].expand_as(valid)[valid]
+    e_r, e_c, l_r, l_c = lay.elem[row], lay.elem[col], lay.local[row], lay.local[col]
+    u = e_r <= e_c
     fill_key = w_elem[pair_i] * ne + w_elem[pair_j]
     block_key, inverse = torch.unique(torch.cat([e_r[u] * ne + e_c[u], fill_key]),
                                       return_inverse=True)
