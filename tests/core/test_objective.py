@@ -420,3 +420,16 @@ def test_values_on_another_device_than_the_indices_raise_clearly(gen: torch.Gene
     values = {"x": SE3.random(1, 3, generator=gen, dtype=torch.float64).to("meta")}
     with pytest.raises(ValueError, match=r"cost 'b': indices on cpu but 'x' on meta.*\.to"):
         core.linearize(objective, values)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 6])
+def test_normal_blocks_match_einsum_and_are_differentiable(d: int, gen: torch.Generator) -> None:
+    """J^T J and J^T r per factor: outer products for d <= 3, a batched matmul above."""
+    from core.linearize import normal_blocks
+
+    J = torch.randn(2, 5, d, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 5, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    JtJ, Jtr = normal_blocks(J, r)
+    torch.testing.assert_close(JtJ, torch.einsum("bedp,bedq->bepq", J, J))
+    torch.testing.assert_close(Jtr, torch.einsum("bedp,bed->bep", J, r))
+    assert torch.autograd.gradcheck(normal_blocks, (J, r))
