@@ -76,6 +76,12 @@ def setup_distributed(device: torch.device) -> Dist:
     import torch.distributed as dist
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda" and local >= torch.cuda.device_count():
+        raise RuntimeError(
+            f"torchrun started local rank {local}, but this node has "
+            f"{torch.cuda.device_count()} CUDA device(s) and nccl needs one per rank: use "
+            "--nproc_per_node <= the GPU count, or device=cpu (gloo)"
+        )
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":

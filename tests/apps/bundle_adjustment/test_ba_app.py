@@ -143,7 +143,10 @@ def test_torchrun_two_ranks(tmp_path: Path) -> None:
     if torchrun is None:
         pytest.skip("torchrun not installed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # nccl needs a GPU per rank: with fewer than 2, both ranks train on the CPU (gloo)
+    device = "auto" if torch.cuda.device_count() >= 2 else "cpu"
     command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "apps.bundle_adjustment",
+               f"device={device}",
                "preset=smoke", "data.num_val=2", "viz=true",
                f"hydra.run.dir={tmp_path}"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)

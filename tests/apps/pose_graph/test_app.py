@@ -139,12 +139,26 @@ def test_cuda_request_without_cuda_raises() -> None:
 
 
 @pytest.mark.slow
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of a 2-process launch on a 1-GPU node would fail deep in CUDA ("invalid device
+    ordinal"); it is refused before joining the group, saying what to change."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"local rank 1.*1 CUDA device.*device=cpu"):
+        common.setup_distributed(torch.device("cuda"))
+
+
 def test_torchrun_two_ranks(tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not installed")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # nccl needs a GPU per rank: with fewer than 2, both ranks train on the CPU (gloo)
+    device = "auto" if torch.cuda.device_count() >= 2 else "cpu"
     command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "apps.pose_graph",
+               f"device={device}",
                "preset=smoke", "data.num_val=2", f"hydra.run.dir={tmp_path}"]
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
