@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from core.objective import Objective, Pattern
-from core.solvers.base import damped
 from core.solvers.dense import DenseCholesky
 from core.solvers.sparse import Backend, SparseCholesky
 
@@ -379,9 +378,10 @@ class Schur:
     def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SchurFactor:
         """Eliminate the points of ``H (B, nnz) + diag(damping (B, n))`` and factor ``S``."""
         mp = self.maps(pattern)
-        values = damped(H, pattern, damping)
-        batch = values.shape[0]
-        padded = torch.cat([values, values.new_zeros(batch, 1)], dim=1)
+        batch = H.shape[0]
+        # the damped values and a trailing 0 (read by the padding of the maps) in one copy of H
+        padded = torch.cat([H, H.new_zeros(batch, 1)], dim=1).index_add_(1, pattern.diag, damping)
+        values = padded[:, :-1]
         L, info = torch.linalg.cholesky_ex(padded[:, mp.v_pos])  # (B, P, d, d)
         good = info == 0
         eye = torch.eye(mp.v_pos.shape[-1], dtype=values.dtype, device=values.device)
