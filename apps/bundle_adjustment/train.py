@@ -437,10 +437,13 @@ def run(cfg: Any) -> dict[str, Any]:
     device = common.select_device(cfg.device)
     d = common.setup_distributed(device)
     device = common.rank_device(device, d)
+    finished = False
     try:
-        return _run(cfg, device, d)
+        result = _run(cfg, device, d)
+        finished = True
+        return result
     finally:
-        common.teardown_distributed(d)
+        common.teardown_distributed(d, finished)
 
 
 def _datasets(cfg: Any, cache: Path) -> tuple[SceneSpec, list[Scene], list[Scene]]:

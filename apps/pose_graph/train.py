@@ -412,10 +412,13 @@ def run(cfg: Any) -> dict[str, Any]:
     device = common.rank_device(device, d)
     if not d.is_main:
         log.setLevel(logging.WARNING)  # one rank reports
+    finished = False
     try:
-        return _run(cfg, device, d)
+        result = _run(cfg, device, d)
+        finished = True
+        return result
     finally:
-        common.teardown_distributed(d)
+        common.teardown_distributed(d, finished)
 
 
 def _run(cfg: Any, device: torch.device, d: common.Dist) -> dict[str, Any]:
