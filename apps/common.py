@@ -99,8 +99,8 @@ def rank_device(device: torch.device, d: Dist) -> torch.device:
 def teardown_distributed(d: Dist, finished: bool) -> None:
     """Leave the process group. After a ``finished`` run every rank first waits for the others:
     a rank that destroyed its group and exited while another still worked was aborted by gloo
-    ("terminate called without an active exception", 2-3 times in about 25 runs here). After an error
-    there is no barrier (the other ranks may be inside a collective; torchrun stops them)."""
+    ("terminate called without an active exception", 2-3 times in about 25 runs here). After an
+    error there is no barrier (the other ranks may be inside a collective; torchrun stops them)."""
     if d.enabled:
         import torch.distributed as dist
 
