@@ -12,13 +12,14 @@ combined with :func:`all_reduce_sum`, and only rank 0 writes files.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+S = TypeVar("S")
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_JSON = "metrics.json"
@@ -178,6 +180,38 @@ def atomic_write(path: Path, write: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def spec_from_config(spec: type[S], cfg: Any) -> S:
+    """The generator settings dataclass ``spec`` from a ``data`` config holding its fields
+    (OmegaConf lists become the spec's tuples)."""
+    kwargs = {}
+    for f in fields(spec):  # type: ignore[arg-type]
+        v = getattr(cfg, f.name)
+        kwargs[f.name] = v if isinstance(v, str | int | float) else tuple(v)
+    return spec(**kwargs)
+
+
+def cached(
+    cache_dir: str | Path | None,
+    name: str,
+    key: Mapping[str, Any],
+    make: Callable[[], list[T]],
+    save: Callable[[T], dict],
+    load: Callable[[dict], T],
+) -> list[T]:
+    """``make()``, or its result stored in ``cache_dir`` (None: no cache) under ``name`` and a
+    hash of ``key`` (sorted JSON); items are stored as ``save(item)`` dicts and read back with
+    ``load``. Written atomically: several processes (torchrun ranks) may write the same file."""
+    if cache_dir is None:
+        return make()
+    digest = hashlib.sha1(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{name}_{digest}.pt"
+    if path.is_file():
+        return [load(d) for d in torch.load(path, weights_only=True)]
+    items = make()
+    atomic_write(path, lambda tmp: torch.save([save(x) for x in items], tmp))
+    return items
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:

@@ -40,10 +40,7 @@ Scenes are generated per seed and cached (``torch.save``) under a folder keyed b
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from apps.common import cached
 from core.io import BALProblem
 from core.lie import so3
 
@@ -430,16 +428,6 @@ def make_dataset(spec: SceneSpec, seeds: Sequence[int], cache_dir: str | Path | 
                  ) -> list[Scene]:
     """Scenes for ``seeds``, read from / written to ``cache_dir`` when given (one file per
     (settings, seeds) key; written atomically)."""
-    if cache_dir is None:
-        return [make_scene(spec, s) for s in seeds]
-    key = json.dumps({"spec": asdict(spec), "seeds": list(seeds), "version": 1}, sort_keys=True)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"bundle_adjustment_{digest}.pt"
-    if path.is_file():
-        return [Scene.from_dict(d) for d in torch.load(path, weights_only=True)]
-    scenes = [make_scene(spec, s) for s in seeds]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save([s.as_dict() for s in scenes], tmp)
-    tmp.replace(path)
-    return scenes
+    key = {"spec": asdict(spec), "seeds": list(seeds), "version": 1}
+    return cached(cache_dir, "bundle_adjustment", key,
+                  lambda: [make_scene(spec, s) for s in seeds], Scene.as_dict, Scene.from_dict)

@@ -39,7 +39,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from apps import common
-from apps.bundle_adjustment import data as ba_data
 from apps.bundle_adjustment.data import (
     FEATURES,
     Scene,
@@ -85,26 +84,26 @@ class DataConfig:
 
     num_train: int = 24
     num_val: int = 12
-    layouts: list[str] = field(default_factory=lambda: list(ba_data.LAYOUTS))
-    num_cameras: int = 12
-    num_points: int = 200
-    track: list[int] = field(default_factory=lambda: [6, 10])
-    distance: float = 4.0
-    volume: float = 2.0
-    focal: float = 500.0
-    image: list[float] = field(default_factory=lambda: [400.0, 300.0])
-    pixel_noise: float = 1.0
-    outlier_ratio: float = 0.1
-    outliers: str = "aliased"
-    outlier_px: list[float] = field(default_factory=lambda: [10.0, 40.0])
-    alias_jitter: float = 3.0
-    rate_power: float = 3.0
-    rotation_noise: float = 0.01
-    translation_noise: float = 0.05
-    point_noise: float = 0.03
-    focal_noise: float = 0.02
-    desc_separation: float = 1.0
-    ratio_separation: float = 0.6
+    layouts: list[str] = field(default_factory=lambda: list(SceneSpec.layouts))
+    num_cameras: int = SceneSpec.num_cameras
+    num_points: int = SceneSpec.num_points
+    track: list[int] = field(default_factory=lambda: list(SceneSpec.track))
+    distance: float = SceneSpec.distance
+    volume: float = SceneSpec.volume
+    focal: float = SceneSpec.focal
+    image: list[float] = field(default_factory=lambda: list(SceneSpec.image))
+    pixel_noise: float = SceneSpec.pixel_noise
+    outlier_ratio: float = SceneSpec.outlier_ratio
+    outliers: str = SceneSpec.outliers
+    outlier_px: list[float] = field(default_factory=lambda: list(SceneSpec.outlier_px))
+    alias_jitter: float = SceneSpec.alias_jitter
+    rate_power: float = SceneSpec.rate_power
+    rotation_noise: float = SceneSpec.rotation_noise
+    translation_noise: float = SceneSpec.translation_noise
+    point_noise: float = SceneSpec.point_noise
+    focal_noise: float = SceneSpec.focal_noise
+    desc_separation: float = SceneSpec.desc_separation
+    ratio_separation: float = SceneSpec.ratio_separation
 
 
 class WeightMode(str, Enum):
@@ -186,11 +185,7 @@ register(APP, BundleAdjustmentConfig)
 
 def scene_spec(cfg: DataConfig | DictConfig) -> SceneSpec:
     """The generator's settings from the ``data`` config."""
-    kwargs = {}
-    for f in fields(SceneSpec):
-        v = getattr(cfg, f.name)
-        kwargs[f.name] = v if isinstance(v, str | int | float) else tuple(v)
-    return SceneSpec(**kwargs)
+    return common.spec_from_config(SceneSpec, cfg)
 
 
 def schur_options(solver: SolverConfig | DictConfig) -> dict[str, str]:

@@ -36,8 +36,6 @@ generator's settings, so a second (or resumed) run reads them back.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -47,7 +45,7 @@ import torch
 from torch import Tensor
 
 import core
-from apps.common import atomic_write
+from apps.common import cached
 from core.io import PoseGraph
 from core.lie import se2, se3, so3
 
@@ -553,13 +551,6 @@ def make_dataset(spec: GraphSpec, seeds: Sequence[int], cache_dir: str | Path | 
                  ) -> list[Sample]:
     """Samples for ``seeds``, read from / written to ``cache_dir`` when given (one file per
     (settings, seeds) key; written atomically)."""
-    if cache_dir is None:
-        return [make_sample(spec, s) for s in seeds]
-    key = json.dumps({"spec": asdict(spec), "seeds": list(seeds), "version": 2}, sort_keys=True)
-    path = Path(cache_dir) / f"pose_graph_{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
-    if path.is_file():
-        return [Sample.from_dict(d) for d in torch.load(path, weights_only=True)]
-    samples = [make_sample(spec, s) for s in seeds]
-    # several processes (torchrun ranks) may write the same file: each via its own temporary
-    atomic_write(path, lambda tmp: torch.save([s.as_dict() for s in samples], tmp))
-    return samples
+    key = {"spec": asdict(spec), "seeds": list(seeds), "version": 2}
+    return cached(cache_dir, "pose_graph", key, lambda: [make_sample(spec, s) for s in seeds],
+                  Sample.as_dict, Sample.from_dict)

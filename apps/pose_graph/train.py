@@ -74,23 +74,23 @@ class DataConfig:
 
     num_train: int = 32
     num_val: int = 24
-    dim: int = 3
-    trajectories: list[str] = field(default_factory=lambda: list(pg_data.TRAJECTORIES))
-    num_poses: list[int] = field(default_factory=lambda: [150, 250])
-    step: float = 1.0
-    loops_per_pose: float = 0.5
-    loop_radius: float = 2.0
-    min_gap: int = 10
-    outlier_ratio: float = 0.25
-    sigma_t: float = 0.05
-    sigma_r: float = 0.03
-    loop_sigma_t: float = 0.05
-    loop_sigma_r: float = 0.01
-    score_separation: float = 1.19
-    outlier_group: int = 5
-    outlier_mix: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.5])
-    offset: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    offset_yaw: float = 0.3
+    dim: int = GraphSpec.dim
+    trajectories: list[str] = field(default_factory=lambda: list(GraphSpec.trajectories))
+    num_poses: list[int] = field(default_factory=lambda: list(GraphSpec.num_poses))
+    step: float = GraphSpec.step
+    loops_per_pose: float = GraphSpec.loops_per_pose
+    loop_radius: float = GraphSpec.loop_radius
+    min_gap: int = GraphSpec.min_gap
+    outlier_ratio: float = GraphSpec.outlier_ratio
+    sigma_t: float = GraphSpec.sigma_t
+    sigma_r: float = GraphSpec.sigma_r
+    loop_sigma_t: float = GraphSpec.loop_sigma_t
+    loop_sigma_r: float = GraphSpec.loop_sigma_r
+    score_separation: float = GraphSpec.score_separation
+    outlier_group: int = GraphSpec.outlier_group
+    outlier_mix: list[float] = field(default_factory=lambda: list(GraphSpec.outlier_mix))
+    offset: list[float] = field(default_factory=lambda: list(GraphSpec.offset))
+    offset_yaw: float = GraphSpec.offset_yaw
 
 
 @dataclass
@@ -161,12 +161,7 @@ register(APP, PoseGraphConfig)
 
 def graph_spec(cfg: DataConfig | DictConfig) -> GraphSpec:
     """The generator's settings from the ``data`` config."""
-    names = {f.name for f in fields(GraphSpec)}
-    kwargs = {}
-    for name in names:
-        v = getattr(cfg, name)
-        kwargs[name] = tuple(v) if not isinstance(v, str | int | float) else v
-    return GraphSpec(**kwargs)
+    return common.spec_from_config(GraphSpec, cfg)
 
 
 def check_config(cfg: Any) -> None:

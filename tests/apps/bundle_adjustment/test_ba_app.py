@@ -206,6 +206,10 @@ def test_features_alone_have_auc_about_0_8() -> None:
     assert roc_auc(torch.tensor([1.0, 1.0]), torch.tensor([False, True])) == 0.5
 
 
+def test_data_config_defaults_are_the_generators() -> None:
+    assert train.scene_spec(train.DataConfig()) == SceneSpec()
+
+
 def test_dataset_cache_round_trip(tmp_path: Path) -> None:
     first = make_dataset(SMALL, [1, 2], tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 1

@@ -171,6 +171,10 @@ def test_torchrun_two_ranks(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def test_data_config_defaults_are_the_generators() -> None:
+    assert train.graph_spec(train.DataConfig()) == GraphSpec()
+
+
 @pytest.mark.parametrize("dim", [3, 2])
 @pytest.mark.parametrize("kind", pg_data.TRAJECTORIES)
 def test_sample_invariants(dim: int, kind: str) -> None:
