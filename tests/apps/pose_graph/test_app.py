@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,17 +85,8 @@ def test_smoke_se2_with_picture(tmp_path: Path) -> None:
     assert (tmp_path / "pose_graph.png").stat().st_size > 0
 
 
-def test_resume_matches_uninterrupted_run(tmp_path: Path, same_run) -> None:
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    cache = tmp_path / "cache"
-    full = train.run(smoke_config(straight, "epochs=2", cache=cache))
-    first = train.run(smoke_config(split, "epochs=1", cache=cache))
-    assert len(first["history"]) == 1
-    resumed = train.run(smoke_config(split, "epochs=2", "resume=true", cache=cache))
-    assert same_run(resumed["history"], full["history"])
-    assert same_run(resumed["val"], full["val"])
-    state = common.load_checkpoint(split / "checkpoint.pt")
-    assert state is not None and state["epoch"] == 2
+def test_resume_matches_uninterrupted_run(tmp_path: Path, resumed_equals_straight) -> None:
+    resumed_equals_straight(train.run, smoke_config, tmp_path)
 
 
 def test_resume_without_checkpoint_starts_afresh(tmp_path: Path) -> None:
@@ -150,19 +139,8 @@ def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
         common.setup_distributed(torch.device("cuda"))
 
 
-def test_torchrun_two_ranks(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not installed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # nccl needs a GPU per rank: with fewer than 2, both ranks train on the CPU (gloo)
-    device = "auto" if torch.cuda.device_count() >= 2 else "cpu"
-    command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "apps.pose_graph",
-               f"device={device}",
-               "preset=smoke", "data.num_val=2", f"hydra.run.dir={tmp_path}"]
-    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+def test_torchrun_two_ranks(tmp_path: Path, torchrun_two_ranks) -> None:
+    saved = torchrun_two_ranks("apps.pose_graph", tmp_path)
     assert VAL_KEYS <= set(saved["val"])
 
 
