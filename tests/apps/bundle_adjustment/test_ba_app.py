@@ -491,7 +491,9 @@ def test_picture_falls_back_to_matplotlib(tmp_path: Path, monkeypatch: pytest.Mo
     def broken(*args: object) -> None:
         raise RuntimeError("no OpenGL here")
 
-    monkeypatch.setattr(viz, "_render_open3d", broken)
+    from apps import viewer
+
+    monkeypatch.setattr(viewer, "_render_open3d", broken)
     s = make_scene(SMALL, 1)
     truth = _truth_values(s)
     path = tmp_path / "fallback.png"

@@ -379,7 +379,9 @@ def test_picture_falls_back_to_matplotlib(tmp_path: Path, spec: GraphSpec,
     def broken(*args: object) -> None:
         raise RuntimeError("no OpenGL here")
 
-    monkeypatch.setattr(viz, "_render_open3d", broken)
+    from apps import viewer
+
+    monkeypatch.setattr(viewer, "_render_open3d", broken)
     s = make_sample(spec, 1)
     i, j = s.graph.i[s.is_loop], s.graph.j[s.is_loop]
     path = tmp_path / "fallback.png"
