@@ -1,10 +1,13 @@
 """Solve a g2o pose graph with Levenberg-Marquardt and print a summary.
 
 python -m apps.pose_graph.solve FILE.g2o [--solver sparse|dense|...] [--max-iters N] [--json]
-                                [--viz OUT.png]
+                                [--viz OUT.png] [--export OUT.ply] [--show]
 
 ``--viz`` draws the initial estimate and the solution (trajectory and loop closures) with Open3D
-(offscreen when there is no display; matplotlib if Open3D cannot render).
+(offscreen when there is no display; matplotlib if Open3D cannot render). ``--export`` writes the
+solved graph as one Open3D line set (PLY): its points are the N pose positions (z = 0 for SE(2)),
+its lines the E edges (odometry blue, loop closures orange); ``open3d.io.read_line_set`` reads it.
+``--show`` opens the solved graph in an interactive Open3D window (needs a display).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from apps import viewer
 from apps.pose_graph.problem import pose_graph_objective
 from core import LevenbergMarquardt, io
 
@@ -37,9 +41,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quiet", action="store_true", help="no per-iteration log")
     parser.add_argument("--viz", metavar="OUT.png", default=None,
                         help="draw the initial estimate and the solved graph into this PNG")
+    parser.add_argument("--export", metavar="OUT.ply", default=None,
+                        help="write the solved graph as an Open3D line set (PLY)")
+    parser.add_argument("--show", action="store_true",
+                        help="open the solved graph in an Open3D window (needs a display)")
     args = parser.parse_args(argv)
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if args.show:
+        try:
+            viewer.check_display()  # before solving, not after
+        except RuntimeError as exc:
+            sys.exit(f"{parser.prog}: error: {exc}")
 
     start = time.perf_counter()
     graph = io.read_g2o(args.file)
@@ -75,8 +88,25 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{summary['initial_cost']:.6g} -> {summary['final_cost']:.6g}")
         summary["viz"] = args.viz
         print(f"  picture: {args.viz}")
+    if args.export or args.show:
+        from apps.pose_graph.viz import graph_layers
+
+        layers = graph_layers(solution.values["poses"][0], graph.i, graph.j)
+    if args.export:
+        try:
+            written = viewer.export(args.export, layers)
+        except (ValueError, OSError) as exc:
+            sys.exit(f"{parser.prog}: error: {exc}")
+        summary["export"] = [str(w) for w in written]
+        print(f"  export: {', '.join(summary['export'])}")
     if args.json:
         print(json.dumps(summary))
+    if args.show:
+        sys.stdout.flush()
+        try:
+            viewer.show(layers, f"{Path(args.file).name}: solution", planar=graph.dim == 2)
+        except RuntimeError as exc:
+            sys.exit(f"{parser.prog}: error: {exc}")
     return summary
 
 

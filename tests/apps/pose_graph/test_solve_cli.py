@@ -6,10 +6,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +174,77 @@ def test_cli_on_real_data_matches_library(shared_data: Path) -> None:
     assert summary["initial_cost"] == pytest.approx(initial, rel=1e-12)
     assert summary["final_cost"] == pytest.approx(final, rel=1e-9)
     assert torch.isfinite(torch.tensor(summary["time_s"]))
+
+
+# ------------------------------------------------------------------------------------------
+# --export: the solved graph as an Open3D line set
+# ------------------------------------------------------------------------------------------
+
+
+def _check_exported_graph(ply: Path, g2o: Path) -> None:
+    """``ply`` holds the solved graph of ``g2o``: N points at the solved positions (z = 0 in
+    SE(2)), E lines = the edges, odometry and loop closures in their two colors."""
+    o3d = pytest.importorskip("open3d")
+    from apps.pose_graph import viz
+
+    graph = io.read_g2o(g2o)
+    objective, init = pose_graph_objective(graph)
+    solved = core.LevenbergMarquardt(max_iters=100, solver="sparse").solve(objective, init)
+    line_set = o3d.io.read_line_set(str(ply))
+    points, lines = np.asarray(line_set.points), np.asarray(line_set.lines)
+    colors = np.asarray(line_set.colors)
+    assert points.shape == (graph.num_poses, 3) and lines.shape == (graph.num_edges, 2)
+    expected = viz.positions(solved.values["poses"][0])
+    np.testing.assert_allclose(points, expected, atol=1e-6 * max(1.0, np.abs(expected).max()))
+    if graph.dim == 2:
+        assert np.all(points[:, 2] == 0)
+    edges = sorted(zip(graph.i.tolist(), graph.j.tolist()))
+    assert sorted(map(tuple, lines.tolist())) == edges
+    loop = lines[:, 1] != lines[:, 0] + 1
+    np.testing.assert_allclose(colors[loop], np.tile(viz.LOOP, (int(loop.sum()), 1)), atol=1 / 255)
+    np.testing.assert_allclose(colors[~loop], np.tile(viz.ESTIMATE, (int((~loop).sum()), 1)),
+                               atol=1 / 255)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_cli_export_writes_the_graph_as_a_line_set(dim: int, tmp_path: Path) -> None:
+    from apps.pose_graph.data import GraphSpec, make_sample
+
+    g2o = tmp_path / "synthetic.g2o"
+    io.write_g2o(g2o, make_sample(GraphSpec(dim=dim, num_poses=(60, 70)), 3).graph)
+    ply = tmp_path / "out" / "graph.ply"  # the folder does not exist yet
+    out = _run_cli(str(g2o), "--json", "--quiet", "--export", str(ply))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["export"] == [str(ply)] and f"export: {ply}" in out.stdout
+    _check_exported_graph(ply, g2o)
+
+
+def test_cli_export_sphere2500(shared_data: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    g2o = _data_file(shared_data, "sphere2500.g2o")
+    ply = tmp_path / "sphere2500.ply"
+    summary = main([str(g2o), "--json", "--quiet", "--export", str(ply)])
+    assert summary["export"] == [str(ply)]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    _check_exported_graph(ply, g2o)
+
+
+def test_cli_export_unwritable_format_is_a_clear_error(tmp_path: Path) -> None:
+    g2o = tmp_path / "square.g2o"
+    g2o.write_text(_square_g2o())
+    out = _run_cli(str(g2o), "--quiet", "--export", str(tmp_path / "graph.unknown"))
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "graph.unknown" in out.stderr and "write_line_set" in out.stderr
+
+
+def test_cli_show_without_display_is_a_clear_error(tmp_path: Path) -> None:
+    g2o = tmp_path / "square.g2o"
+    g2o.write_text(_square_g2o())
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    out = subprocess.run([sys.executable, "-m", "apps.pose_graph.solve", str(g2o), "--show"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    message = out.stderr.strip().splitlines()
+    assert len(message) == 1 and "DISPLAY" in message[0] and "--export" in message[0], message
+    assert out.stdout == ""  # failed before solving
