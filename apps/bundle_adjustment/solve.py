@@ -1,6 +1,7 @@
 """Solve a BAL file with Levenberg-Marquardt and the Schur solver, and print a summary.
 
-python -m apps.bundle_adjustment.solve FILE.txt [--json] [--viz out.png] [--max-iters N]
+python -m apps.bundle_adjustment.solve FILE.txt [--json] [--viz out.png] [--export out.ply]
+    [--show] [--max-iters N]
     [--damping-mode marquardt|levenberg] [--damping D] [--rel-tol R] [--abs-tol A]
     [--loss none|huber|cauchy|...]
     [--loss-scale S] [--reduced auto|dense|sparse] [--threads N] [--quiet]
@@ -13,6 +14,11 @@ summary has ``cameras, points, observations, iterations, initial_cost, final_cos
 analysis included; reading the file excluded: ``load_s``) and ``status``; with ``--json`` it is
 also printed as one JSON object on the last line. A malformed file exits with status 1 and a
 ``FILE:LINE: ...`` message on stderr.
+
+``--export out.ply`` writes the solution as files Open3D opens: the point cloud to ``out.ply``
+(``open3d.io.read_point_cloud``) and the camera frustums as a line set to ``out_lines.ply``
+(``open3d.io.read_line_set``); the summary's ``export`` lists both. ``--show`` opens the same
+drawing in an interactive Open3D window (needs a display).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 import torch
 
 import core
+from apps import viewer
 from apps.bundle_adjustment.problem import ba_objective, values_to_cameras
 from core import io
 from core.costs.reprojection import project
@@ -39,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("file", help="a BAL problem (.txt, or .bz2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--viz", metavar="PNG", help="draw the solution (Open3D) into this file")
+    parser.add_argument("--export", metavar="PLY",
+                        help="write the solved points to PLY and the camera frustums to "
+                             "PLY's name + _lines (Open3D files)")
+    parser.add_argument("--show", action="store_true",
+                        help="open the solution in an Open3D window (needs a display)")
     parser.add_argument("--max-iters", type=int, default=200)
     parser.add_argument("--damping-mode", choices=["marquardt", "levenberg"], default="marquardt")
     parser.add_argument("--damping", type=float, default=1e-4, help="initial LM damping")
@@ -98,6 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
             or args.rel_tol < 0 or args.abs_tol < 0):
         sys.exit(f"{PROG}: error: need --max-iters >= 0, --damping > 0, --loss-scale > 0 and "
                  "non-negative tolerances")
+    if args.show:
+        try:
+            viewer.check_display()  # before solving, not after
+        except RuntimeError as exc:
+            sys.exit(f"{PROG}: error: {exc}")
     start = time.perf_counter()
     try:
         problem = io.read_bal(args.file)
@@ -119,8 +136,25 @@ def main(argv: list[str] | None = None) -> dict:
                          title=f"{Path(args.file).name}: cost {summary['final_cost']:.4g}, "
                                f"RMSE {summary['rmse_px']:.3g} px",
                          initial=(problem.cameras, problem.points))
+    if args.export or args.show:
+        from apps.bundle_adjustment.viz import FRONT, ZOOM, problem_layers
+
+        layers = problem_layers(values_to_cameras(values)[0], values["points"][0])
+    if args.export:
+        try:
+            written = viewer.export(args.export, layers)
+        except (ValueError, OSError) as exc:
+            sys.exit(f"{PROG}: error: {exc}")
+        summary["export"] = [str(w) for w in written]
+        print(f"  export: {', '.join(summary['export'])}")
     if args.json:
         print(json.dumps(summary))
+    if args.show:
+        sys.stdout.flush()
+        try:
+            viewer.show(layers, f"{Path(args.file).name}: solution", front=FRONT, zoom=ZOOM)
+        except RuntimeError as exc:
+            sys.exit(f"{PROG}: error: {exc}")
     return summary
 
 

@@ -502,3 +502,39 @@ def test_picture_falls_back_to_matplotlib(tmp_path: Path, monkeypatch: pytest.Mo
     assert path.stat().st_size > 0
     frustum = viz.frustums(s.true_cameras, viz.TRUTH, 0.5)
     assert frustum.line_points.shape == (5 * 6, 3) and frustum.segments.shape == (8 * 6, 2)
+
+
+def test_cli_export_writes_points_and_frustums(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``--export out.ply``: the solved points in ``out.ply`` (a point cloud) and the camera
+    frustums in ``out_lines.ply`` (a line set), both read back by Open3D."""
+    o3d = pytest.importorskip("open3d")
+    import numpy as np
+
+    from apps.bundle_adjustment.problem import values_to_cameras
+
+    scene = make_scene(SceneSpec(num_cameras=8, num_points=80, track=(4, 8)), 7)
+    path = tmp_path / "scene.txt"
+    io.write_bal(path, scene.problem)
+    ply = tmp_path / "out" / "scene.ply"
+    summary = solve_main([str(path), "--json", "--quiet", "--max-iters", "50", "--export",
+                          str(ply)])
+    lines_ply = tmp_path / "out" / "scene_lines.ply"
+    assert summary["export"] == [str(ply), str(lines_ply)]
+    out = capsys.readouterr().out
+    assert json.loads(out.strip().splitlines()[-1]) == summary and str(lines_ply) in out
+    # the library's solve, drawn by the same layers
+    ba = ba_objective(scene.problem, None, gauge_weight=None)
+    lm = core.LevenbergMarquardt(max_iters=50, damping_mode="marquardt", damping_init=1e-4,
+                                 abs_tol=0.0)
+    values = ba.optimizer(lm).solve(ba.objective, ba.init).values
+    cloud, frustum = viz.problem_layers(values_to_cameras(values)[0], values["points"][0])
+    scale = max(1.0, float(np.abs(cloud.points).max()))
+    back = o3d.io.read_point_cloud(str(ply))
+    assert np.asarray(back.points).shape == (80, 3)
+    np.testing.assert_allclose(np.asarray(back.points), cloud.points, atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(back.colors), cloud.point_colors, atol=1 / 255)
+    line_set = o3d.io.read_line_set(str(lines_ply))
+    assert np.asarray(line_set.points).shape == (5 * 8, 3)
+    assert np.array_equal(np.asarray(line_set.lines), frustum.segments)
+    np.testing.assert_allclose(np.asarray(line_set.points), frustum.line_points, atol=1e-5 * scale)
