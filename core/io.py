@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import bz2
 import os
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 PathLike = str | os.PathLike[str]
+Information = Literal["strict", "nearest", "diagonal"]
 
 __all__ = [
     "BALProblem",
@@ -54,6 +57,12 @@ _SE3_INFO_SCALE = (1.0, 1.0, 1.0, 0.5, 0.5, 0.5)
 _QUAT_MIN_NORM = 1e-6
 # Quaternions already unit to working precision are kept bit-for-bit (exact write/read round trip).
 _QUAT_UNIT_TOL = 1e-14
+# Repaired information matrices get eigenvalues (or diagonal entries) of at least
+# max(_INFO_FLOOR_REL * largest magnitude, _INFO_FLOOR_ABS): positive definite and well
+# conditioned enough for a Cholesky factorization.
+_INFO_FLOOR_REL = 1e-9
+_INFO_FLOOR_ABS = 1e-12
+_INFORMATION_CHOICES = ("strict", "nearest", "diagonal")
 _FLOAT_FMT = "%.17g"
 
 
@@ -222,12 +231,15 @@ def _is_bz2(path: PathLike) -> bool:
 
 
 def _read_text(path: PathLike) -> str:
-    """Whole file as text; ``.bz2`` files are decompressed. Non-UTF-8 bytes raise ValueError."""
+    """Whole file as text; ``.bz2`` files are decompressed. Non-UTF-8 bytes, and a truncated or
+    corrupt ``.bz2`` file, raise ValueError (a missing file stays ``FileNotFoundError``)."""
+    data = Path(path).read_bytes()
     if _is_bz2(path):
-        with bz2.open(path, "rb") as f:
-            data = f.read()
-    else:
-        data = Path(path).read_bytes()
+        try:
+            data = bz2.decompress(data)
+        except (OSError, EOFError, ValueError) as exc:
+            raise _error(path, None, f"not a valid bzip2 file (truncated or corrupt: {exc})"
+                         ) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -332,20 +344,26 @@ def _parse_records(rows: list[list[str]], lines: list[int], nids: int, nvals: in
 def _to_storage(vals: np.ndarray, lines: Sequence[int], dim: int, path: PathLike) -> np.ndarray:
     """File pose values ``(R, 3)`` (x, y, theta) or ``(R, 7)`` -> storage layout ``(R, 4|7)``.
 
-    SE3 quaternions are normalized (kept as is when already unit to working precision); a
-    quaternion of norm below 1e-6 raises.
+    SE3 quaternions are normalized (kept as is when already unit to working precision); the
+    norm is computed after dividing by the largest component, so any finite quaternion (1e300
+    components included) normalizes without overflow; a quaternion of norm below 1e-6 raises.
     """
     if dim == 2:
         theta = vals[:, 2]
         return np.stack([vals[:, 0], vals[:, 1], np.cos(theta), np.sin(theta)], axis=1)
     quat = vals[:, 3:7]
-    norm = np.sqrt(np.sum(quat * quat, axis=1))
+    biggest = np.abs(quat).max(axis=1, initial=0.0)
+    scaled = quat / np.where(biggest > 0, biggest, 1.0)[:, None]
+    scaled_norm = np.sqrt(np.sum(scaled * scaled, axis=1))  # in [1, 2]: scaled is in [-1, 1]
+    with np.errstate(over="ignore"):
+        norm = biggest * scaled_norm  # inf for norms beyond float64: only compared below
     bad = norm < _QUAT_MIN_NORM
     if bad.any():
         k = int(np.argmax(bad))
         raise _error(path, lines[k], f"quaternion norm {norm[k]:.3g} is (near) zero")
-    norm = np.where(np.abs(norm - 1.0) <= _QUAT_UNIT_TOL, 1.0, norm)
-    return np.concatenate([vals[:, :3], quat / norm[:, None]], axis=1)
+    unit = np.abs(norm - 1.0) <= _QUAT_UNIT_TOL
+    quat = np.where(unit[:, None], quat, scaled / np.where(unit, 1.0, scaled_norm)[:, None])
+    return np.concatenate([vals[:, :3], quat], axis=1)
 
 
 def _from_storage(poses: np.ndarray, dim: int) -> np.ndarray:
@@ -390,32 +408,103 @@ def _edge_rows(sorted_ids: np.ndarray, eids: np.ndarray, elines: list[int], path
     return rows.astype(np.int64)
 
 
-def _check_positive_definite(tangent_info: np.ndarray, elines: list[int], path: PathLike
-                             ) -> None:
-    """Raise at the first edge whose information ``(E, D, D)`` is not positive definite."""
+def _not_positive_definite(tangent_info: np.ndarray) -> np.ndarray:
+    """``(E,)`` bool: information ``(E, D, D)`` whose Cholesky factorization fails or is not
+    finite (entries so large that the factor overflows)."""
     if tangent_info.shape[0] == 0:
-        return
-    _, status = torch.linalg.cholesky_ex(torch.from_numpy(tangent_info))
-    bad = (status != 0).numpy()
-    if bad.any():
-        k = int(np.argmax(bad))
-        raise _error(path, elines[k], "information matrix is not positive definite")
+        return np.zeros(0, dtype=bool)
+    factor, status = torch.linalg.cholesky_ex(torch.from_numpy(tangent_info))
+    finite = torch.isfinite(factor).flatten(1).all(1)
+    return ((status != 0) | ~finite).numpy()
 
 
-def read_g2o(path: PathLike) -> PoseGraph:
+def _floor(magnitude: np.ndarray) -> np.ndarray:
+    """The smallest eigenvalue (or diagonal entry) a repaired matrix keeps, ``(E,)``."""
+    return np.maximum(_INFO_FLOOR_REL * magnitude, _INFO_FLOOR_ABS)
+
+
+def _repair_information(info: np.ndarray, how: Information) -> np.ndarray:
+    """Positive-definite replacements for symmetric matrices ``(E, D, D)``.
+
+    ``"nearest"``: the nearest symmetric positive-(semi)definite matrix in the Frobenius norm
+    (Higham 1988: negative eigenvalues set to zero) with eigenvalues raised to a small floor
+    (``1e-9`` times the largest eigenvalue magnitude, at least ``1e-12``); ``"diagonal"``: the
+    diagonal only, entries raised to the same kind of floor (relative to the largest diagonal
+    magnitude). May return non-finite values when the entries are too large (~1e300) to work with.
+    """
+    if how == "diagonal":
+        diag = np.diagonal(info, axis1=1, axis2=2)
+        floor = _floor(np.abs(diag).max(axis=1))
+        return np.eye(info.shape[1]) * np.maximum(diag, floor[:, None])[:, :, None]
+    with np.errstate(all="ignore"):
+        lam, vec = np.linalg.eigh(info)
+        lam = np.maximum(lam, _floor(np.abs(lam).max(axis=1))[:, None])
+        out = (vec * lam[:, None, :]) @ np.swapaxes(vec, 1, 2)
+    return 0.5 * (out + np.swapaxes(out, 1, 2))
+
+
+def _checked_information(graph: PoseGraph, elines: list[int], information: Information,
+                         path: PathLike) -> PoseGraph:
+    """``graph`` if every information matrix is positive definite; else an error (``"strict"``)
+    or a copy with those matrices repaired (``"nearest"``/``"diagonal"``) and a warning."""
+    bad = _not_positive_definite(graph.tangent_information().numpy())
+    if not bad.any():
+        return graph
+    first = int(np.argmax(bad))
+    if information == "strict":
+        raise _error(path, elines[first], "information matrix is not positive definite (pass "
+                     "read_g2o(..., information='nearest') or information='diagonal' to repair "
+                     "such edges)")
+    info = graph.information.numpy().copy()
+    info[bad] = _repair_information(info[bad], information)
+    repaired = replace(graph, information=torch.from_numpy(info))
+    still = _not_positive_definite(repaired.tangent_information().numpy())
+    if still.any():
+        k = int(np.argmax(still))
+        raise _error(path, elines[k], f"information matrix is not positive definite and "
+                     f"information={information!r} could not repair it (values too large)")
+    warnings.warn(f"{os.fspath(path)}: information={information!r} replaced {int(bad.sum())} of "
+                  f"{bad.size} information matrices that were not positive definite (first at "
+                  f"line {elines[first]})", stacklevel=3)
+    return repaired
+
+
+def _check_self_loops(ij: np.ndarray, eids: np.ndarray, elines: list[int], path: PathLike
+                      ) -> None:
+    """Raise at the first edge ``(E, 2)`` joining a pose to itself."""
+    loop = ij[:, 0] == ij[:, 1]
+    if loop.any():
+        k = int(np.argmax(loop))
+        raise _error(path, elines[k], f"edge joins vertex {int(eids[k, 0])} to itself")
+
+
+def read_g2o(path: PathLike, information: Information = "strict") -> PoseGraph:
     """Read a 2D (VERTEX_SE2/EDGE_SE2) or 3D (VERTEX_SE3:QUAT/EDGE_SE3:QUAT) g2o pose graph.
 
     ``FIX`` records, blank lines and ``#`` comments are ignored. Rows of ``poses`` are sorted by
-    vertex id; edge ``i``/``j`` are row indices. ``.bz2`` files are decompressed.
+    vertex id; edge ``i``/``j`` are row indices. ``.bz2`` files are decompressed. Quaternions are
+    normalized (any finite non-zero quaternion; see ``_to_storage``).
+
+    Args:
+        path: the file.
+        information: what to do with an edge whose information matrix is not positive definite
+            (some public benchmarks have such edges): ``"strict"`` (default) raises;
+            ``"nearest"`` replaces it by the nearest positive-definite matrix (eigenvalues
+            clipped to a small positive floor, see ``_repair_information``); ``"diagonal"``
+            keeps only its diagonal, clipped to that floor. Both warn with the number of edges
+            they changed; positive-definite matrices are never changed.
 
     Raises:
         ValueError: ``"{path}:{lineno}: ..."`` on any malformed record (unknown tag, wrong
             field count, non-numeric or non-finite value, duplicate or unknown vertex id,
-            mixed 2D/3D, zero quaternion, information not positive definite);
-            ``"{path}: no vertices"`` for a file without vertices.
+            mixed 2D/3D, zero quaternion, self-loop edge, information not positive definite);
+            ``"{path}: ..."`` for a file without vertices or a corrupt ``.bz2`` file.
             Tag and field-count problems are reported at the first such line; value problems
             at an offending line (checks run per record kind, not strictly in file order).
     """
+    if information not in _INFORMATION_CHOICES:
+        raise ValueError(f"read_g2o: information must be one of {_INFORMATION_CHOICES}, "
+                         f"got {information!r}")
     rec = _scan_g2o(_read_text(path), path)
     if rec.dim is None or not rec.vertex_rows:
         raise _error(path, None, "no vertices")
@@ -427,7 +516,8 @@ def read_g2o(path: PathLike) -> PoseGraph:
     poses = _to_storage(vvals, rec.vertex_lines, dim, path)[order]
     ij = _edge_rows(sorted_ids, eids, rec.edge_lines, path)
     measurements = _to_storage(evals[:, :fp], rec.edge_lines, dim, path)
-    information = _symmetric_from_upper(evals[:, fp:], d)
+    _check_self_loops(ij, eids, rec.edge_lines, path)
+    information_ = _symmetric_from_upper(evals[:, fp:], d)
     graph = PoseGraph(
         dim=dim,
         poses=torch.from_numpy(np.ascontiguousarray(poses)),
@@ -435,10 +525,9 @@ def read_g2o(path: PathLike) -> PoseGraph:
         i=torch.from_numpy(np.ascontiguousarray(ij[:, 0])),
         j=torch.from_numpy(np.ascontiguousarray(ij[:, 1])),
         measurements=torch.from_numpy(np.ascontiguousarray(measurements)),
-        information=torch.from_numpy(information),
+        information=torch.from_numpy(information_),
     )
-    _check_positive_definite(graph.tangent_information().numpy(), rec.edge_lines, path)
-    return graph
+    return _checked_information(graph, rec.edge_lines, information, path)
 
 
 def _format_rows(prefix: str, ints: np.ndarray, vals: np.ndarray) -> list[str]:
@@ -545,7 +634,8 @@ def read_bal(path: PathLike) -> BALProblem:
 
     Raises:
         ValueError: ``"{path}:{lineno}: ..."`` for a bad header, non-numeric or non-finite
-            values, out-of-range indices, a truncated file or trailing data.
+            values, out-of-range indices, a camera with focal length 0, a truncated file or
+            trailing data; ``"{path}: ..."`` for a corrupt ``.bz2`` file.
     """
     text = _read_text(path)
     c, p, o, header_end = _bal_header(text, path)
@@ -566,6 +656,12 @@ def read_bal(path: PathLike) -> BALProblem:
     _check_bal_index(text, cam_idx, c, 0, "camera", path)
     _check_bal_index(text, pt_idx, p, 1, "point", path)
     params = _bal_array(text, body[4 * o:], first + 4 * o, 1, np.float64, path)
+    focal = params[6: 9 * c: 9]
+    if (focal == 0).any():
+        k = int(np.argmax(focal == 0))
+        lineno = _token_line(text, first + 4 * o + 9 * k + 6)
+        raise _error(path, lineno, f"camera {k} has focal length 0 (every point would project "
+                     "to the image centre)")
     return BALProblem(
         cameras=torch.from_numpy(params[: 9 * c].reshape(c, 9).copy()),
         points=torch.from_numpy(params[9 * c:].reshape(p, 3).copy()),

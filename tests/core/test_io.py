@@ -84,7 +84,7 @@ def synthetic_graph(dim: int, seed: int = 0) -> PoseGraph:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.tensor([-4, 0, 3, 17, 1000000000000], dtype=torch.int64)
     i = torch.tensor([0, 1, 2, 3, 4, 0, 2], dtype=torch.int64)
-    j = torch.tensor([1, 2, 3, 4, 0, 3, 2], dtype=torch.int64)
+    j = torch.tensor([1, 2, 3, 4, 0, 3, 4], dtype=torch.int64)
     sample = random_se3 if dim == 3 else random_se2
     d = 6 if dim == 3 else 3
     return PoseGraph(
@@ -417,6 +417,14 @@ G2O_ERRORS = {
         "not positive definite",
     ),
     "zero quaternion": (V3.format(0) + "VERTEX_SE3:QUAT 1 0 0 0 0 0 0 0\n", 2, "quaternion"),
+    "self-loop 2d": (V2.format(0) + V2.format(1) + E2.format(0, 1) + E2.format(1, 1), 4,
+                     "joins vertex 1 to itself"),
+    "self-loop 3d": (V3.format(0) + V3.format(1) + E3.format(0, 0), 3, "to itself"),
+    "indefinite names the option": (
+        V2.format(0) + V2.format(1) + "EDGE_SE2 0 1 1 0 0 1 2 0 1 0 1\n",
+        3,
+        "information='nearest'",
+    ),
     "zero measurement quaternion": (
         V3.format(0) + "EDGE_SE3:QUAT 0 0 0 0 0 0 0 0 0 " + INFO3,
         2,
@@ -489,6 +497,11 @@ BAL_ERRORS = {
         "'1e' is not a number",
     ),
     "nan parameter": ("2 3 2\n" + BAL_OBS + "0.5\n" * 26 + "nan\n", 30, "non-finite"),
+    "zero focal length": (
+        "2 3 2\n" + BAL_OBS + "0.5\n" * 15 + "0\n" + "0.5\n" * 11,
+        19,
+        "camera 1 has focal length 0",
+    ),
     "earliest bad observation token": (
         "2 3 2\n0 0 1 x\n1 0.5 3 4\n" + BAL_GOOD_PARAMS,
         2,
@@ -529,3 +542,85 @@ def test_read_bal_bz2_error_line(tmp_path: Path) -> None:
     path.write_bytes(bz2.compress(("2 3 2\n0 0 1 2\n1 2 3 4\n" + "0.5\n" * 26).encode()))
     with pytest.raises(ValueError, match=error_at(path, 29) + "unexpected end of file"):
         read_bal(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Overflow, corrupt compression, information repair
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("big", [1e154, 1e200, 1.7e308])
+def test_huge_quaternion_normalizes(tmp_path: Path, big: float) -> None:
+    """Components whose squares overflow still give the unit quaternion they point along."""
+    text = V3.format(0) + f"VERTEX_SE3:QUAT 1 0 0 0 0 0 {big!r} {big!r}\n"
+    g = read_g2o(write(tmp_path, text, "q.g2o"))
+    half = 0.5**0.5
+    torch.testing.assert_close(g.poses[1, 3:], torch.tensor([0, 0, half, half],
+                                                            dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reader, name, text", [
+    (read_g2o, "g.g2o.bz2", V2.format(0) + V2.format(1) + E2.format(0, 1)),
+    (read_bal, "b.txt.bz2", "2 3 2\n" + BAL_OBS + BAL_GOOD_PARAMS),
+])
+@pytest.mark.parametrize("damage", ["truncated", "not bzip2", "empty-ish"])
+def test_corrupt_bz2_names_the_file(tmp_path: Path, reader, name: str, text: str,
+                                    damage: str) -> None:
+    data = bz2.compress(text.encode())
+    data = {"truncated": data[: len(data) // 2], "not bzip2": text.encode(),
+            "empty-ish": data[:4]}[damage]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=error_at(path, None) + "not a valid bzip2 file"):
+        reader(path)
+
+
+def indefinite_graph(tmp_path: Path) -> tuple[Path, PoseGraph, torch.Tensor]:
+    """sphere2500-like synthetic SE3 graph (a noisy loop) with 3 of its edges' information made
+    indefinite; returns the file, the clean graph and the mask of the damaged edges."""
+    gen = torch.Generator().manual_seed(3)
+    n = 12
+    truth = random_se3(n, gen)
+    i = torch.cat([torch.arange(n - 1), torch.tensor([0, 3, 5, 0])])
+    j = torch.cat([torch.arange(1, n), torch.tensor([6, 9, 11, 11])])
+    from core.lie import se3
+
+    z = se3.compose(se3.inverse(truth[i]), truth[j])
+    z = se3.retract(z, 0.01 * torch.randn(len(i), 6, generator=gen, dtype=torch.float64))
+    info = random_spd(len(i), 6, gen)
+    bad = torch.zeros(len(i), dtype=torch.bool)
+    bad[[2, 7, 13]] = True
+    info[bad, 5, 5] = -3.0  # indefinite
+    graph = PoseGraph(3, se3.retract(truth, 0.1 * torch.randn(n, 6, generator=gen,
+                                                                 dtype=torch.float64)),
+                      torch.arange(n), i, j, z, info)
+    path = tmp_path / "indefinite.g2o"
+    write_g2o(path, graph)
+    return path, graph, bad
+
+
+@pytest.mark.parametrize("information", ["nearest", "diagonal"])
+def test_indefinite_information_repaired_and_solves(tmp_path: Path, information: str) -> None:
+    import core
+
+    path, clean, bad = indefinite_graph(tmp_path)
+    with pytest.raises(ValueError, match=error_at(path, 15) + ".*information='nearest'"):
+        read_g2o(path)
+    with pytest.warns(UserWarning, match=f"information='{information}' replaced 3 of 15"):
+        g = read_g2o(path, information=information)
+    assert torch.equal(g.information[~bad], clean.information[~bad])  # good edges untouched
+    assert torch.isfinite(g.sqrt_information()).all()
+    torch.testing.assert_close(g.information, g.information.mT, rtol=0, atol=0)
+    poses = core.Variable("poses", core.SE3, count=g.num_poses)
+    between = core.costs.Between(poses, g.i, g.j, g.measurements, sqrt_info=g.sqrt_information())
+    prior = core.costs.Prior(poses, g.poses[0], index=0, sqrt_info=1e3)
+    sol = core.LevenbergMarquardt(max_iters=50).solve(core.Objective([between, prior]),
+                                                      {"poses": g.poses[None]})
+    assert sol.info.status_names == ["converged"]
+    assert torch.isfinite(sol.info.final_cost).all()
+    assert float(sol.info.final_cost[0]) < 1e-2 * float(sol.info.initial_cost[0])
+
+
+def test_read_g2o_rejects_unknown_information_choice(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="information must be one of"):
+        read_g2o(write(tmp_path, V2.format(0), "g.g2o"), information="lenient")  # type: ignore
