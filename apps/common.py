@@ -19,7 +19,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-S = TypeVar("S")
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_JSON = "metrics.json"
@@ -130,6 +129,20 @@ def shard(items: Sequence[T], d: Dist) -> list[T]:
     return list(items[d.rank :: d.world_size])
 
 
+def roc_auc(score: Tensor, positive: Tensor) -> float:
+    """Area under the ROC curve of ``score (N,)`` for the labels ``positive (N,)`` (ties count
+    half), by ranks (Mann-Whitney U); NaN when a class is empty."""
+    pos, neg = int(positive.sum()), int((~positive).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(score.double().cpu(), return_inverse=True,
+                                      return_counts=True)
+    first = counts.cumsum(0) - counts  # 0-based rank of each distinct value's first element
+    mid_rank = (first + (counts - 1) / 2.0 + 1)[inverse]  # average rank, 1-based
+    u = float(mid_rank[positive.cpu()].sum()) - pos * (pos + 1) / 2
+    return u / (pos * neg)
+
+
 def all_reduce_sum(values: Sequence[float], d: Dist) -> list[float]:
     """Sum ``values`` over ranks (identity when not distributed)."""
     if not d.enabled:
@@ -170,26 +183,37 @@ def output_dir(configured: str | None = None) -> Path:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic)."""
+    """``write(tmp_path)`` then rename over ``path`` (same folder, so the rename is atomic). The
+    file gets the permissions of a plainly created file (``0666`` less the umask; ``mkstemp``'s
+    own are ``0600``). A temp file left by a killed writer is named ``.<name>.<random>``:
+    :func:`remove_stale_temps` removes those."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def spec_from_config(spec: type[S], cfg: Any) -> S:
-    """The generator settings dataclass ``spec`` from a ``data`` config holding its fields
-    (OmegaConf lists become the spec's tuples)."""
-    kwargs = {}
-    for f in fields(spec):  # type: ignore[arg-type]
-        v = getattr(cfg, f.name)
-        kwargs[f.name] = v if isinstance(v, str | int | float) else tuple(v)
-    return spec(**kwargs)
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files :func:`atomic_write` left next to ``path`` when a writer was killed
+    (``.<name>.<random>``); returns them."""
+    stale = [p for p in path.parent.glob(f".{path.name}.*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.warning("removed %d temp file(s) of an interrupted write of %s", len(stale), path)
+    return stale
 
 
 def cached(
@@ -410,3 +434,13 @@ class WeightNet(nn.Module):
         x = (features - self.mean) / self.std
         logit = self.mlp(x.to(self.log_scale.dtype))[:, 0]
         return torch.sigmoid(logit), self.log_scale.exp()
+
+
+def weights_per_item(model: nn.Module, features: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """A :class:`WeightNet` (possibly wrapped in DistributedDataParallel) over the items' features
+    ``[(N_k, F)]`` in one forward (DDP's contract: one forward per step, also on a rank with no
+    item): the weights split back per item ``[(N_k,)]`` and the scale ``()``."""
+    net = unwrap_model(model)
+    x = torch.cat(list(features)) if features else net.mean.new_zeros(0, net.mean.shape[0])
+    weights, scale = model(x)
+    return list(torch.split(weights, [f.shape[0] for f in features])), scale

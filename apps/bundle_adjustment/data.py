@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from apps.common import cached
+from apps.common import cached, roc_auc
 from core.io import BALProblem
 from core.lie import so3
 
@@ -381,20 +381,6 @@ def make_scene(spec: SceneSpec, seed: int, layout: str | None = None) -> Scene:
 # ------------------------------------------------------------------------------------------
 # feature quality
 # ------------------------------------------------------------------------------------------
-
-
-def roc_auc(score: Tensor, positive: Tensor) -> float:
-    """Area under the ROC curve of ``score`` for the labels ``positive`` (ties count half), by
-    ranks (Mann-Whitney U)."""
-    pos, neg = int(positive.sum()), int((~positive).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    values, inverse, counts = torch.unique(score.double(), return_inverse=True,
-                                           return_counts=True)
-    first = counts.cumsum(0) - counts  # 0-based rank of each distinct value's first element
-    mid_rank = (first + (counts - 1) / 2.0 + 1)[inverse]  # average rank, 1-based
-    u = float(mid_rank[positive].sum()) - pos * (pos + 1) / 2
-    return u / (pos * neg)
 
 
 def inlier_log_likelihood_ratio(features: Tensor, spec: SceneSpec) -> Tensor:

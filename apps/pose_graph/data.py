@@ -532,16 +532,6 @@ def _tangent_information(information: Tensor, dim: int) -> Tensor:
     return information * s[:, None] * s[None, :]
 
 
-def roc_auc(score: Tensor, positive: Tensor) -> float:
-    """Area under the ROC curve of ``score`` for the labels ``positive`` (ties count half)."""
-    pos, neg = score[positive], score[~positive]
-    if pos.numel() == 0 or neg.numel() == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).double().mean()
-    ties = (pos[:, None] == neg[None, :]).double().mean()
-    return float(greater + 0.5 * ties)
-
-
 # ------------------------------------------------------------------------------------------
 # data sets with a disk cache
 # ------------------------------------------------------------------------------------------

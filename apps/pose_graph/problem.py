@@ -13,12 +13,16 @@ first pose on the truth's first pose.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 import core
+from apps.config import make_layer
+from apps.pose_graph.data import Sample
 from core.io import PoseGraph
 
 LossKind = str  # "huber" | "cauchy" | "welsch" | "geman_mcclure" (core.loss.LossKind)
@@ -54,17 +58,6 @@ def pose_graph_objective(
     )
     init = {"poses": graph.poses[None].clone()}
     return core.Objective([between, prior]), init
-
-
-def to_dtype(graph: PoseGraph, dtype: torch.dtype) -> PoseGraph:
-    """The graph with real tensors cast to ``dtype``."""
-    return graph.to(dtype=dtype)
-
-
-def odometry_mask(graph: PoseGraph) -> Tensor:
-    """``(E,)`` bool: edges ``(k, k + 1)`` between consecutive poses (the odometry of a g2o file
-    whose vertices are numbered along the trajectory); the others are loop closures."""
-    return graph.j == graph.i + 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,13 +130,28 @@ class GraphProblem:
         return core.RobustLoss(self.loss, scale)(s)[1]  # type: ignore[arg-type]
 
 
-def make_layer(objective: core.Objective, optimizer: core.LevenbergMarquardt,
-               backward: str = "implicit", backward_iters: int = 5,
-               implicit_hessian: str = "gauss_newton") -> core.OptimizationLayer:
-    """The differentiable layer over ``objective``."""
-    return core.OptimizationLayer(objective, optimizer, backward=backward,  # type: ignore[arg-type]
-                                  backward_iters=backward_iters,
-                                  implicit_hessian=implicit_hessian)  # type: ignore[arg-type]
+@dataclass
+class Graphs:
+    """Samples on the device with their problems and layers (built once, reused every epoch)."""
+
+    samples: list[Sample]
+    problems: list[GraphProblem]
+    layers: list[core.OptimizationLayer]
+
+
+def build_graphs(samples: Sequence[Sample], loss: LossKind, cfg: Any, device: torch.device
+                 ) -> Graphs:
+    """Each sample on ``device``, its :class:`GraphProblem` with robust loss ``loss`` and its
+    layer as ``cfg.optimizer`` and ``cfg.solver`` say."""
+    moved, problems, layers = [], [], []
+    for s in samples:
+        s = Sample(s.graph.to(device), s.truth.to(device), s.is_loop.to(device),
+                   s.is_outlier.to(device), s.features.to(device), s.kind)
+        p = GraphProblem.build(s.graph, s.is_loop, loss, cfg.prior_sqrt_info)
+        moved.append(s)
+        problems.append(p)
+        layers.append(make_layer(p.objective, cfg))
+    return Graphs(moved, problems, layers)
 
 
 # ------------------------------------------------------------------------------------------
@@ -187,3 +195,45 @@ def pose_loss(est: Tensor, truth: Tensor, space: core.LieGroup) -> Tensor:
     """``(B,)`` the training loss: RMS over poses of the tangent error (metres and radians)."""
     e = pose_error(est, truth, space)
     return (e.pow(2).sum(-1).mean(-1) + 1e-12).sqrt()
+
+
+@dataclass
+class Scores:
+    """Sums over graphs (combined across ranks by summing), turned into metrics by
+    :meth:`metrics`."""
+
+    graphs: float = 0.0
+    ate: float = 0.0
+    rpe: float = 0.0
+    loss: float = 0.0
+    time_s: float = 0.0
+    tp: float = 0.0
+    fp: float = 0.0
+    fn: float = 0.0
+
+    def add(self, est: Tensor, sample: Sample, time_s: float, rejected: Tensor | None) -> None:
+        """Add one graph's solution ``est (1, N, S)``; ``rejected (L,)``: the loop closures
+        a method rejects (None: not scored)."""
+        space = sample.space
+        self.graphs += 1
+        self.ate += float(ate(est, sample.truth, space)[0])
+        self.rpe += float(rpe(est, sample.truth, space)[0])
+        self.loss += float(pose_loss(est, sample.truth, space)[0])
+        self.time_s += time_s
+        if rejected is not None:
+            out = sample.loop_outlier.to(rejected.device)
+            self.tp += float((rejected & out).sum())
+            self.fp += float((rejected & ~out).sum())
+            self.fn += float((~rejected & out).sum())
+
+    def metrics(self, suffix: str = "") -> dict[str, float]:
+        n = max(self.graphs, 1.0)
+        detected = self.tp + self.fp
+        return {
+            f"ate{suffix}": self.ate / n,
+            f"rpe{suffix}": self.rpe / n,
+            f"loss{suffix}": self.loss / n,
+            f"solve_time_s{suffix}": self.time_s / n,
+            f"outlier_precision{suffix}": self.tp / detected if detected else 1.0,
+            f"outlier_recall{suffix}": self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0,
+        }

@@ -1,4 +1,5 @@
-"""Shared by the app tests."""
+"""Shared by the app tests: composing an app's config through Hydra's compose API, comparing two
+runs' metrics, and launching an app under torchrun."""
 
 from __future__ import annotations
 
@@ -12,10 +13,21 @@ from typing import Any
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
-from apps import common
+from apps.config import conf_dir
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose_app(app: str, out: Path, *overrides: str, cache: Path | None = None) -> DictConfig:
+    """``app``'s smoke preset writing into ``out`` (threads left alone: the test process is
+    shared), composed through Hydra's compose API."""
+    cache = cache or out / "cache"
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        return compose(app, overrides=["preset=smoke", f"out_dir={out}", f"cache_dir={cache}",
+                                       "threads=null", *overrides])
 
 
 def _without_times(x: Any) -> Any:
@@ -36,33 +48,23 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+def runs_agree(a: Any, b: Any) -> bool:
+    """Two runs' metric records agree once timings (keys holding ``time_s``, e.g.
+    ``solve_time_s_baseline``) are dropped, floats to 1e-9 (CUDA's atomic scatter-adds reorder
+    sums: a resumed GPU run differed from an uninterrupted one in the 14th digit)."""
+    return _same(_without_times(a), _without_times(b))
+
+
+@pytest.fixture(scope="session")
+def app_config() -> Callable[..., DictConfig]:
+    """``app_config(app, out, *overrides, cache=None)``: see :func:`compose_app`."""
+    return compose_app
+
+
 @pytest.fixture
 def same_run() -> Callable[[Any, Any], bool]:
-    """``same_run(a, b)``: two runs' metric records agree once timings (keys holding
-    ``time_s``, e.g. ``solve_time_s_baseline``) are dropped, floats to 1e-9 (CUDA's atomic
-    scatter-adds reorder sums: a resumed GPU run differed from an uninterrupted one in the 14th
-    digit)."""
-    return lambda a, b: _same(_without_times(a), _without_times(b))
-
-
-@pytest.fixture
-def resumed_equals_straight(same_run) -> Callable[..., None]:
-    """``check(run, config, tmp_path)``: 2 epochs straight equal 1 epoch, then ``resume=true`` to
-    2, in metrics and history (``config(folder, *overrides, cache=...)`` composes the app's
-    config, ``run`` trains)."""
-
-    def check(run: Callable[[Any], dict], config: Callable[..., Any], tmp_path: Path) -> None:
-        straight, split, cache = tmp_path / "straight", tmp_path / "split", tmp_path / "cache"
-        full = run(config(straight, "epochs=2", cache=cache))
-        first = run(config(split, "epochs=1", cache=cache))
-        assert len(first["history"]) == 1
-        resumed = run(config(split, "epochs=2", "resume=true", cache=cache))
-        assert same_run(resumed["history"], full["history"])
-        assert same_run(resumed["val"], full["val"])
-        state = common.load_checkpoint(split / "checkpoint.pt")
-        assert state is not None and state["epoch"] == 2
-
-    return check
+    """``same_run(a, b)``: see :func:`runs_agree`."""
+    return runs_agree
 
 
 @pytest.fixture
@@ -77,7 +79,7 @@ def torchrun_two_ranks() -> Callable[..., dict]:
     def launch(module: str, run_dir: Path, *overrides: str) -> dict:
         device = "auto" if torch.cuda.device_count() >= 2 else "cpu"
         command = [torchrun, "--standalone", "--nproc_per_node=2", "-m", module,
-                   f"device={device}", "preset=smoke", "data.num_val=2", *overrides,
+                   f"device={device}", "preset=smoke", "num_val=2", *overrides,
                    f"hydra.run.dir={run_dir}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,

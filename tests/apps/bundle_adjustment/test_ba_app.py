@@ -1,7 +1,7 @@
-"""The bundle-adjustment app: smoke runs through Hydra's compose API, resume equivalence, the
-scene generator's invariants, the metrics and the implicit gradient, bad input, a BAL write/read
-round trip, the solve CLI against Ceres (or GTSAM) on dubrovnik-3-7 and a 50-camera synthetic
-problem, and the picture's fallback."""
+"""The bundle-adjustment app's own tests (the shared contract is ``tests/apps/test_contract.py``):
+smoke runs with a picture and with other solvers, the scene generator's invariants, the metrics
+and the implicit gradient, bad input, a BAL write/read round trip, the solve CLI against Ceres (or
+GTSAM) on dubrovnik-3-7 and a 50-camera synthetic problem, and the picture's fallback."""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 import core
-from apps import common
 from apps.bundle_adjustment import train, viz
 from apps.bundle_adjustment.data import (
     FEATURES,
@@ -28,7 +26,6 @@ from apps.bundle_adjustment.data import (
     make_dataset,
     make_scene,
     project,
-    roc_auc,
 )
 from apps.bundle_adjustment.model import ObservationWeightNet
 from apps.bundle_adjustment.problem import (
@@ -40,6 +37,7 @@ from apps.bundle_adjustment.problem import (
     umeyama,
 )
 from apps.bundle_adjustment.solve import main as solve_main
+from apps.common import roc_auc
 from core import io
 from core.costs import bal_to_variables
 from core.lie import so3
@@ -53,22 +51,8 @@ SMALL = SceneSpec(num_cameras=6, num_points=40, track=(4, 6))
 
 
 # ------------------------------------------------------------------------------------------
-# fixtures
+# helpers
 # ------------------------------------------------------------------------------------------
-
-
-def smoke_config(tmp: Path, *overrides: str, cache: Path | None = None):
-    """The smoke preset writing into ``tmp`` (threads left alone: the test process is shared)."""
-    cache = cache or tmp / "cache"
-    with initialize_config_dir(config_dir=str(train.CONF), version_base=None):
-        return compose(train.APP, overrides=["preset=smoke", f"out_dir={tmp}",
-                                             f"cache_dir={cache}", "threads=null", *overrides])
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("smoke")
-    return out, train.run(smoke_config(out))
 
 
 def _truth_values(scene: Scene) -> dict[str, torch.Tensor]:
@@ -79,55 +63,30 @@ def _truth_values(scene: Scene) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------
-# smoke and resume
+# the app's own runs (the contract is tests/apps/test_contract.py)
 # ------------------------------------------------------------------------------------------
 
 
-def test_smoke_run_writes_outputs(smoke_run: tuple[Path, dict]) -> None:
-    out, doc = smoke_run
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved == json.loads(json.dumps(doc))
-    assert saved["app"] == "bundle_adjustment" and saved["epochs"] == 1
-    assert VAL_KEYS <= set(saved["val"])
-    assert all(math.isfinite(saved["val"][k]) for k in VAL_KEYS)
-    assert {"rot_err_deg_oracle", "feature_auc", "weight_auc", "rot_err_ratio"} <= set(
-        saved["val"])
-    assert saved["train_time_s"] >= 0 and saved["baseline"]["huber"]["scale"] in (1.0, 4.0)
-    history = saved["history"]
-    assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
-    assert {"epoch", "train_loss", "val_rot_err_deg", "val_center_err"} <= set(history[0])
-    rows = (out / "metrics.csv").read_text().strip().splitlines()
-    assert len(rows) == 2 and rows[0].startswith("epoch,train_loss")
-    assert (out / "checkpoint.pt").is_file() and (out / "curves.png").stat().st_size > 0
-    state = common.load_checkpoint(out / "checkpoint.pt")
-    assert state is not None and state["epoch"] == 1
-    assert not list(out.glob(".*"))  # no temporary files left behind
-
-
-def test_smoke_with_picture_and_residual_weights(tmp_path: Path) -> None:
-    doc = train.run(smoke_config(tmp_path, "viz=true", "model.weight_mode=residual",
-                                 "baseline.oracle=false", "solver=dense"))
+def test_smoke_with_picture_and_residual_weights(tmp_path: Path, app_config) -> None:
+    doc = train.run(app_config("bundle_adjustment", tmp_path, "viz=true",
+                               "model.weight_mode=residual", "baseline.oracle=false",
+                               "solver.reduced=dense"))
     assert VAL_KEYS <= set(doc["val"]) and math.isfinite(doc["val"]["rot_err_deg"])
     assert "rot_err_deg_oracle" not in doc["val"]
     assert (tmp_path / "reconstruction.png").stat().st_size > 0
 
 
-def test_resume_matches_uninterrupted_run(tmp_path: Path, resumed_equals_straight) -> None:
-    resumed_equals_straight(train.run, smoke_config, tmp_path)
-
-
-def test_cli_smoke(tmp_path: Path) -> None:
-    """``python -m apps.bundle_adjustment preset=smoke`` end to end (Hydra's run folder)."""
-    run = subprocess.run([sys.executable, "-m", "apps.bundle_adjustment", "preset=smoke",
-                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert VAL_KEYS <= set(saved["val"])
+def test_plain_sparse_solver_gives_the_schur_solution(tmp_path: Path, app_config) -> None:
+    """``solver=sparse`` (no elimination) solves the same problems as the default ``schur``."""
+    schur = train.run(app_config("bundle_adjustment", tmp_path / "a", "epochs=0"))
+    sparse = train.run(app_config("bundle_adjustment", tmp_path / "b", "epochs=0",
+                                  "solver=sparse"))
+    for key in ("rot_err_deg", "rot_err_deg_baseline", "center_err"):
+        assert sparse["val"][key] == pytest.approx(schur["val"][key], rel=1e-6)
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks(tmp_path: Path, torchrun_two_ranks) -> None:
+def test_torchrun_two_ranks_draws_rank_0s_scene(tmp_path: Path, torchrun_two_ranks) -> None:
     saved = torchrun_two_ranks("apps.bundle_adjustment", tmp_path, "viz=true")
     assert VAL_KEYS <= set(saved["val"]) and "weight_auc" not in saved["val"]
     assert (tmp_path / "reconstruction.png").stat().st_size > 0  # scene 0 is rank 0's
@@ -181,10 +140,6 @@ def test_features_alone_have_auc_about_0_8() -> None:
     assert abs(auc["log_scale"] - 0.5) < 0.04 and abs(auc["log_track"] - 0.5) < 0.04
     assert roc_auc(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([False, True, True])) == 1.0
     assert roc_auc(torch.tensor([1.0, 1.0]), torch.tensor([False, True])) == 0.5
-
-
-def test_data_config_defaults_are_the_generators() -> None:
-    assert train.scene_spec(train.DataConfig()) == SceneSpec()
 
 
 def test_dataset_cache_round_trip(tmp_path: Path) -> None:
@@ -357,25 +312,13 @@ def test_wrong_shapes_raise() -> None:
         ObservationWeightNet(len(FEATURES))(torch.zeros(3, len(FEATURES) + 1))
 
 
-def test_bad_config_raises(tmp_path: Path) -> None:
-    with pytest.raises(ConfigCompositionException):
-        smoke_config(tmp_path, "no_such_key=1")
-    with pytest.raises(ValueError, match="unknown config key 'data.bogus'"):
-        train.run(smoke_config(tmp_path, "+data.bogus=1"))
+def test_bad_app_config_raises(tmp_path: Path, app_config) -> None:
     with pytest.raises((ConfigCompositionException, ValidationError)):
-        smoke_config(tmp_path, "model.weight_mode=sideways")
-    with pytest.raises(ValueError, match="batch_size"):
-        train.run(smoke_config(tmp_path, "batch_size=0"))
+        app_config("bundle_adjustment", tmp_path, "model.weight_mode=sideways")
     with pytest.raises(ValueError, match="outlier_ratio"):
-        train.run(smoke_config(tmp_path, "data.outlier_ratio=1.5"))
-    with pytest.raises(ValueError, match="Schur"):
-        train.run(smoke_config(tmp_path, "solver.name=pcg"))
-
-
-def test_corrupt_checkpoint_raises_with_path(tmp_path: Path) -> None:
-    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="checkpoint.pt"):
-        train.run(smoke_config(tmp_path, "resume=true"))
+        train.run(app_config("bundle_adjustment", tmp_path, "data.outlier_ratio=1.5"))
+    with pytest.raises(ValueError, match="viz_scene"):
+        train.run(app_config("bundle_adjustment", tmp_path, "viz_scene=3"))
 
 
 def _run_solve(*args: str) -> subprocess.CompletedProcess[str]:

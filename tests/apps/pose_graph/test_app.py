@@ -1,26 +1,22 @@
-"""The pose-graph app: smoke runs through Hydra's compose API (SE3 and SE2), resume equivalence,
-the data generator's invariants, the metrics, bad input, a g2o write/read/solve round trip and the
-picture's fallback."""
+"""The pose-graph app's own tests (the shared contract is ``tests/apps/test_contract.py``): SE(2)
+and real-format-graph smoke runs, the data generator's invariants, the metrics, bad input, a g2o
+write/read/solve round trip and the picture's fallback."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ValidationError
 
 import core
 from apps import common
+from apps.common import roc_auc
 from apps.pose_graph import data as pg_data
 from apps.pose_graph import train, viz
-from apps.pose_graph.data import FEATURES, GraphSpec, Sample, make_dataset, make_sample, roc_auc
+from apps.pose_graph.data import FEATURES, GraphSpec, Sample, make_dataset, make_sample
 from apps.pose_graph.model import EdgeWeightNet
 from apps.pose_graph.problem import GraphProblem, anchor, ate, pose_graph_objective, rpe
 from apps.pose_graph.solve import main as solve_main
@@ -35,82 +31,30 @@ VAL_KEYS = {"ate", "ate_baseline", "rpe", "rpe_baseline", "outlier_precision", "
 # ------------------------------------------------------------------------------------------
 
 
-def smoke_config(tmp: Path, *overrides: str, cache: Path | None = None):
-    """The smoke preset writing into ``tmp`` (threads left alone: the test process is shared)."""
-    cache = cache or tmp / "cache"
-    with initialize_config_dir(config_dir=str(train.CONF), version_base=None):
-        return compose(train.APP, overrides=["preset=smoke", f"out_dir={tmp}",
-                                             f"cache_dir={cache}", "threads=null", *overrides])
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("smoke")
-    doc = train.run(smoke_config(out))
-    return out, doc
-
-
 @pytest.fixture(scope="module")
 def spec() -> GraphSpec:
     return GraphSpec(num_poses=(60, 80))
 
 
 # ------------------------------------------------------------------------------------------
-# smoke and resume
+# the app's own runs (the contract is tests/apps/test_contract.py)
 # ------------------------------------------------------------------------------------------
 
 
-def test_smoke_run_writes_outputs(smoke_run: tuple[Path, dict]) -> None:
-    out, doc = smoke_run
-    saved = json.loads((out / "metrics.json").read_text())
-    assert saved == json.loads(json.dumps(doc))
-    assert saved["app"] == "pose_graph" and saved["epochs"] == 1
-    assert VAL_KEYS <= set(saved["val"])
-    assert all(math.isfinite(saved["val"][k]) for k in VAL_KEYS)
-    assert saved["train_time_s"] >= 0
-    assert len(saved["history"]) == 1 and math.isfinite(saved["history"][0]["train_loss"])
-    assert {"epoch", "train_loss", "val_ate"} <= set(saved["history"][0])
-    assert saved["baseline"]["loss"] in ("huber", "cauchy")
-    rows = (out / "metrics.csv").read_text().strip().splitlines()
-    assert len(rows) == 2 and rows[0].startswith("epoch,train_loss")
-    assert (out / "checkpoint.pt").is_file() and (out / "curves.png").stat().st_size > 0
-    state = common.load_checkpoint(out / "checkpoint.pt")
-    assert state is not None and state["epoch"] == 1
-    assert not list(out.glob(".*"))  # no temporary files left behind
-
-
-def test_smoke_se2_with_picture(tmp_path: Path) -> None:
-    doc = train.run(smoke_config(tmp_path, "data.dim=2", "viz=true", "data.num_poses=[40,45]"))
+def test_smoke_se2_with_picture(tmp_path: Path, app_config) -> None:
+    doc = train.run(app_config("pose_graph", tmp_path, "data.dim=2", "viz=true",
+                               "data.num_poses=[40,45]"))
     assert VAL_KEYS <= set(doc["val"]) and math.isfinite(doc["val"]["ate"])
     assert (tmp_path / "pose_graph.png").stat().st_size > 0
 
 
-def test_resume_matches_uninterrupted_run(tmp_path: Path, resumed_equals_straight) -> None:
-    resumed_equals_straight(train.run, smoke_config, tmp_path)
-
-
-def test_resume_without_checkpoint_starts_afresh(tmp_path: Path) -> None:
-    doc = train.run(smoke_config(tmp_path, "resume=true"))
-    assert len(doc["history"]) == 1
-
-
-def test_cli_smoke(tmp_path: Path) -> None:
-    """``python -m apps.pose_graph preset=smoke`` end to end (Hydra's run folder)."""
-    run = subprocess.run([sys.executable, "-m", "apps.pose_graph", "preset=smoke",
-                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert VAL_KEYS <= set(saved["val"])
-
-
-def test_smoke_with_real_format_graph(tmp_path: Path) -> None:
+def test_smoke_with_real_format_graph(tmp_path: Path, app_config) -> None:
     """``eval_g2o``: a g2o file (written from a clean synthetic graph) gets outliers injected
     and is solved by the trained network and the baseline."""
     s = make_sample(GraphSpec(num_poses=(60, 70), outlier_ratio=0.0), 21)
     path = tmp_path / "clean.g2o"
     io.write_g2o(path, s.graph)
-    doc = train.run(smoke_config(tmp_path, f"eval_g2o={path}", "viz=true"))
+    doc = train.run(app_config("pose_graph", tmp_path, f"eval_g2o={path}", "viz=true"))
     g2o = doc["g2o"]
     assert g2o["poses"] == s.graph.num_poses and g2o["outliers"] > 0
     assert all(math.isfinite(g2o[k]) for k in ("ate", "ate_baseline", "ate_oracle"))
@@ -139,18 +83,18 @@ def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
         common.setup_distributed(torch.device("cuda"))
 
 
-def test_torchrun_two_ranks(tmp_path: Path, torchrun_two_ranks) -> None:
-    saved = torchrun_two_ranks("apps.pose_graph", tmp_path)
-    assert VAL_KEYS <= set(saved["val"])
+def test_bad_app_config_raises(tmp_path: Path, app_config) -> None:
+    with pytest.raises(ValueError, match="trajectories"):
+        train.run(app_config("pose_graph", tmp_path, "data.trajectories=[spiral]"))
+    with pytest.raises(ValueError, match="viz_graph"):
+        train.run(app_config("pose_graph", tmp_path, "viz_graph=5"))
+    with pytest.raises(ValueError, match="solver=schur.*none"):
+        train.run(app_config("pose_graph", tmp_path, "solver=schur"))
 
 
 # ------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------
-
-
-def test_data_config_defaults_are_the_generators() -> None:
-    assert train.graph_spec(train.DataConfig()) == GraphSpec()
 
 
 @pytest.mark.parametrize("dim", [3, 2])
@@ -312,29 +256,6 @@ def test_wrong_shapes_raise(spec: GraphSpec) -> None:
         EdgeWeightNet(len(FEATURES))(torch.zeros(3, len(FEATURES) + 1))
     with pytest.raises(ValueError, match="score"):
         pg_data.edge_features(s.graph, s.is_loop, torch.zeros(2))
-
-
-def test_bad_config_raises(tmp_path: Path) -> None:
-    with pytest.raises(ConfigCompositionException):
-        smoke_config(tmp_path, "no_such_key=1")
-    with pytest.raises(ValueError, match="unknown config key 'no_such_key'"):
-        train.run(smoke_config(tmp_path, "+no_such_key=1"))
-    with pytest.raises(ValueError, match="unknown config key 'data.bogus'"):
-        train.run(smoke_config(tmp_path, "+data.bogus=1"))
-    with pytest.raises((ConfigCompositionException, ValidationError)):
-        smoke_config(tmp_path, "optimizer.backward=sideways")
-    with pytest.raises((ConfigCompositionException, ValidationError)):
-        smoke_config(tmp_path, "epochs=many")
-    with pytest.raises(ValueError, match="batch_size"):
-        train.run(smoke_config(tmp_path, "batch_size=0"))
-    with pytest.raises(ValueError, match="trajectories"):
-        train.run(smoke_config(tmp_path, "data.trajectories=[spiral]"))
-
-
-def test_corrupt_checkpoint_raises_with_path(tmp_path: Path) -> None:
-    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="checkpoint.pt"):
-        train.run(smoke_config(tmp_path, "resume=true"))
 
 
 def test_malformed_g2o_names_file_and_line(tmp_path: Path) -> None:
