@@ -1,7 +1,8 @@
 """Training plumbing shared by the apps: device and distributed setup, atomic checkpoints,
-metrics (JSON and CSV), training-curve plots, the output folder.
+metrics (JSON and CSV), training-curve plots, the output folder, the dataset cache, ROC AUC, and
+the apps' weight network.
 
-Nothing here knows an app: each app's ``train.py`` calls these with its own state and metrics.
+Nothing here knows an app: ``apps.harness.fit`` and the apps' tasks call these.
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`setup_distributed`
 joins the process group (gloo on CPU, nccl on CUDA); each rank then trains on its shard
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -354,32 +354,6 @@ def plot_curves(
         fig.suptitle(title)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def save_panels(path: str | Path, panels: list[tuple[str, np.ndarray]],
-                legend: list[tuple[str, tuple[float, float, float]]], title: str = "") -> None:
-    """Compose titled panels side by side, with a color legend, into one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    h, w = panels[0][1].shape[:2]
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * w / 100, h / 100 + 0.9),
-                             dpi=100, squeeze=False)
-    for ax, (name, image) in zip(axes[0], panels):
-        ax.imshow(np.clip(image, 0, 1))
-        ax.set_title(name, fontsize=11)
-        ax.axis("off")
-    handles = [Line2D([0], [0], color=c, lw=3, label=label) for label, c in legend]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=10, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
     plt.close(fig)
 
 
