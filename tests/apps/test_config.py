@@ -113,13 +113,15 @@ def test_installed_package_runs_outside_the_checkout(tmp_path: Path) -> None:
     """``pip install .`` (not editable) into a fresh venv, then ``python -m apps.pose_graph
     preset=smoke`` from a folder outside the checkout finds its packaged configs."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True, timeout=300)
+    # the dependencies (torch, ...) come from this environment; the venv has no pip or
+    # setuptools of its own, so this environment's pip and setuptools build and install into it
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                    str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
-                              "--no-build-isolation", str(ROOT)], capture_output=True, text=True,
-                             timeout=600, env=env, cwd=tmp_path)
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
+                              "-q", "--no-deps", "--no-build-isolation", str(ROOT)],
+                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
