@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, vmap
 
+from core.lie import Space
 from core.loss import RobustLoss
-from core.variable import Variable
+from core.variable import Variable, check_on_group
 
 AnalyticFn = Callable[[list[Tensor], list[Tensor], bool], tuple[Tensor, "list[Tensor] | None"]]
 
@@ -57,6 +58,10 @@ class Cost:
     ``index``: one int64 tensor ``(E,)`` per slot of ``optimized``; None means one factor reading
     variables of count 1. ``aux``: tensors ``(B|1, [E,] ...)``, a sequence or a name->tensor mapping
     (names are how ``OptimizationLayer`` inputs replace them: ``"<cost name>.<aux name>"``).
+    ``residual_dim``: ``d`` when known before evaluation (library costs), so weights and
+    sqrt_info are checked at construction; otherwise at the first evaluation. ``aux_spaces``:
+    ``(aux name, space)`` pairs of aux tensors holding group elements (measurements), checked
+    for unit rotations (``core.variable.check_on_group``) whenever they are set.
     """
 
     residual: Callable[..., Tensor] | None
@@ -69,6 +74,8 @@ class Cost:
     name: str = "cost"
     analytic: AnalyticFn | None = None
     indexed: bool = True
+    residual_dim: int | None = None
+    aux_spaces: tuple[tuple[str, Space], ...] = ()
 
     @property
     def num_factors(self) -> int:
@@ -198,6 +205,7 @@ class Cost:
         return r, J
 
     def _weigh(self, r: Tensor, J: Tensor | None) -> CostTerms:
+        _check_weights(self, r.shape[-1])  # shapes only: no host sync
         if self.sqrt_info is not None:  # W = diag(weight) U: a per-factor weight on an information
             U = self.sqrt_info
             r = (U @ r[..., None])[..., 0]
@@ -234,8 +242,16 @@ def make_cost(
     loss: RobustLoss | None = None,
     name: str | None = None,
     analytic: AnalyticFn | None = None,
+    residual_dim: int | None = None,
+    aux_spaces: Mapping[str, Space] | None = None,
 ) -> Cost:
-    """Build and validate a :class:`Cost` (this is ``core.Cost``'s constructor)."""
+    """Build and validate a :class:`Cost` (this is ``core.Cost``'s constructor).
+
+    ``weight``: a scalar, ``(d|1,)``, ``(E, d|1)`` or ``(B|1, E, d|1)``; ``sqrt_info``:
+    ``(d, d)``, ``(E, d, d)`` or ``(B|1, E, d, d)``, ``d`` the residual dimension (checked here
+    when ``residual_dim`` is given, else at the first evaluation). ``aux_spaces``: aux names
+    holding group elements, checked for unit rotations.
+    """
     optimized = tuple(optimized)
     if not optimized:
         raise ValueError(f"cost {name!r}: needs at least one optimized variable")
@@ -263,6 +279,8 @@ def make_cost(
         name,
         analytic,
         indexed,
+        residual_dim,
+        tuple((aux_spaces or {}).items()),
     )
     return _validated(cost)
 
@@ -280,10 +298,15 @@ def _validated(cost: Cost) -> Cost:
                 f"cost {name!r}: index for variable {v.name!r} must be a 1-D int64 "
                 f"tensor, got {getattr(i, 'dtype', type(i))} {tuple(getattr(i, 'shape', ()))}"
             )
-        if i.shape[0] != num or num == 0:
+        if num == 0:
+            raise ValueError(
+                f"cost {name!r}: no factors: the index for variable {v.name!r} is empty (E = 0); "
+                "a cost needs at least one factor (leave an empty cost out of the objective)"
+            )
+        if i.shape[0] != num:
             raise ValueError(
                 f"cost {name!r}: index tensors must share one non-zero length E; "
-                f"variable {v.name!r} has {i.shape[0]}, expected {num}"
+                f"variable {v.name!r} has {i.shape[0]}, expected {num} (like the first index)"
             )
         if v.count == 1 and not indexed:
             continue
@@ -308,13 +331,29 @@ def _validated(cost: Cost) -> Cost:
                 f"cost {name!r}: aux {k!r} must have shape (B|1, E={num}, ...), "
                 f"got {tuple(t.shape)}"
             )
-    U = cost.sqrt_info
-    if U is not None and (U.ndim < 2 or U.shape[-1] != U.shape[-2]):
-        raise ValueError(f"cost {name!r}: sqrt_info must be (..., d, d), got {tuple(U.shape)}")
-    for field, t, rank in (("weight", cost.weight, 1), ("sqrt_info", U, 2)):
-        if t is not None and t.ndim > rank and t.shape[-rank - 1] not in (1, num):
-            raise ValueError(
-                f"cost {name!r}: {field} must be shared or per factor (E={num}), "
-                f"got {tuple(t.shape)}"
-            )
+    _check_weights(cost, cost.residual_dim)
+    for key, space in cost.aux_spaces:
+        check_on_group(space, cost.aux[key], f"cost {name!r}: aux {key!r}")
     return cost
+
+
+def _describe(cost: Cost) -> str:
+    names = ", ".join(dict.fromkeys(repr(v.name) for v in cost.optimized))
+    return f"cost {cost.name!r} on {names}"
+
+
+def _check_weights(cost: Cost, d: int | None) -> None:
+    """Raise ``ValueError`` unless ``weight`` and ``sqrt_info`` fit ``E`` factors of residual
+    dimension ``d`` (``None``: only what does not depend on ``d``); see ``make_cost``."""
+    num, w, U = cost.num_factors, cost.weight, cost.sqrt_info
+    dd = "d" if d is None else str(d)
+    if w is not None and w.ndim:
+        want = f"a scalar, ({dd}|1,), (E, {dd}|1) or (B|1, E, {dd}|1) with E = {num}"
+        last_ok = d is None or w.shape[-1] in (1, d)
+        if w.ndim > 3 or not last_ok or (w.ndim >= 2 and w.shape[-2] not in (1, num)):
+            raise ValueError(f"{_describe(cost)}: weight must be {want}, got {tuple(w.shape)}")
+    if U is not None:
+        want = f"({dd}, {dd}), (E, {dd}, {dd}) or (B|1, E, {dd}, {dd}) with E = {num}"
+        square = U.ndim >= 2 and U.shape[-1] == U.shape[-2] and (d is None or U.shape[-1] == d)
+        if U.ndim > 4 or not square or (U.ndim >= 3 and U.shape[-3] not in (1, num)):
+            raise ValueError(f"{_describe(cost)}: sqrt_info must be {want}, got {tuple(U.shape)}")

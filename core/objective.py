@@ -8,6 +8,7 @@ pattern (both triangles, compressed sparse column order, rows sorted), computed 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -125,12 +126,26 @@ class Objective:
         new._check_aux()
         return new
 
+    def check_names(self, values: Mapping[str, Tensor]) -> None:
+        """Raise ``ValueError`` unless ``values`` has exactly one entry per variable; a misspelt
+        or extra name is reported with the closest variable name. Optimizers call this first."""
+        names = [v.name for v in self.variables]
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"initial values name an unknown variable {key!r}{hint}; the "
+                                 f"objective's variables are {names}")
+        for name in names:
+            if name not in values:
+                raise ValueError(f"missing initial value for variable {name!r}")
+
     def check_values(self, values: Mapping[str, Tensor]) -> int:
-        """Validate ``values`` (name -> ``(B, F, S)``) and return the batch size ``B``."""
+        """Validate ``values`` (name -> ``(B, F, S)``: names, shapes, dtypes, devices, unit
+        rotations, see ``Variable.check``) and return the batch size ``B``."""
+        self.check_names(values)
         batch, ref = None, None
         for v in self.variables:
-            if v.name not in values:
-                raise ValueError(f"missing initial value for variable {v.name!r}")
             x = values[v.name]
             v.check(x)
             if not x.is_floating_point():

@@ -135,6 +135,7 @@ def GaussNewton(**options: object) -> LevenbergMarquardt:  # noqa: N802 (a const
 def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMarquardt) -> Solution:
     """The batched loop shared by LM and GN; see the module docstring."""
     start = time.perf_counter()
+    objective.check_names(values)  # before any lookup: a misspelt name is a clear error
     first = values[objective.variables[0].name]
     objective = objective.to(first.device)  # indices and aux next to the values, once per solve
     batch = objective.check_values(values)

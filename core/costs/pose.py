@@ -78,6 +78,8 @@ def Prior(  # noqa: N802 (a Cost constructor)
         loss=loss,
         name=name or f"prior_{variable.name}",
         analytic=prior,
+        residual_dim=space.dof,
+        aux_spaces={"target": space},
     )
 
 
@@ -125,4 +127,6 @@ def Between(  # noqa: N802 (a Cost constructor)
         loss=loss,
         name=name or f"between_{variable.name}",
         analytic=between,
+        residual_dim=space.dof,
+        aux_spaces={"measured": space},
     )

@@ -488,7 +488,8 @@ def test_index_count_differs_from_variables() -> None:
 
 
 def test_empty_index() -> None:
-    with pytest.raises(ValueError, match=r"'obs'.*non-zero.*'landmarks' has 0"):
+    """Says what is wrong (no factors), not 'has 0, expected 0'."""
+    with pytest.raises(ValueError, match=r"'obs': no factors.*'landmarks' is empty \(E = 0\)"):
         core.Cost(
             _fn, optimized=(_landmarks(),), index=[torch.zeros(0, dtype=torch.long)], name="obs"
         )
@@ -533,7 +534,7 @@ def test_weight_and_sqrt_info_combine() -> None:
 
 
 def test_sqrt_info_not_square() -> None:
-    with pytest.raises(ValueError, match=r"'obs'.*sqrt_info must be \(\.\.\., d, d\)"):
+    with pytest.raises(ValueError, match=r"'obs'.*sqrt_info must be \(d, d\).*got \(3, 2\)"):
         core.Cost(
             _fn,
             optimized=(_landmarks(),),

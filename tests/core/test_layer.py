@@ -28,7 +28,7 @@ def chain_layer(group, n: int, mode: str, loss: bool = True, iters: int = 30):
     for any measurements (the Gauss-Newton Hessian is then the exact one)."""
     poses = core.Variable("poses", group, count=n)
     dof = group.dof
-    z0 = torch.zeros(1, n - 1, group.storage_dim)
+    z0 = group.identity(1, n - 1)  # replaced by the inputs
     U = torch.diag_embed(torch.linspace(1.0, 2.0, dof)).expand(n - 1, dof, dof)
     between = core.costs.Between(
         poses,
