@@ -392,6 +392,17 @@ class WeightNet(nn.Module):
             raise ValueError(f"{type(self).__name__}: features must be (N, {self.mean.shape[0]}), "
                              f"got {tuple(features.shape)}")
 
+    @classmethod
+    def from_config(cls, model: Any, features: Tensor) -> WeightNet:
+        """The network of a ``model`` config (``hidden``, ``layers``, ``init_scale``,
+        ``init_bias``, ``learn_scale``) in float64 on the device of the training ``features
+        (N, F)``, its normalization fitted to them."""
+        net = cls(features.shape[1], model.hidden, model.layers, model.init_scale,
+                  model.init_bias).double().to(features.device)
+        net.log_scale.requires_grad_(model.learn_scale)
+        net.fit_normalization(features)
+        return net
+
     @torch.no_grad()
     def fit_normalization(self, features: Tensor) -> None:
         """Set the standardization from training features ``(N, F)``."""

@@ -36,7 +36,7 @@ import torch
 from apps import common
 from apps.bundle_adjustment import baseline as ba_baseline
 from apps.bundle_adjustment.baseline import Prepared, Scores, aim_of
-from apps.bundle_adjustment.data import FEATURES, Scene, SceneSpec, feature_auc, make_dataset
+from apps.bundle_adjustment.data import Scene, SceneSpec, feature_auc, make_dataset
 from apps.bundle_adjustment.model import ObservationWeightNet
 from apps.bundle_adjustment.problem import pose_errors
 from apps.config import RobustLossKind, TrainConfig, register, spec_from_config, value
@@ -152,12 +152,8 @@ def prepare(cfg: Any, scenes: Sequence[Scene], device: torch.device) -> Prepared
 
 
 def model(cfg: Any, train: Prepared) -> ObservationWeightNet:
-    m = cfg.model
-    net = ObservationWeightNet(len(FEATURES), m.hidden, m.layers, m.init_scale, m.init_bias)
-    net = net.double().to(train.scenes[0].features.device)
-    net.log_scale.requires_grad_(m.learn_scale)
-    net.fit_normalization(torch.cat([s.features for s in train.scenes]))
-    return net
+    features = torch.cat([s.features for s in train.scenes])  # (O, len(FEATURES))
+    return ObservationWeightNet.from_config(cfg.model, features)  # type: ignore[return-value]
 
 
 def loss(cfg: Any, net: torch.nn.Module, prepared: Prepared, batch: Sequence[int]

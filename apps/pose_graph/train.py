@@ -31,7 +31,7 @@ from apps import common
 from apps.config import RobustLossKind, TrainConfig, register, spec_from_config, value
 from apps.harness import Run, Task, fit, main_for, reduce_scores
 from apps.pose_graph import baseline as pg_baseline
-from apps.pose_graph.data import FEATURES, GraphSpec, Sample, make_dataset
+from apps.pose_graph.data import GraphSpec, Sample, make_dataset
 from apps.pose_graph.model import EdgeWeightNet
 from apps.pose_graph.problem import Graphs, Scores, ate, build_graphs, pose_loss
 
@@ -127,13 +127,8 @@ def prepare(cfg: Any, samples: Sequence[Sample], device: torch.device) -> Graphs
 
 
 def model(cfg: Any, train: Graphs) -> EdgeWeightNet:
-    m = cfg.model
-    device = train.samples[0].features.device
-    net = EdgeWeightNet(len(FEATURES), m.hidden, m.layers, m.init_scale, m.init_bias)
-    net = net.double().to(device)
-    net.log_scale.requires_grad_(m.learn_scale)
-    net.fit_normalization(torch.cat([s.features for s in train.samples]))
-    return net
+    features = torch.cat([s.features for s in train.samples])  # (L, len(FEATURES))
+    return EdgeWeightNet.from_config(cfg.model, features)  # type: ignore[return-value]
 
 
 def loss(cfg: Any, net: torch.nn.Module, graphs: Graphs, batch: Sequence[int]
