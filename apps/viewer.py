@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def _add_layers(vis: object, layers: Sequence[Geometry], point_size: float) -> N
 
 def _fit_view(vis: object, planar: bool, front: tuple[float, float, float], zoom: float
               ) -> np.ndarray:
-    """Set the view of ``vis`` and zoom out (up to 4 times by 1.2) until nothing touches the
+    """Set the view of ``vis`` and zoom out (up to 7 times by 1.2) until nothing touches the
     border; returns the last ``(H, W, 3)`` frame."""
     view = vis.get_view_control()
     if planar:
@@ -171,7 +172,7 @@ def _fit_view(vis: object, planar: bool, front: tuple[float, float, float], zoom
     else:
         view.set_front(list(front))
         view.set_up([0.0, 0.0, 1.0])
-    for _ in range(5):
+    for _ in range(8):
         view.set_zoom(zoom)
         vis.poll_events()
         vis.update_renderer()
@@ -269,26 +270,49 @@ def save_panels(path: str | Path, panels: list[tuple[str, np.ndarray]],
 # ------------------------------------------------------------------------------------------
 
 
-def _x_display_opens(display: str) -> bool | None:
-    """Whether an X client can connect to ``display`` (``None``: libX11 not found, unknown)."""
+@contextmanager
+def _x_connection(display: str) -> Iterator[bool | None]:
+    """Hold a connection to the X display ``display`` for the ``with`` block; yields whether it
+    opened (``None``: libX11 not found, unknown)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("X11")
-    if name is None:
-        return None
     try:
-        x11 = ctypes.CDLL(name)
+        x11 = ctypes.CDLL(name) if name else None
     except OSError:
-        return None
+        x11 = None
+    if x11 is None:
+        yield None
+        return
     x11.XOpenDisplay.restype = ctypes.c_void_p
     x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
     x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
     handle = x11.XOpenDisplay(display.encode())
-    if not handle:
-        return False
-    x11.XCloseDisplay(handle)
-    return True
+    try:
+        yield bool(handle)
+    finally:
+        if handle:
+            x11.XCloseDisplay(handle)
+
+
+@contextmanager
+def _display() -> Iterator[None]:
+    """Raise ``RuntimeError`` unless a window can be shown here; else hold the X display open for
+    the ``with`` block (an X server with no client left resets and refuses connections for a
+    moment, and Open3D would then silently render offscreen: the window is created inside)."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    display = os.environ.get("DISPLAY", "")
+    if not display:
+        raise RuntimeError(f"cannot open a window: no display (DISPLAY is not set); "
+                           f"{NO_DISPLAY_HINT}")
+    with _x_connection(display) as opened:
+        if opened is False:
+            raise RuntimeError(f"cannot open a window: the X display DISPLAY={display} does not "
+                               f"accept connections; {NO_DISPLAY_HINT}")
+        yield
 
 
 def check_display() -> None:
@@ -298,15 +322,8 @@ def check_display() -> None:
     silently renders offscreen (EGL), so a window would never appear: this is checked up front,
     including that the X server named by ``DISPLAY`` accepts a connection.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    display = os.environ.get("DISPLAY", "")
-    if not display:
-        raise RuntimeError(f"cannot open a window: no display (DISPLAY is not set); "
-                           f"{NO_DISPLAY_HINT}")
-    if _x_display_opens(display) is False:
-        raise RuntimeError(f"cannot open a window: the X display DISPLAY={display} does not "
-                           f"accept connections; {NO_DISPLAY_HINT}")
+    with _display():
+        pass
 
 
 def show(layers: Sequence[Geometry], title: str = "Ariadne", *, size: tuple[int, int] = (1280, 960),
@@ -326,11 +343,13 @@ def show(layers: Sequence[Geometry], title: str = "Ariadne", *, size: tuple[int,
         raise ValueError("show: nothing to draw (no layers)")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"show: max_frames must be >= 1 or None, got {max_frames}")
-    check_display()
     import open3d as o3d
 
     vis = o3d.visualization.Visualizer()
-    if not vis.create_window(window_name=title, width=size[0], height=size[1], visible=True):
+    with _display():
+        opened = vis.create_window(window_name=title, width=size[0], height=size[1],
+                                   visible=True)
+    if not opened:
         raise RuntimeError(f"cannot open a window: Open3D's Visualizer.create_window failed on "
                            f"DISPLAY={os.environ.get('DISPLAY', '')}; {NO_DISPLAY_HINT}")
     try:
