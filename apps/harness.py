@@ -346,12 +346,19 @@ def _finish(task: Task, run: Run, net: nn.Module, state: _State) -> dict[str, An
 
 
 def main_for(task: Task) -> Callable[[], None]:
-    """The Hydra entry point of ``task`` (``python -m apps.<name> [overrides]``)."""
+    """The Hydra entry point of ``task`` (``python -m apps.<name> [overrides]``). A
+    ``ValueError`` (a bad setting or input, which names the problem) ends the run with that one
+    line on stderr and exit status 1 (``HYDRA_FULL_ERROR=1``: the traceback instead)."""
     import hydra
 
     @hydra.main(config_path=str(conf_dir()), config_name=task.name, version_base=None)
     def main(cfg: DictConfig) -> None:
-        doc = fit(task, cfg)
+        try:
+            doc = fit(task, cfg)
+        except ValueError as exc:  # a bad setting or input: one line, exit status 1
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            raise SystemExit(f"python -m apps.{task.name}: error: {exc}") from None
         val = doc.get("val", doc)
         if not math.isfinite(val.get(task.metric, float("nan"))):
             raise RuntimeError(f"non-finite held-out {task.metric}: {val}")

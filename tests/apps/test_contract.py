@@ -159,3 +159,14 @@ def test_multirun_from_the_command_line(app: str, tmp_path: Path) -> None:
     assert all(math.isfinite(d["val"][metric]) for d in docs)
     assert docs[0]["val"][metric] != docs[1]["val"][metric]  # different seeds, different data
     assert (tmp_path / "0" / f"{app}.log").is_file()
+
+
+def test_cli_bad_setting_is_one_line_and_exit_1(app: str, tmp_path: Path) -> None:
+    """``python -m apps.<app> batch_size=0``: the message, no traceback, exit status 1."""
+    run = subprocess.run([sys.executable, "-m", f"apps.{app}", "preset=smoke", "batch_size=0",
+                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"python -m apps.{app}: error: batch_size must be >= 1, got 0")
+    assert "Traceback" not in run.stderr
