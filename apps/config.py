@@ -202,7 +202,7 @@ def make_optimizer(cfg: Any, solver: LinearSolver | str | None = None) -> core.L
         solver = str(value(cfg.solver.name))
         if solver == "schur":
             raise ValueError("solver=schur needs the objective: use make_solver_from")
-    kwargs = {f.name: value(o[f.name] if isinstance(o, DictConfig) else getattr(o, f.name))
+    kwargs = {f.name: value(getattr(o, f.name))
               for f in fields(OptimizerConfig) if f.name in _LM_DEFAULTS}
     return core.LevenbergMarquardt(solver=solver, **kwargs)
 
