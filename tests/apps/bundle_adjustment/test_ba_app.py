@@ -481,3 +481,14 @@ def test_cli_export_writes_points_and_frustums(tmp_path: Path,
     assert np.asarray(line_set.points).shape == (5 * 8, 3)
     assert np.array_equal(np.asarray(line_set.lines), frustum.segments)
     np.testing.assert_allclose(np.asarray(line_set.points), frustum.line_points, atol=1e-5 * scale)
+
+
+def test_cli_show_without_display_is_a_clear_error(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the display check is Linux's")
+    path = tmp_path / "scene.txt"
+    io.write_bal(path, make_scene(SMALL, 1).problem)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    with pytest.raises(SystemExit, match=r"error: cannot open a window: .*DISPLAY.*--export"):
+        solve_main([str(path), "--quiet", "--show"])
