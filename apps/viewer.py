@@ -385,7 +385,7 @@ def draw(path: str | Path, panels: list[Panel], legend: list[tuple[str, Color]],
     if show:
         for name, layers in panels:
             _show(layers, f"{title}: {name}" if title else name, planar=planar,
-                              point_size=point_size, front=front, zoom=zoom)
+                  point_size=point_size, front=front, zoom=zoom)
 
 
 # ------------------------------------------------------------------------------------------
