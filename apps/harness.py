@@ -152,13 +152,18 @@ def check_config(task: Task, cfg: Any) -> None:
         (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
         (cfg.num_train >= 1, f"num_train must be >= 1, got {cfg.num_train}"),
         (cfg.num_val >= 1, f"num_val must be >= 1, got {cfg.num_val}"),
-        (not cfg.show or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
-         "show=true opens an Open3D window, but there is no display (DISPLAY is not set); "
-         "the pictures are written as PNG files anyway (viz=true)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    if cfg.show:
+        from apps.viewer import check_display
+
+        try:
+            check_display()
+        except RuntimeError as exc:
+            raise ValueError(f"show=true opens an Open3D window, but {exc}; the pictures are "
+                             "written as PNG files anyway (viz=true)") from None
     task.check(cfg)
 
 
