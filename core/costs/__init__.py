@@ -1,7 +1,17 @@
 """Library costs (each returns a ``core.cost.Cost`` with analytic Jacobians)."""
 
+from core.costs.motion import (
+    CollisionHinge,
+    GPMotionPrior,
+    expand_sdf,
+    gp_covariance,
+    gp_sqrt_information,
+    gp_transition,
+    sdf_lookup,
+)
 from core.costs.pose import Between, Prior
 from core.costs.reprojection import Reprojection, bal_objective, bal_to_variables, variables_to_bal
 
-__all__ = ["Between", "Prior", "Reprojection", "bal_objective", "bal_to_variables",
-           "variables_to_bal"]
+__all__ = ["Between", "CollisionHinge", "GPMotionPrior", "Prior", "Reprojection", "bal_objective",
+           "bal_to_variables", "expand_sdf", "gp_covariance", "gp_sqrt_information",
+           "gp_transition", "sdf_lookup", "variables_to_bal"]
