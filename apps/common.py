@@ -281,6 +281,24 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def json_line(doc: Any) -> str:
+    """``doc`` as one line of valid JSON: tensors as numbers, non-finite floats as ``null``."""
+    return json.dumps(_clean(doc), allow_nan=False)
+
+
+def exit_if_failed(prog: str, summary: Mapping[str, Any], as_json: bool) -> None:
+    """End a solve CLI with exit status 1 and one line on stderr when its solve failed (status
+    ``failed`` or a non-finite final cost), after printing the JSON summary when ``as_json``."""
+    cost = summary.get("final_cost", float("nan"))
+    if summary.get("status") != "failed" and math.isfinite(cost):
+        return
+    if as_json:
+        print(json_line(summary), flush=True)
+    raise SystemExit(f"{prog}: error: the solve failed (status {summary.get('status')}, final "
+                     f"cost {cost}): the problem has non-finite values or no decrease was "
+                     "possible")
+
+
 def write_metrics(
     folder: str | Path,
     app: str,

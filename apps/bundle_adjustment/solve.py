@@ -12,8 +12,9 @@ and GTSAM solve it; LM's damping copes with the 7-dof gauge). ``--loss`` makes i
 summary has ``cameras, points, observations, iterations, initial_cost, final_cost, rmse_px``
 (``sqrt(mean ||r||^2)`` over the observations at the solution), ``time_s`` (the solve, symbolic
 analysis included; reading the file excluded: ``load_s``) and ``status``; with ``--json`` it is
-also printed as one JSON object on the last line. A malformed file exits with status 1 and a
-``FILE:LINE: ...`` message on stderr.
+also printed as one line of valid JSON (``null`` for a non-finite number) last. A malformed file
+exits with status 1 and a ``FILE:LINE: ...`` message on stderr; so does a failed solve
+(non-finite cost), after its summary.
 
 ``--export out.ply`` writes the solution as files Open3D opens: the point cloud to ``out.ply``
 (``open3d.io.read_point_cloud``) and the camera frustums as a line set to ``out_lines.ply``
@@ -24,7 +25,6 @@ drawing in an interactive Open3D window (needs a display).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import core
-from apps import viewer
+from apps import common, viewer
 from apps.bundle_adjustment.problem import ba_objective, values_to_cameras
 from core import io
 from core.costs.reprojection import project
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  cost {summary['initial_cost']:.6g} -> {summary['final_cost']:.6g} in "
           f"{summary['iterations']} iterations, {summary['time_s']:.3f} s ({summary['status']}); "
           f"RMSE {summary['rmse_px']:.4g} px")
+    common.exit_if_failed(PROG, summary, args.json)
     if args.viz:
         from apps.bundle_adjustment import viz
 
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["export"] = [str(w) for w in written]
         print(f"  export: {', '.join(summary['export'])}")
     if args.json:
-        print(json.dumps(summary))
+        print(common.json_line(summary))
     if args.show:
         sys.stdout.flush()
         try:

@@ -8,18 +8,25 @@ python -m apps.pose_graph.solve FILE.g2o [--solver sparse|dense|...] [--max-iter
 solved graph as one Open3D line set (PLY): its points are the N pose positions (z = 0 for SE(2)),
 its lines the E edges (odometry blue, loop closures orange); ``open3d.io.read_line_set`` reads it.
 ``--show`` opens the solved graph in an interactive Open3D window (needs a display).
+``--information nearest|diagonal`` repairs edges whose information matrix is not positive definite
+(``core.io.read_g2o``; the default ``strict`` refuses such a file, naming its line).
+
+Exit status: 0 after a solve that did not fail; 1, with one line on stderr, for a file that cannot
+be read or parsed (``FILE:LINE: ...``) and for a failed solve (non-finite cost; the summary and
+its ``--json`` line are printed first). ``--json`` prints valid JSON (``null`` for a non-finite
+number).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
-from apps import viewer
+from apps import common, viewer
 from apps.pose_graph.problem import pose_graph_objective
 from core import LevenbergMarquardt, io
 
@@ -45,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="write the solved graph as an Open3D line set (PLY)")
     parser.add_argument("--show", action="store_true",
                         help="open the solved graph in an Open3D window (needs a display)")
+    parser.add_argument("--information", choices=list(get_args(io.Information)),
+                        default="strict", help="edges whose information matrix is not positive "
+                        "definite: refuse the file (strict), or repair them (nearest, diagonal)")
     args = parser.parse_args(argv)
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -54,14 +64,21 @@ def main(argv: list[str] | None = None) -> dict:
         except RuntimeError as exc:
             sys.exit(f"{parser.prog}: error: {exc}")
 
+    if args.max_iters < 0:
+        sys.exit(f"{parser.prog}: error: --max-iters must be >= 0, got {args.max_iters}")
     start = time.perf_counter()
-    graph = io.read_g2o(args.file)
-    load_s = time.perf_counter() - start
-    objective, init = pose_graph_objective(graph)
-    optimizer = LevenbergMarquardt(
-        max_iters=args.max_iters, solver=args.solver, verbose=not args.quiet
-    )
-    solution = optimizer.solve(objective, init)
+    try:
+        graph = io.read_g2o(args.file, information=args.information)
+        load_s = time.perf_counter() - start
+        objective, init = pose_graph_objective(graph)
+        optimizer = LevenbergMarquardt(
+            max_iters=args.max_iters, solver=args.solver, verbose=not args.quiet
+        )
+        solution = optimizer.solve(objective, init)
+    except (ValueError, OSError) as exc:
+        hint = ("; on the command line: --information nearest or --information diagonal"
+                if "not positive definite" in str(exc) and args.information == "strict" else "")
+        sys.exit(f"{parser.prog}: error: {exc}{hint}")
     info = solution.info
     summary = {
         "file": args.file,
@@ -79,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"  cost {summary['initial_cost']:.6f} -> {summary['final_cost']:.6f} in "
         f"{summary['iterations']} iterations, {summary['time_s']:.3f} s ({summary['status']})"
     )
+    common.exit_if_failed(parser.prog, summary, args.json)
     if args.viz:
         from apps.pose_graph.viz import draw_graph
 
@@ -100,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["export"] = [str(w) for w in written]
         print(f"  export: {', '.join(summary['export'])}")
     if args.json:
-        print(json.dumps(summary))
+        print(common.json_line(summary))
     if args.show:
         sys.stdout.flush()
         try:

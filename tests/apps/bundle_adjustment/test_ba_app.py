@@ -492,3 +492,20 @@ def test_cli_show_without_display_is_a_clear_error(tmp_path: Path,
     monkeypatch.delenv("DISPLAY", raising=False)
     with pytest.raises(SystemExit, match=r"error: cannot open a window: .*DISPLAY.*--export"):
         solve_main([str(path), "--quiet", "--show"])
+
+
+def test_solve_cli_failed_solve_exits_1_with_valid_json(tmp_path: Path) -> None:
+    """A focal length of 1e300: the cost overflows, the solve fails; exit 1, the JSON line says
+    null (issue 12)."""
+    scene = make_scene(SMALL, 1)
+    path = tmp_path / "far.txt"
+    io.write_bal(path, scene.problem)
+    lines = path.read_text().splitlines()
+    observations = int(lines[0].split()[2])
+    lines[1 + observations + 6] = "1e300"  # camera 0's focal length
+    path.write_text("\n".join(lines) + "\n")
+    out = _run_solve(str(path), "--json", "--quiet")
+    assert out.returncode == 1, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "failed" and summary["final_cost"] is None
+    assert "the solve failed" in out.stderr and "Traceback" not in out.stderr

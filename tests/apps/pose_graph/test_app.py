@@ -261,7 +261,7 @@ def test_wrong_shapes_raise(spec: GraphSpec) -> None:
 def test_malformed_g2o_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.g2o"
     path.write_text("VERTEX_SE3:QUAT 0 0 0 0 0 0 0 1\nEDGE_SE3:QUAT 0 1 0 0\n")
-    with pytest.raises(ValueError, match=f"{path}:2:"):
+    with pytest.raises(SystemExit, match=f"{path}:2:"):
         solve_main([str(path), "--quiet"])
 
 

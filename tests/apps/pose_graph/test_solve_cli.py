@@ -248,3 +248,56 @@ def test_cli_show_without_display_is_a_clear_error(tmp_path: Path) -> None:
     message = out.stderr.strip().splitlines()
     assert len(message) == 1 and "DISPLAY" in message[0] and "--export" in message[0], message
     assert out.stdout == ""  # failed before solving
+
+
+# ------------------------------------------------------------------------------------------
+# exit status, one-line errors, valid JSON (issue 12)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no vertices"),
+    ("VERTEX_SE2 0 0 0 0\nEDGE_SE2 0 0 1 0 0 1 0 0 1 0 1\n", "itself"),
+])
+def test_cli_bad_file_is_one_line_and_exit_1(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.g2o"
+    path.write_text(text)
+    out = _run_cli(str(path), "--json", "--quiet")
+    assert out.returncode == 1 and out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], out.stderr
+    assert lines[0].startswith("python -m apps.pose_graph.solve: error: ")
+
+
+def test_cli_failed_solve_exits_1_with_valid_json(tmp_path: Path) -> None:
+    """A pose 1e300 away: the cost overflows, the solve fails; the JSON line says null."""
+    path = tmp_path / "far.g2o"
+    path.write_text("VERTEX_SE2 0 0 0 0\nVERTEX_SE2 1 1e300 0 0\nEDGE_SE2 0 1 1 0 0 1 0 0 1 0 1\n")
+    out = _run_cli(str(path), "--json", "--quiet")
+    assert out.returncode == 1
+    summary = json.loads(out.stdout.strip().splitlines()[-1])  # strict JSON: no NaN/Infinity
+    assert summary["status"] == "failed" and summary["final_cost"] is None
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "possible") and "the solve failed" in out.stderr
+
+
+def _indefinite_g2o() -> str:
+    """The square graph with the information of edge 2 (line 6) made indefinite."""
+    lines = _square_g2o().splitlines()
+    fields = lines[5].split()
+    fields[6:12] = ["1", "0", "0", "-1", "0", "1"]  # information rows: [[1, 0, 0], [., -1, 0], 1]
+    lines[5] = " ".join(fields)
+    return "\n".join(lines) + "\n"
+
+
+def test_cli_indefinite_information_names_the_option_and_repairs(tmp_path: Path) -> None:
+    path = tmp_path / "indefinite.g2o"
+    path.write_text(_indefinite_g2o())
+    strict = _run_cli(str(path), "--quiet")
+    assert strict.returncode == 1 and f"{path}:6:" in strict.stderr
+    assert "--information nearest" in strict.stderr
+    for choice in ("nearest", "diagonal"):
+        out = _run_cli(str(path), "--quiet", "--json", "--information", choice)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.strip().splitlines()[-1])["status"] != "failed"
+        assert "replaced 1 of" in out.stderr
