@@ -52,21 +52,21 @@ _LAYER_DEFAULTS = {k: p.default for k, p in
 _LM_DEFAULTS = {f.name: f.default for f in fields(core.LevenbergMarquardt)}
 
 
-def _enum(name: str, literal: Any, extra: tuple[str, ...] = ()) -> Any:
+def enum_of(name: str, literal: Any, extra: tuple[str, ...] = ()) -> Any:
     """A ``str`` Enum whose members are the choices of ``literal`` (plus ``extra``)."""
     return Enum(name, [(v, v) for v in (*get_args(literal), *extra)], type=str,  # type: ignore
                 module=__name__)
 
 
-Backward = _enum("Backward", _Backward)
-ImplicitHessian = _enum("ImplicitHessian", _LAYER_HINTS["implicit_hessian"])
-DampingMode = _enum("DampingMode", _LM_HINTS["damping_mode"])
-RobustLossKind = _enum("RobustLossKind", LossKind)
+Backward = enum_of("Backward", _Backward)
+ImplicitHessian = enum_of("ImplicitHessian", _LAYER_HINTS["implicit_hessian"])
+DampingMode = enum_of("DampingMode", _LM_HINTS["damping_mode"])
+RobustLossKind = enum_of("RobustLossKind", LossKind)
 #: core's linear solvers plus ``schur`` (points-like variables eliminated first; the app names
 #: which variable)
-SolverName = _enum("SolverName", _SolverName, ("schur",))
-Reduced = _enum("Reduced", _Reduced)
-Backend = _enum("Backend", _Backend)
+SolverName = enum_of("SolverName", _SolverName, ("schur",))
+Reduced = enum_of("Reduced", _Reduced)
+Backend = enum_of("Backend", _Backend)
 
 
 def _lm(name: str) -> Any:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +34,20 @@ import torch
 
 from apps import common
 from apps.bundle_adjustment import baseline as ba_baseline
+from apps.bundle_adjustment import problem
 from apps.bundle_adjustment.baseline import Prepared, Scores, aim_of
 from apps.bundle_adjustment.data import Scene, SceneSpec, feature_auc, make_dataset
 from apps.bundle_adjustment.model import ObservationWeightNet
 from apps.bundle_adjustment.problem import pose_errors
-from apps.config import RobustLossKind, TrainConfig, register, spec_from_config, value
+from apps.config import RobustLossKind, TrainConfig, enum_of, register, spec_from_config, value
 from apps.harness import Run, Task, fit, main_for, reduce_scores
 
 APP = "bundle_adjustment"
 Loss = RobustLossKind
 
 
-class WeightMode(str, Enum):
-    """How a learned weight enters the cost (``apps.bundle_adjustment.problem.BAObjective.inputs``):
-    scaling the robust loss's width per observation, or the residual."""
-
-    scale = "scale"
-    residual = "residual"
+#: how a learned weight enters the cost (``apps.bundle_adjustment.problem.BAObjective.inputs``)
+WeightMode = enum_of("WeightMode", problem.WeightMode)
 
 
 @dataclass
@@ -74,7 +70,7 @@ class ModelConfig:
     init_scale: float = 2.0
     init_bias: float = 2.0
     learn_scale: bool = True
-    weight_mode: WeightMode = WeightMode.scale
+    weight_mode: WeightMode = WeightMode.scale  # type: ignore[valid-type,attr-defined]
 
 
 @dataclass
