@@ -1,0 +1,355 @@
+"""Train a CNN feature extractor end to end through a feature-metric LM homography solver.
+
+``python -m apps.homography [overrides]`` (Hydra, ``conf/homography.yaml``; ``preset=smoke`` for a
+run of seconds); the loop, checkpoints and metrics files are ``apps.harness.fit``'s. Per step, for
+a batch of pairs (``apps.homography.data``): the network (``apps.homography.model.FeatureNet``)
+maps source and target patches to a feature pyramid; the solver
+(``apps.homography.problem.Aligner``) runs LM coarse to fine from the identity on the dense
+feature-metric residual (``core.costs.homography``); the loss is the mean corner error (px) after
+each level, capped at ``loss_cap`` (a diverged pair gives no gradient), summed over levels and
+back-propagated through the solves (``optimizer.backward``).
+
+Evaluation on pairs from held-out photographs at ``data.rho`` and at ``eval_rho``: mean and
+median corner error, the fraction under 1 px and 3 px; baselines on the same pairs
+(``apps.homography.baseline``): identity, the same LM on raw intensities, ORB + RANSAC. A
+degenerate homography is never an estimate (``problem`` module); ``degenerate_frac`` counts them.
+
+Outputs in the run folder: ``metrics.json``, ``metrics.csv``, ``checkpoint.pt``, ``curves.png``,
+``homography_pairs.png`` (held-out overlays with true and estimated quadrilaterals) and
+``homography_cdf.png`` (error CDFs of the learned solver and the baselines).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apps import common
+from apps.config import TrainConfig, register, spec_from_config
+from apps.harness import Run, Task, fit, main_for
+from apps.homography import baseline as hb
+from apps.homography.data import VAL_OFFSET, Pair, PairSpec, is_held_out, make_dataset
+from apps.homography.model import FeatureNet
+from apps.homography.problem import Aligner, Pairs, corner_error
+
+APP = "homography"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelConfig:
+    """The feature network (``apps.homography.model.FeatureNet``).
+
+    Fields:
+        channels: feature channels per level.
+        width: channels of the encoder's finest scale (doubling per scale, at most 64).
+    """
+
+    channels: int = 8
+    width: int = 8
+
+
+@dataclass
+class HomographyConfig(TrainConfig):
+    """``conf/homography.yaml``'s schema: the common training fields plus
+
+    Fields:
+        data: the pair generator's settings (``apps.homography.data.PairSpec``).
+        model: see :class:`ModelConfig`.
+        strides: the solver's pyramid, coarse to fine (powers of two dividing the patch); the
+            raw-intensity baseline uses the same levels and iterations.
+        outside: residual norm of a point warped off the source map (learned features have unit
+            norm; raw intensities unit std).
+        loss_cap: per-level corner errors (px) are capped at this in the loss.
+        eval_rho: the second held-out corner-offset range (the ``*_rho32`` metrics).
+        eval_batch: pairs per solve in evaluation.
+        orb_keypoints: ORB keypoints per patch for the ORB + RANSAC baseline.
+        viz_pairs: held-out pairs drawn in ``homography_pairs.png``.
+    """
+
+    epochs: int = 6
+    batch_size: int = 8
+    num_train: int = 256
+    num_val: int = 64
+    lr: float = 1e-3
+    data: PairSpec = field(default_factory=PairSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strides: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+    outside: float = 1.0
+    loss_cap: float = 24.0
+    eval_rho: float = 32.0
+    eval_batch: int = 32
+    orb_keypoints: int = 500
+    viz_pairs: int = 8
+
+
+register(APP, HomographyConfig)
+
+
+@dataclass
+class Prepared:
+    """Pairs on the device and the solver built for them."""
+
+    pairs: Pairs
+    aligner: Aligner
+
+
+@dataclass
+class Scores:
+    """Sums over held-out pairs (summed across ranks), turned into metrics by :meth:`metrics`."""
+
+    pairs: float = 0.0
+    error: float = 0.0
+    below_1px: float = 0.0
+    below_3px: float = 0.0
+    degenerate: float = 0.0
+
+    def add(self, errors: torch.Tensor, degenerate: torch.Tensor) -> None:
+        self.pairs += errors.numel()
+        self.error += float(errors.sum())
+        self.below_1px += float((errors < 1).sum())
+        self.below_3px += float((errors < 3).sum())
+        self.degenerate += float(degenerate.sum())
+
+    def metrics(self, suffix: str = "") -> dict[str, float]:
+        n = max(self.pairs, 1.0)
+        return {f"corner_err_px{suffix}": self.error / n,
+                f"frac_below_1px{suffix}": self.below_1px / n,
+                f"frac_below_3px{suffix}": self.below_3px / n,
+                f"degenerate_frac{suffix}": self.degenerate / n}
+
+
+def strides_of(cfg: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in cfg.strides)
+
+
+def check(cfg: Any) -> None:
+    """The app's own config checks (the generator's run in :func:`spec_from_config`)."""
+    spec = spec_from_config(PairSpec, cfg.data)
+    strides = strides_of(cfg)
+    if not strides or any(s < 1 or s & (s - 1) or spec.patch % s or spec.patch // s < 2
+                          for s in strides):
+        raise ValueError(f"strides must be powers of two dividing data.patch = {spec.patch} "
+                         f"into maps of at least 2x2, got {list(strides)}")
+    if list(strides) != sorted(strides, reverse=True):
+        raise ValueError(f"strides must go coarse to fine (decreasing), got {list(strides)}")
+    if not 0 <= cfg.eval_rho <= spec.margin:
+        raise ValueError(f"eval_rho = {cfg.eval_rho} must be in [0, data.margin = "
+                         f"{spec.margin}]")
+    for name in ("outside", "loss_cap"):
+        if not cfg[name] > 0:
+            raise ValueError(f"{name} must be > 0, got {cfg[name]}")
+    for name in ("eval_batch", "orb_keypoints"):
+        if cfg[name] < 1:
+            raise ValueError(f"{name} must be >= 1, got {cfg[name]}")
+
+
+def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None) -> list[Pair]:
+    """Pairs of the training photographs for training seeds, of the held-out ones for
+    ``harness.fit``'s held-out seeds (told apart by their offset, ``data.VAL_OFFSET``)."""
+    spec = spec_from_config(PairSpec, cfg.data)
+    return make_dataset(spec, seeds, [is_held_out(s, cfg.seed) for s in seeds], cache)
+
+
+def prepare(cfg: Any, samples: Sequence[Pair], device: torch.device) -> Prepared:
+    return Prepared(Pairs.stack(samples, device),
+                    Aligner(cfg, cfg.data.patch, strides_of(cfg), cfg.model.channels,
+                            cfg.outside))
+
+
+def model(cfg: Any, train: Prepared) -> FeatureNet:
+    net = FeatureNet(strides_of(cfg), cfg.model.channels, cfg.model.width)
+    return net.to(train.pairs.source.device)
+
+
+def features(net: torch.nn.Module, source: torch.Tensor, target: torch.Tensor
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One network call on source and target patches ``(B, 1, P, P)``: their pyramids."""
+    b = source.shape[0]
+    maps = net(torch.cat([source, target]))
+    return [f[:b] for f in maps], [f[b:] for f in maps]
+
+
+def loss(cfg: Any, net: torch.nn.Module, prepared: Prepared, batch: Sequence[int]
+         ) -> list[torch.Tensor]:
+    """Per pair of ``batch``: the sum over levels of the corner error (px) capped at
+    ``loss_cap``."""
+    p = prepared.pairs
+    index = torch.as_tensor(list(batch), dtype=torch.long, device=p.source.device)
+    fs, ft = features(net, p.source[index], p.target[index])
+    if not batch:
+        return []
+    result = prepared.aligner(fs, ft)
+    truth = p.h[index]
+    total = sum(corner_error(h, truth, cfg.data.patch).clamp(max=cfg.loss_cap)
+                for h in result.levels)
+    return list(total)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def solve_all(cfg: Any, net: torch.nn.Module, prepared: Prepared
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The learned solver on every pair of ``prepared``: ``h (N, 8)``, corner errors ``(N,)``
+    and degenerate flags ``(N,)`` (on the CPU)."""
+    p, hs, errors, flags = prepared.pairs, [], [], []
+    for k in range(0, len(p.pairs), cfg.eval_batch):
+        fs, ft = features(net, p.source[k : k + cfg.eval_batch], p.target[k : k + cfg.eval_batch])
+        result = prepared.aligner(fs, ft)
+        hs.append(result.h.cpu())
+        errors.append(corner_error(result.h, p.h[k : k + cfg.eval_batch], cfg.data.patch).cpu())
+        flags.append(result.degenerate.cpu())
+    if not hs:
+        return torch.zeros(0, 8), torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(hs), torch.cat(errors), torch.cat(flags)
+
+
+def evaluate(cfg: Any, net: torch.nn.Module, prepared: Prepared
+             ) -> tuple[Scores, list[tuple[torch.Tensor, float, bool]]]:
+    """Scores of the learned solver; outputs: each pair's ``(h (8,), error px, degenerate)``."""
+    was = net.training
+    net.eval()
+    h, errors, flags = solve_all(cfg, net, prepared)
+    net.train(was)
+    scores = Scores()
+    scores.add(errors, flags)
+    return scores, [(h[k], float(errors[k]), bool(flags[k])) for k in range(len(errors))]
+
+
+def gather(values: torch.Tensor, run: Run) -> list[float]:
+    """Every held-out pair's value (``values (len(run.mine),)`` on this rank), in order."""
+    full = [0.0] * len(run.val_samples)
+    for k, v in zip(run.mine, values.tolist()):
+        full[k] = float(v)
+    return common.all_reduce_sum(full, run.dist)
+
+
+def large_pairs(run: Run) -> Prepared:
+    """This rank's held-out pairs again (same photographs and crops) at ``eval_rho``."""
+    cfg = run.cfg
+    spec = replace(spec_from_config(PairSpec, cfg.data), rho=float(cfg.eval_rho))
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else run.out / "cache"
+    seeds = [1_000_003 * cfg.seed + VAL_OFFSET + k for k in run.mine]
+    samples = make_dataset(spec, seeds, [True] * len(seeds), cache)
+    return prepare(cfg, samples, run.device)
+
+
+def _references(run: Run, prepared: Prepared) -> dict[str, list[float]]:
+    """Per-pair errors (all held-out pairs, in order) of the three baselines on ``prepared``
+    and ORB's failures."""
+    cfg, p = run.cfg, prepared.pairs
+    raw = Aligner(cfg, cfg.data.patch, strides_of(cfg), 1, cfg.outside)
+    raw_err, raw_bad = hb.raw_lm(raw, p, strides_of(cfg), cfg.eval_batch)
+    orb_err, orb_fail = hb.orb_errors(p.pairs, cfg.orb_keypoints)
+    return {"raw": gather(raw_err, run), "raw_degenerate": gather(raw_bad.float(), run),
+            "orb": gather(orb_err, run), "orb_failed": gather(orb_fail.float(), run),
+            "identity": gather(hb.identity_errors(p), run)}
+
+
+def summary(errors: list[float], suffix: str) -> dict[str, float]:
+    e = torch.tensor(errors, dtype=torch.float64)
+    return {f"corner_err_px{suffix}": float(e.mean()),
+            f"corner_err_px_median{suffix}": float(e.median()),
+            f"frac_below_1px{suffix}": float((e < 1).double().mean()),
+            f"frac_below_3px{suffix}": float((e < 3).double().mean())}
+
+
+def baseline(run: Run) -> dict[str, Any]:
+    """Identity, raw-intensity LM and ORB + RANSAC on the held-out pairs at ``data.rho`` and
+    ``eval_rho``; per-pair errors kept for the pictures."""
+    small, large = _references(run, run.val), _references(run, large_pairs(run))
+    ref: dict[str, Any] = {"errors": small, "errors_rho32": large}
+    ref.update(summary(small["raw"], "_baseline"))
+    ref.update(summary(small["orb"], "_orb"))
+    ref.update(summary(small["identity"], "_identity"))
+    ref.update(summary(large["raw"], "_rho32_baseline"))
+    ref.update(summary(large["orb"], "_rho32_orb"))
+    ref.update(summary(large["identity"], "_rho32_identity"))
+    for name, errs in (("", small), ("_rho32", large)):
+        ref[f"orb_failures{name}"] = sum(errs["orb_failed"]) / max(len(errs["orb_failed"]), 1)
+        ref[f"degenerate_frac{name}_baseline"] = (sum(errs["raw_degenerate"])
+                                                  / max(len(errs["raw_degenerate"]), 1))
+    log.info("baselines at rho %g: raw LM %.2f px (median %.2f), ORB %.2f, identity %.2f; at rho "
+             "%g: raw LM %.2f, ORB %.2f", run.cfg.data.rho, ref["corner_err_px_baseline"],
+             ref["corner_err_px_median_baseline"], ref["corner_err_px_orb"],
+             ref["corner_err_px_identity"], run.cfg.eval_rho, ref["corner_err_px_rho32_baseline"],
+             ref["corner_err_px_rho32_orb"])
+    return ref
+
+
+REF_KEYS = ("corner_err_px_baseline", "corner_err_px_median_baseline", "frac_below_1px_baseline",
+            "frac_below_3px_baseline", "corner_err_px_orb", "corner_err_px_median_orb",
+            "frac_below_1px_orb", "frac_below_3px_orb", "corner_err_px_identity",
+            "corner_err_px_rho32_baseline", "corner_err_px_median_rho32_baseline",
+            "corner_err_px_rho32_orb", "corner_err_px_median_rho32_orb",
+            "corner_err_px_rho32_identity", "orb_failures", "orb_failures_rho32",
+            "degenerate_frac_baseline", "degenerate_frac_rho32_baseline")
+
+
+def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.nn.Module
+           ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The ``val`` metrics: the learned solver at ``data.rho`` and ``eval_rho`` next to the
+    baselines. Per-pair errors go to ``metrics.json``'s ``errors`` (and to the CDF picture)."""
+    ref = run.reference
+    errors = gather(torch.tensor([e for _, e, _ in outputs]), run)
+    scores, large_out = evaluate(run.cfg, net, large_pairs(run))
+    large = gather(torch.tensor([e for _, e, _ in large_out]), run)
+    (deg_large,) = common.all_reduce_sum([scores.degenerate], run.dist)
+    val = {**summary(errors, ""), **summary(large, "_rho32"),
+           "degenerate_frac": metrics["degenerate_frac"],
+           "degenerate_frac_rho32": deg_large / max(len(large), 1),
+           **{k: ref[k] for k in REF_KEYS}}
+    val["corner_err_px"] = metrics["corner_err_px"]
+    val["median_ratio"] = val["corner_err_px_median"] / max(
+        val["corner_err_px_median_baseline"], 1e-12)
+    curves = {"learned": errors, **{k: ref["errors"][k] for k in ("raw", "orb", "identity")}}
+    curves32 = {"learned": large, **{k: ref["errors_rho32"][k] for k in ("raw", "orb",
+                                                                          "identity")}}
+    run.reference["cdf"] = {"rho": curves, "rho32": curves32}  # for the pictures
+    return val, {"errors": {"rho": curves, "eval_rho": curves32}}
+
+
+def pictures(run: Run, outputs: list[Any], net: torch.nn.Module) -> None:
+    """``homography_pairs.png`` and ``homography_cdf.png`` (``apps.homography.viz``)."""
+    from apps.homography import viz
+
+    cfg, ref = run.cfg, run.reference
+    count = min(cfg.viz_pairs, len(outputs))
+    items = []
+    for j in range(count):
+        k = run.mine[j]
+        h, err, bad = outputs[j]
+        items.append(viz.PairView(run.val.pairs.pairs[j], h, err, ref["errors"]["raw"][k],
+                                  ref["errors"]["orb"][k], bad))
+    if items:
+        viz.draw_pairs(run.out / "homography_pairs.png", items,
+                       title=f"held-out pairs (rho = {cfg.data.rho:g} px)")
+    viz.draw_cdf(run.out / "homography_cdf.png", ref["cdf"],
+                 (float(cfg.data.rho), float(cfg.eval_rho)))
+
+
+TASK = Task(
+    name=APP, metric="corner_err_px",
+    title="homography: CNN features learned through a feature-metric LM solver",
+    schema=HomographyConfig, dataset=dataset, prepare=prepare, model=model, loss=loss,
+    evaluate=evaluate, baseline=baseline, report=report, pictures=pictures, check=check,
+    curves=(("train_loss",), ("val_corner_err_px",), ("val_frac_below_1px", "val_frac_below_3px")),
+    curve_lines=lambda ref: [
+        ("val_corner_err_px", "LM on raw intensities", ref["corner_err_px_baseline"]),
+        ("val_corner_err_px", "ORB + RANSAC", ref["corner_err_px_orb"]),
+        ("val_frac_below_1px", "raw LM < 1 px", ref["frac_below_1px_baseline"]),
+        ("val_frac_below_3px", "raw LM < 3 px", ref["frac_below_3px_baseline"])],
+    keys=("corner_err_px", "corner_err_px_median", "corner_err_px_baseline",
+          "corner_err_px_median_baseline", "corner_err_px_orb", "corner_err_px_identity",
+          "frac_below_1px", "frac_below_3px", "corner_err_px_rho32", "corner_err_px_rho32_orb"),
+)
+main = main_for(TASK)
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Train and evaluate as ``cfg`` says (``apps.harness.fit``)."""
+    return fit(TASK, cfg)
