@@ -31,10 +31,12 @@ from core.optimizer import FAILED, Info
 
 @dataclass(frozen=True, eq=False)
 class Level:
-    """One pyramid level: stride, map side, the target's points ``(N, 2)`` and the layer."""
+    """One pyramid level: stride, map side, the step between the target's points (in map
+    pixels), the points ``(N, 2)`` and the layer."""
 
     stride: int
     side: int
+    step: int
     points: Tensor
     layer: core.OptimizationLayer
 
@@ -67,24 +69,29 @@ def level_points(patch: int, stride: int, dtype: torch.dtype = torch.float32) ->
 
 class Aligner:
     """Coarse-to-fine LM over ``strides`` for feature maps of ``channels`` channels on patches of
-    side ``patch``; the layers are built once (``cfg.optimizer``, ``cfg.solver``)."""
+    side ``patch``; the layers are built once (``cfg.optimizer``, ``cfg.solver``). The target is
+    compared at every ``step``-th pixel of its map, ``step = ceil(side / max_side)`` (at most
+    ``max_side`` points per side; the source is read at full resolution)."""
 
     def __init__(self, cfg: Any, patch: int, strides: Sequence[int], channels: int,
-                 outside: float, dtype: torch.dtype = torch.float32) -> None:
+                 outside: float, max_side: int = 64, dtype: torch.dtype = torch.float32) -> None:
         self.patch, self.channels = patch, channels
         self.corners = corners(dtype)
         c = (patch - 1) / 2
         self.levels = []
         for s in strides:
             side = patch // s
-            points = level_points(patch, s, dtype)
+            step = -(-side // max_side)
+            points = level_points(patch, s, dtype).reshape(side, side, 2)[::step, ::step]
+            n = points.shape[0]
+            points = points.reshape(-1, 2)
             var = core.Variable("h", core.Vector(8))
             cost = HomographyAlignment(
                 var, torch.zeros(1, channels, side, side, dtype=dtype),
-                torch.zeros(1, side * side, channels, dtype=dtype), points, scale=c / s,
+                torch.zeros(1, n * n, channels, dtype=dtype), points, scale=c / s,
                 offset=(c - (s - 1) / 2) / s, outside=outside, name="align")
             layer = make_layer(core.Objective([cost]), cfg)
-            self.levels.append(Level(int(s), side, points, layer))
+            self.levels.append(Level(int(s), side, step, points, layer))
 
     def __call__(self, source: Sequence[Tensor], target: Sequence[Tensor],
                  h0: Tensor | None = None) -> Alignment:
@@ -104,8 +111,9 @@ class Aligner:
                 if tuple(f.shape) != want:
                     raise ValueError(f"{name} features at stride {level.stride} must be {want}, "
                                      f"got {tuple(f.shape)}")
+            sample = ft[..., :: level.step, :: level.step]
             sol, info = level.layer({"h": h[:, None], "align.source": fs,
-                                     "align.target": ft.flatten(2).mT})
+                                     "align.target": sample.flatten(2).mT})
             new = sol["h"][:, 0]
             flag = degenerate(new.detach(), self.corners.to(new))
             h = torch.where(flag[:, None], h, new)

@@ -63,6 +63,8 @@ class HomographyConfig(TrainConfig):
         model: see :class:`ModelConfig`.
         strides: the solver's pyramid, coarse to fine (powers of two dividing the patch); the
             raw-intensity baseline uses the same levels and iterations.
+        max_side: the target is compared at most ``max_side`` points per side at each level
+            (every k-th pixel of a larger map; the source is still read at full resolution).
         outside: residual norm of a point warped off the source map (learned features have unit
             norm; raw intensities unit std).
         loss_cap: per-level corner errors (px) are capped at this in the loss.
@@ -80,6 +82,7 @@ class HomographyConfig(TrainConfig):
     data: PairSpec = field(default_factory=PairSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
     strides: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+    max_side: int = 64
     outside: float = 1.0
     loss_cap: float = 24.0
     eval_rho: float = 32.0
@@ -144,7 +147,7 @@ def check(cfg: Any) -> None:
     for name in ("outside", "loss_cap"):
         if not cfg[name] > 0:
             raise ValueError(f"{name} must be > 0, got {cfg[name]}")
-    for name in ("eval_batch", "orb_keypoints"):
+    for name in ("eval_batch", "orb_keypoints", "max_side"):
         if cfg[name] < 1:
             raise ValueError(f"{name} must be >= 1, got {cfg[name]}")
 
@@ -159,7 +162,7 @@ def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None) -> list[Pair]:
 def prepare(cfg: Any, samples: Sequence[Pair], device: torch.device) -> Prepared:
     return Prepared(Pairs.stack(samples, device),
                     Aligner(cfg, cfg.data.patch, strides_of(cfg), cfg.model.channels,
-                            cfg.outside))
+                            cfg.outside, cfg.max_side))
 
 
 def model(cfg: Any, train: Prepared) -> FeatureNet:
@@ -242,7 +245,7 @@ def _references(run: Run, prepared: Prepared) -> dict[str, list[float]]:
     """Per-pair errors (all held-out pairs, in order) of the three baselines on ``prepared``
     and ORB's failures."""
     cfg, p = run.cfg, prepared.pairs
-    raw = Aligner(cfg, cfg.data.patch, strides_of(cfg), 1, cfg.outside)
+    raw = Aligner(cfg, cfg.data.patch, strides_of(cfg), 1, cfg.outside, cfg.max_side)
     raw_err, raw_bad = hb.raw_lm(raw, p, strides_of(cfg), cfg.eval_batch)
     orb_err, orb_fail = hb.orb_errors(p.pairs, cfg.orb_keypoints)
     return {"raw": gather(raw_err, run), "raw_degenerate": gather(raw_bad.float(), run),

@@ -126,8 +126,13 @@ def residuals(h: Tensor, source: Tensor, target: Tensor, points: Tensor, scale: 
     r = m * (value - target) + (1 - m) * (outside / math.sqrt(C))
     if not jacobians:
         return r, None, valid
-    dx = warp_jacobian(x, xw, w)  # (B, N, 2, 8)
-    J = (scale * m[..., None]) * (grad @ dx)  # (B, N, C, 8)
+    # dF/dp * scale * dx'/dh by the structure of dx'/dh (no small matmuls): with
+    # (a, b) = scale * dF/dp / w and s = -(a x' + b y'), J = [a x, a y, a, b x, b y, b, s x, s y]
+    k = (scale * m / w[..., None].where(valid[..., None], torch.ones_like(m)))
+    a, b = k * grad[..., 0], k * grad[..., 1]  # (B, N, C)
+    s = -(a * xw[..., 0, None] + b * xw[..., 1, None])
+    X, Y = x[..., 0, None], x[..., 1, None]
+    J = torch.stack([a * X, a * Y, a, b * X, b * Y, b, s * X, s * Y], dim=-1)  # (B, N, C, 8)
     return r, J, valid
 
 

@@ -20,6 +20,7 @@ from core.costs.homography import (
     params_from_matrix,
     residuals,
     warp,
+    warp_jacobian,
 )
 
 DT = torch.float64
@@ -55,6 +56,19 @@ def test_identity_and_matrix_round_trip(gen: torch.Generator) -> None:
     xw, w = warp(h, x)
     torch.testing.assert_close(xw, xh[..., :2] / xh[..., 2:])
     torch.testing.assert_close(w, xh[..., 2])
+
+
+def test_warp_jacobian_matches_finite_differences(gen: torch.Generator) -> None:
+    x = torch.randn(2, 6, 2, generator=gen, dtype=DT)
+    h = 0.1 * torch.randn(2, 8, generator=gen, dtype=DT)
+    xw, w = warp(h, x)
+    J = warp_jacobian(x, xw, w)
+    eps = 1e-6
+    for k in range(8):
+        step = torch.zeros(8, dtype=DT)
+        step[k] = eps
+        fd = (warp(h + step, x)[0] - warp(h - step, x)[0]) / (2 * eps)
+        torch.testing.assert_close(J[..., k], fd, rtol=1e-6, atol=1e-8)
 
 
 def test_bilinear_matches_grid_sample_and_hits_grid_values(gen: torch.Generator) -> None:
