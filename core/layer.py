@@ -3,13 +3,21 @@
 ``OptimizationLayer(objective, optimizer, backward=...)(inputs) -> (solution, info)``, where
 ``inputs`` holds initial values of the optimized variables (by variable name, ``(B, F, S)``) and
 replacements for auxiliary tensors (by ``"<cost>.<aux>"``, ``"<cost>.weight"``,
-``"<cost>.sqrt_info"``, ``"<cost>.loss_scale"``), e.g. network outputs. Backward modes:
+``"<cost>.sqrt_info"``, ``"<cost>.loss_scale"``), e.g. network outputs. Backward modes, and exactly
+what each differentiates:
 
-* ``"unroll"``: autograd through every iteration (linear solves are differentiated through their
-  factor, see ``core.solvers.base.solve``); gradients reach initial values too; memory grows with
-  the iterations.
-* ``"truncated"``: all but the last ``backward_iters`` iterations run without gradient; the last
-  ones with it (gradients reach initial values only through those last iterations).
+* ``"unroll"``: autograd through every iteration the optimizer takes (linear solves are
+  differentiated through their factor, see ``core.solvers.base.solve``): the derivative of the
+  algorithm's output, for the inputs and the initial values alike; memory grows with the
+  iterations. Every element takes at least one step (the gradient-norm test, which could stop an
+  element before its first step, is off), so a start at the optimum differentiates one damped
+  Gauss-Newton step taken there: the implicit gradient up to the damping.
+* ``"truncated"``: the first ``max_iters - backward_iters`` iterations run without gradient (and
+  stop early where they converge); then exactly ``backward_iters`` iterations run with it from
+  their detached result, every finite step taken. Gradients reach the inputs through those last
+  iterations only, and the initial values not at all, unless ``max_iters <= backward_iters``
+  (then it is ``"unroll"``). The status is the optimizer's: ``converged`` where the first phase
+  converged or the last step met the convergence test.
 * ``"implicit"``: the solve runs without gradient; at the solution ``x*`` the optimality condition
   of Gauss-Newton, ``g(x*, theta) = J^T W r = 0``, defines ``x*(theta)``. The implicit function
   theorem gives ``dx*/dtheta = -H^-1 dg/dtheta`` with ``H = J^T W J`` (exact for zero or linear
@@ -21,10 +29,17 @@ replacements for auxiliary tensors (by ``"<cost>.<aux>"``, ``"<cost>.weight"``,
   backward is the adjoint solve ``H u = v`` with the same factor, ``H`` being symmetric). Memory
   and time do not depend on the number of forward iterations. Initial values get no gradient
   (the optimum does not depend on them).
+
+Bad batch elements cost only themselves: an element with a non-finite input (initial value or
+per-element aux tensor), a failed solve, a non-finite solution or (implicit) a singular normal
+matrix at its solution is solved no further: its outputs are NaN, its ``info.status`` FAILED with
+``info.messages`` naming the cause, and its inputs get exactly zero gradient. The other elements
+are solved as a batch without it, so their outputs and gradients are those of that batch.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Literal
@@ -35,8 +50,18 @@ from typing_extensions import assert_never
 
 from core.linearize import linearize
 from core.objective import Objective
-from core.optimizer import Info, LevenbergMarquardt, Solution
+from core.optimizer import (
+    CONVERGED,
+    FAILED,
+    FAILED_MESSAGE,
+    MAX_ITERS,
+    Info,
+    LevenbergMarquardt,
+    Solution,
+)
 from core.solvers import LinearSolver, make_solver, solve
+
+log = logging.getLogger(__name__)
 
 Backward = Literal["unroll", "truncated", "implicit"]
 
@@ -84,7 +109,11 @@ class OptimizationLayer(nn.Module):
         self.cg_tol, self.cg_iters = cg_tol, cg_iters
 
     def forward(self, inputs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Info]:
-        """Solve from ``inputs``; returns the solution (name -> ``(B, F, S)``) and the info."""
+        """Solve from ``inputs``; returns the solution (name -> ``(B, F, S)``) and the info.
+
+        Bad elements are set aside (see the module docstring): the others are solved as the
+        batch without them (at most once more when an element fails during the solve).
+        """
         names = {v.name for v in self.objective.variables}
         missing = names - set(inputs)
         if missing:
@@ -95,15 +124,45 @@ class OptimizationLayer(nn.Module):
             {k: v for k, v in inputs.items() if k not in names}
         )
         optimizer = self._resolved(device)
+        batch = objective.check_values(init)
+        causes = _bad_inputs(objective, init, batch)
+        keep = [b for b in range(batch) if b not in causes]
+        values, info = init, None
+        while keep:
+            index = torch.tensor(keep, device=device)
+            sub_objective, sub_init = objective, init
+            if len(keep) < batch:
+                sub_objective = objective.select(index, batch)
+                sub_init = {k: v.index_select(0, index) for k, v in init.items()}
+            values, info, failed = self._solve(optimizer, sub_objective, sub_init)
+            if not failed:
+                break
+            causes.update({keep[k]: why for k, why in failed.items()})
+            keep = [b for k, b in enumerate(keep) if k not in failed]
+        if causes:
+            log.warning("OptimizationLayer: %d of %d batch elements failed: %s", len(causes),
+                        batch, "; ".join(f"{b}: {why}" for b, why in sorted(causes.items())))
+        if info is not None and len(keep) == batch:
+            return values, info
+        return _scatter(values, info, keep, batch, causes, init)
+
+    def _solve(
+        self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], Info, dict[int, str]]:
+        """Solve in the layer's backward mode; also returns the elements that failed (index ->
+        cause): FAILED status, a non-finite solution, a singular implicit normal matrix."""
         mode = self.backward
+        singular = None
         if mode == "unroll":
-            solution = optimizer.solve(objective, init)
-            return solution.values, solution.info
-        if mode == "truncated":
-            return self._truncated(optimizer, objective, init)
-        if mode == "implicit":
-            return self._implicit(optimizer, objective, init)
-        assert_never(mode)
+            solution = replace(optimizer, grad_tol=-float("inf")).solve(objective, init)
+            values, info = solution.values, solution.info
+        elif mode == "truncated":
+            values, info = self._truncated(optimizer, objective, init)
+        elif mode == "implicit":
+            values, info, singular = self._implicit(optimizer, objective, init)
+        else:
+            assert_never(mode)
+        return values, info, _failures(values, info, singular)
 
     def _on(self, device: torch.device) -> Objective:
         """The objective with its tensors on ``device``, moved once per device and kept."""
@@ -128,33 +187,31 @@ class OptimizationLayer(nn.Module):
         self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], Info]:
         head_iters = max(optimizer.max_iters - self.backward_iters, 0)
-        values = init
-        if head_iters:
-            with torch.no_grad():
-                head = replace(optimizer, max_iters=head_iters).solve(objective, init)
-            values = {k: v.detach() for k, v in head.values.items()}
-        tail = replace(optimizer, max_iters=optimizer.max_iters - head_iters)
-        if head_iters:
-            # Near the optimum the gain ratio and the cost decrease are rounding noise: take every
-            # finite step and test no convergence, so exactly the last `backward_iters`
-            # iterations carry the gradient.
-            never = -float("inf")
-            tail = replace(
-                tail, min_gain=never, rel_tol=never, abs_tol=never, step_tol=never, grad_tol=never
-            )
+        if not head_iters:  # all iterations with gradient: unroll
+            solution = replace(optimizer, grad_tol=-float("inf")).solve(objective, init)
+            return solution.values, solution.info
+        with torch.no_grad():
+            head = replace(optimizer, max_iters=head_iters).solve(objective, init)
+        values = {k: v.detach() for k, v in head.values.items()}
+        # Near the optimum the gain ratio and the cost decrease are rounding noise: take every
+        # finite step and test no convergence, so exactly the last `backward_iters` iterations
+        # carry the gradient (the status is decided afterwards, see _merge_info).
+        never = -float("inf")
+        tail = replace(optimizer, max_iters=self.backward_iters, min_gain=never, rel_tol=never,
+                       abs_tol=never, step_tol=never, grad_tol=never)
         solution = tail.solve(objective, values)
-        if head_iters:
-            solution = _merge_info(head, solution)
-        return solution.values, solution.info
+        return solution.values, _merge_info(head, solution, optimizer)
 
     def _implicit(
         self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
-    ) -> tuple[dict[str, Tensor], Info]:
+    ) -> tuple[dict[str, Tensor], Info, Tensor | None]:
+        """The IFT step (module docstring); also returns ``(B,)`` True where the normal matrix
+        at the solution is singular (None without grad mode: no factorization then)."""
         with torch.no_grad():
             solution = optimizer.solve(objective, {k: v.detach() for k, v in init.items()})
         x_star = {k: v.detach() for k, v in solution.values.items()}
         if not torch.is_grad_enabled():
-            return x_star, solution.info
+            return x_star, solution.info, None
         lin = linearize(objective, x_star)  # g(x*, theta), differentiable in theta
         pattern = lin.pattern
         H = lin.H.detach()
@@ -165,15 +222,9 @@ class OptimizationLayer(nn.Module):
         else:
             hvp = _exact_hvp(objective.with_inputs(_detached(objective)), x_star)
             delta = _ExactSolve.apply(-lin.g, factor, hvp, self.cg_tol, self.cg_iters)
-        # checked after the solve: solvers that verify their solves (cuDSS, PCG) update ``ok``
-        if not bool(factor.ok.all()):
-            bad = torch.nonzero(~factor.ok).flatten().tolist()
-            raise ValueError(
-                f"implicit backward: the normal matrix at the solution is singular for batch "
-                f"elements {bad}, so the optimum does not depend smoothly on the inputs: fix the "
-                "gauge (e.g. a prior on one pose) or use backward='unroll'"
-            )
-        return objective.retract(x_star, delta - delta.detach()), solution.info
+        # read after the solve: solvers that verify their solves (cuDSS, PCG) update ``ok``
+        out = objective.retract(x_star, delta - delta.detach())
+        return out, solution.info, ~factor.ok
 
 
 def _detached(objective: Objective) -> dict[str, Tensor]:
@@ -236,11 +287,20 @@ class _ExactSolve(torch.autograd.Function):
         )
 
 
-def _merge_info(head: Solution, tail: Solution) -> Solution:
-    """One Info for a run split in two phases."""
+def _merge_info(head: Solution, tail: Solution, opts: LevenbergMarquardt) -> Info:
+    """One Info for a truncated run: FAILED if either phase failed; CONVERGED where the first
+    phase converged or the tail's last step meets ``opts``' convergence test (relative
+    decrease, absolute cost, gradient norm); else MAX_ITERS."""
     a, b = head.info, tail.info
-    info = Info(
-        status=b.status,
+    before, after = b.cost_history[-2], b.cost_history[-1]
+    assert tail.linearization is not None
+    done = (before - after).abs() <= opts.rel_tol * before
+    done = done | (after <= opts.abs_tol) | (tail.linearization.g.abs().amax(-1) < opts.grad_tol)
+    failed = (a.status == FAILED) | (b.status == FAILED)
+    status = torch.where(failed, FAILED, torch.where((a.status == CONVERGED) | done,
+                                                     CONVERGED, MAX_ITERS))
+    return Info(
+        status=status,
         iterations=a.iterations + b.iterations,
         cost_history=torch.cat([a.cost_history, b.cost_history[1:]]),
         damping=b.damping,
@@ -248,4 +308,87 @@ def _merge_info(head: Solution, tail: Solution) -> Solution:
         best_values=b.best_values,
         solver_failures=a.solver_failures + b.solver_failures,
     )
-    return Solution(tail.values, info, tail.linearization)
+
+
+SINGULAR = (
+    "the normal matrix at the solution is singular (not positive definite), so the optimum "
+    "does not depend smoothly on the inputs: a gauge freedom (add a prior, e.g. on one pose) "
+    "or a degenerate problem; backward='unroll' differentiates the iterations instead"
+)
+
+
+def _bad_inputs(objective: Objective, init: dict[str, Tensor], batch: int) -> dict[int, str]:
+    """Batch elements with a non-finite initial value or input tensor -> the cause (a shared
+    input, one without a batch dimension of size ``B``, makes every element bad)."""
+    named = {f"initial values of {k!r}": v for k, v in init.items()}
+    named.update({f"input {k!r}": t for c in objective.costs for k, t in c.inputs().items()})
+    bad = {}
+    with torch.no_grad():
+        for what, t in named.items():
+            t = t.detach()
+            per_element = t.ndim >= 1 and t.shape[0] == batch and batch > 1
+            finite = torch.isfinite(t.reshape(batch, -1) if per_element else t.reshape(1, -1))
+            bad[what] = ~finite.all(1).expand(batch)
+        if not bool(torch.stack(list(bad.values())).any()):
+            return {}
+    causes: dict[int, str] = {}
+    for what, mask in bad.items():
+        for b in torch.nonzero(mask).flatten().tolist():
+            causes.setdefault(b, f"non-finite {what}")
+    return causes
+
+
+def _failures(values: dict[str, Tensor], info: Info, singular: Tensor | None
+              ) -> dict[int, str]:
+    """Elements (index -> cause) whose solve failed, whose solution is not finite, or (implicit)
+    whose normal matrix at the solution is singular. One host sync."""
+    finite = torch.stack([torch.isfinite(v.detach()).flatten(1).all(1) for v in values.values()])
+    flags = [info.status == FAILED, ~finite.all(0)]
+    flags.append(torch.zeros_like(flags[0]) if singular is None else singular.to(flags[0].device))
+    failed = {}
+    for k, (solver, nonfinite, sing) in enumerate(torch.stack(flags, 1).tolist()):
+        if solver:
+            failed[k] = info.causes.get(k, FAILED_MESSAGE)
+        elif nonfinite:
+            failed[k] = "the solution is not finite"
+        elif sing:
+            failed[k] = SINGULAR
+    return failed
+
+
+def _scatter(values: dict[str, Tensor], info: Info | None, keep: list[int], batch: int,
+             causes: dict[int, str], init: dict[str, Tensor]) -> tuple[dict[str, Tensor], Info]:
+    """Outputs and info of the ``keep`` elements (``values (K, F, S)``, ``info`` of K) spread
+    into a batch of ``B``: the other elements get NaN values and a FAILED status with their
+    causes. Differentiable in ``values`` (``index_copy``)."""
+    like = next(iter(init.values()))
+    index = torch.tensor(keep, dtype=torch.long, device=like.device)
+
+    def spread(sub: Tensor | None, full: Tensor, dim: int = 0) -> Tensor:
+        return full if not keep or sub is None else full.index_copy(dim, index, sub)
+
+    def nans(t: Tensor, dim: int = 0) -> Tensor:
+        shape = list(t.shape)
+        shape[dim] = batch
+        return torch.full(shape, float("nan"), dtype=t.dtype, device=t.device)
+
+    out = {k: spread(values[k] if keep else None, nans(v)) for k, v in init.items()}
+    status = torch.full((batch,), FAILED, dtype=torch.long, device=like.device)
+    zeros = torch.zeros(batch, dtype=torch.long, device=like.device)
+    history = torch.full((1, batch), float("nan"), dtype=like.dtype, device=like.device)
+    if info is None or not keep:
+        full = Info(status, zeros, history, history[0], 0.0,
+                    {k: v.detach() for k, v in out.items()}, zeros, dict(causes))
+        return out, full
+    sub_causes = {keep[k]: why for k, why in info.causes.items()}
+    full = Info(
+        status=spread(info.status, status),
+        iterations=spread(info.iterations, zeros),
+        cost_history=spread(info.cost_history, nans(info.cost_history, 1), dim=1),
+        damping=spread(info.damping, history[0].clone()),
+        time_s=info.time_s,
+        best_values={k: spread(v, nans(v)) for k, v in info.best_values.items()},
+        solver_failures=spread(info.solver_failures, zeros),
+        causes={**sub_causes, **causes},
+    )
+    return out, full

@@ -27,6 +27,7 @@ from core.solvers import LinearSolver, SolverName, damped, make_solver, solve
 log = logging.getLogger(__name__)
 
 RUNNING, CONVERGED, MAX_ITERS, FAILED = 0, 1, 2, 3
+FAILED_MESSAGE = "the cost was not finite at the initial values or after a step"
 STATUS_NAMES = {
     RUNNING: "running",
     CONVERGED: "converged",
@@ -43,7 +44,8 @@ class Info:
     ``iterations (B,)``: iterations each element ran; ``cost_history (T + 1, B)``: cost after each
     iteration (the initial cost first); ``damping (B,)``: final damping; ``time_s``: wall time;
     ``solver_failures (B,)``: iterations whose linear solve failed (not positive definite, or an
-    iterative solver that did not converge; the step was rejected).
+    iterative solver that did not converge; the step was rejected); ``causes``: batch element ->
+    why it failed, where known (``OptimizationLayer`` names bad inputs; see ``messages``).
     """
 
     status: Tensor
@@ -53,6 +55,7 @@ class Info:
     time_s: float
     best_values: dict[str, Tensor] = field(default_factory=dict)
     solver_failures: Tensor | None = None
+    causes: dict[int, str] = field(default_factory=dict)
 
     @property
     def initial_cost(self) -> Tensor:
@@ -65,6 +68,14 @@ class Info:
     @property
     def status_names(self) -> list[str]:
         return [STATUS_NAMES[int(s)] for s in self.status]
+
+    @property
+    def messages(self) -> list[str]:
+        """Per element: why it failed, ``""`` unless its status is FAILED."""
+        return [
+            self.causes.get(b, FAILED_MESSAGE) if s == FAILED else ""
+            for b, s in enumerate(self.status.tolist())
+        ]
 
 
 @dataclass
@@ -157,8 +168,12 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
         delta, cand, gain, new, factor_ok = _trial(objective, values, lin, lam, solver, opts)
         finite = torch.isfinite(new.cost) & factor_ok
         # A step whose cost change is rounding noise is accepted too: at the optimum this keeps
-        # the iterates (and an unrolled gradient) converging instead of raising the damping.
-        noise = (lin.cost - new.cost).abs() <= 100 * torch.finfo(lin.cost.dtype).eps * lin.cost
+        # the iterates (and an unrolled gradient) converging instead of raising the damping. So
+        # is a step at the rounding level of the values: at a zero-residual optimum the cost is
+        # itself rounding noise (~1e-31), and its relative change says nothing.
+        eps = torch.finfo(lin.cost.dtype).eps
+        noise = (lin.cost - new.cost).abs() <= 100 * eps * lin.cost
+        noise = noise | (delta.detach().abs().amax(-1) <= 100 * eps)
         accept = active & finite & ((gain > opts.min_gain) | noise | (not opts.adaptive))
         values = {k: torch.where(accept[:, None, None], cand[k], x) for k, x in values.items()}
         decrease = lin.cost - new.cost
