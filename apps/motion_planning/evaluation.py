@@ -1,0 +1,182 @@
+"""Held-out evaluation of the motion-planning app: the learned initialization and the
+straight-line baselines solved by the same planner, their scores, and the picture.
+
+Every held-out map is solved twice from each initialization: K iterations (the layer, as in
+training: success, path length, GP error) and up to ``eval_iters`` iterations (how many
+iterations it takes to converge by the optimizer's tolerances; ``eval_iters`` where it does not).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import core
+from apps.config import make_layer, make_optimizer
+from apps.motion_planning import problem
+from apps.motion_planning.data import Sample
+from apps.motion_planning.problem import Scores
+from apps.motion_planning.spec import MapSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Maps:
+    """Samples stacked on the device, with the planner built once for all of them.
+
+    Attributes:
+        spec: the maps' and planner's settings.
+        sdf: ``(M, H, W)`` float64; start, goal: ``(M, 2)``; expert: ``(M, N, 4)``.
+        kinds: each map's kind.
+        objective: the planning objective (``problem.make_objective``).
+        layer: ``OptimizationLayer`` with K iterations (``cfg.optimizer``, ``cfg.solver``).
+        long: the same optimizer with ``eval_iters`` iterations.
+    """
+
+    spec: MapSpec
+    sdf: Tensor
+    start: Tensor
+    goal: Tensor
+    expert: Tensor
+    kinds: list[str]
+    objective: core.Objective
+    layer: core.OptimizationLayer
+    long: core.LevenbergMarquardt
+
+    def __len__(self) -> int:
+        return int(self.sdf.shape[0])
+
+    def cost(self, states: Tensor, sdf: Tensor, start: Tensor, goal: Tensor) -> Tensor:
+        """``(B,)`` the planner's objective at ``states (B, N, 4)`` on these maps."""
+        aux = layer_inputs(states, sdf, start, goal)
+        aux.pop("states")
+        return self.objective.with_inputs(aux).cost({"states": states})
+
+
+def prepare_maps(cfg: Any, spec: MapSpec, samples: Sequence[Sample], device: torch.device
+                 ) -> Maps:
+    """``samples`` stacked on ``device`` with the objective, the K-iteration layer and the long
+    optimizer."""
+    n, size = spec.num_states, spec.size
+    f64 = {"dtype": torch.float64, "device": device}
+
+    def stack(name: str, shape: tuple[int, ...]) -> Tensor:
+        if not samples:
+            return torch.zeros(0, *shape, **f64)  # type: ignore[arg-type]
+        return torch.stack([getattr(s, name) for s in samples]).to(**f64)  # type: ignore
+
+    objective = problem.make_objective(spec)
+    long = replace(make_optimizer(cfg), max_iters=int(cfg.eval_iters))
+    return Maps(spec, stack("sdf", (size, size)), stack("start", (2,)), stack("goal", (2,)),
+                stack("expert", (n, 4)), [s.kind for s in samples], objective,
+                make_layer(objective, cfg), long)
+
+
+def layer_inputs(init: Tensor, sdf: Tensor, start: Tensor, goal: Tensor) -> dict[str, Tensor]:
+    """``problem.inputs`` (kept here so the app has one name for it)."""
+    return problem.inputs(init, sdf, start, goal)
+
+
+def imitation(traj: Tensor, expert: Tensor) -> Tensor:
+    """``(B,)`` mean squared position error over the states (m^2)."""
+    return (traj[..., :2] - expert[..., :2]).pow(2).sum(-1).mean(-1)
+
+
+@dataclass
+class Plans:
+    """One batch's plans from some initialization: initial, K-iteration and long solutions
+    ``(B, N, 4)`` (``long`` is ``final`` when not solved) and the long solve's iterations
+    ``(B,)``."""
+
+    init: Tensor
+    final: Tensor
+    iterations: Tensor
+    long: Tensor
+
+
+def solve(maps: Maps, idx: Tensor, init: Tensor, long: bool = True) -> Plans:
+    """Solve maps ``idx`` from ``init`` for K iterations (and for up to ``eval_iters``)."""
+    sdf, start, goal = maps.sdf[idx], maps.start[idx], maps.goal[idx]
+    aux = layer_inputs(init, sdf, start, goal)
+    final, _ = maps.layer(aux)
+    plans = Plans(init, final["states"].detach(), torch.zeros(len(idx), dtype=torch.long),
+                  final["states"].detach())
+    if long:
+        states = aux.pop("states")
+        sol = maps.long.solve(maps.objective.with_inputs(aux), {"states": states})
+        plans.iterations, plans.long = sol.info.iterations, sol.values["states"]
+    return plans
+
+
+def score(scores: Scores, maps: Maps, idx: Tensor, plans: Plans) -> list[bool]:
+    """Add ``plans`` of maps ``idx`` to ``scores``; returns the successes."""
+    sdf, start, goal, expert = maps.sdf[idx], maps.start[idx], maps.goal[idx], maps.expert[idx]
+    ok = problem.success(plans.final, sdf, start, goal, maps.spec)
+    scores.add(ok, plans.iterations, problem.path_length(plans.final),
+               problem.path_length(expert), problem.gp_error(plans.final, maps.objective),
+               imitation(plans.final, expert))
+    scores.initial += float(problem.success(plans.init, sdf, start, goal, maps.spec).sum())
+    return ok.tolist()
+
+
+@torch.no_grad()
+def evaluate(cfg: Any, net: torch.nn.Module, maps: Maps) -> tuple[Scores, list[Any]]:
+    """The learned initialization on ``maps``; outputs per map: ``(init, final, success)``."""
+    scores, outputs = Scores(), []
+    for b in range(0, len(maps), cfg.eval_batch):
+        idx = torch.arange(b, min(b + cfg.eval_batch, len(maps)), device=maps.sdf.device)
+        init = net(maps.sdf[idx], maps.start[idx], maps.goal[idx])
+        plans = solve(maps, idx, init)
+        ok = score(scores, maps, idx, plans)
+        outputs += [(plans.init[k].cpu(), plans.final[k].cpu(), ok[k]) for k in range(len(idx))]
+    return scores, outputs
+
+
+@torch.no_grad()
+def straight_line_scores(cfg: Any, maps: Maps) -> tuple[Scores, Scores]:
+    """The baselines on ``maps``: the straight line with K iterations and with
+    ``eval_iters`` (their scores)."""
+    short, long = Scores(), Scores()
+    for b in range(0, len(maps), cfg.eval_batch):
+        idx = torch.arange(b, min(b + cfg.eval_batch, len(maps)), device=maps.sdf.device)
+        init = problem.straight_line(maps.start[idx], maps.goal[idx], maps.spec)
+        plans = solve(maps, idx, init)
+        score(short, maps, idx, plans)
+        score(long, maps, idx, replace(plans, final=plans.long))
+    return short, long
+
+
+def draw(run: Any, outputs: list[Any], path: Path) -> None:
+    """A grid of the first ``viz_maps`` held-out maps of this rank: expert, learned initial and
+    final plans, the straight-line baseline's K-iteration plan."""
+    from apps.motion_planning import viz
+
+    maps, count = run.val, min(run.cfg.viz_maps, len(run.val))
+    if count == 0:
+        return
+    idx = torch.arange(count, device=maps.sdf.device)
+    line = problem.straight_line(maps.start[idx], maps.goal[idx], maps.spec)
+    with torch.no_grad():
+        base = solve(maps, idx, line, long=False)
+        base_ok = problem.success(base.final, maps.sdf[idx], maps.start[idx], maps.goal[idx],
+                                  maps.spec).tolist()
+    panels = []
+    for k in range(count):
+        init, final, ok = outputs[k]
+        title = (f"held-out map {run.mine[k]} ({maps.kinds[k]}): learned "
+                 f"{'ok' if ok else 'COLLIDES'}, baseline {'ok' if base_ok[k] else 'COLLIDES'}")
+        panels.append(viz.as_panel(maps.sdf[k], maps.start[k], maps.goal[k], {
+            "expert": maps.expert[k], "initial (learned)": init, "final (learned)": final,
+            "final (straight-line baseline)": base.final[k]}, title))
+    K = int(run.cfg.optimizer.max_iters)
+    viz.draw_panels(path, panels, maps.spec,
+                    f"held-out maps: plans after K = {K} LM iterations from the learned "
+                    "initialization and from the straight line")
+    log.info("wrote %s", path)

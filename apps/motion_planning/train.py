@@ -1,0 +1,208 @@
+"""Learn initial trajectories for a GPMP2-style planner that work on maps never seen in training.
+
+``python -m apps.motion_planning [overrides]`` (Hydra, ``conf/motion_planning.yaml``;
+``preset=smoke`` for a run of seconds); the loop, checkpoints and metrics files are
+``apps.harness.fit``'s. Per step, for a batch of maps (each randomly flipped/transposed): the CNN
+(``apps.motion_planning.model.InitNet``) maps SDF, start and goal to an initial trajectory; the
+layer runs ``optimizer.max_iters`` (K, default 10) Levenberg-Marquardt iterations of the planner
+(``apps.motion_planning.problem``) on the whole batch as one batched problem; the loss is
+
+``loss.initial * |p_init - p_expert|^2 + loss.solution * |p_K - p_expert|^2
++ loss.objective * F(x_K) / N``
+
+(mean squared position errors over the states; ``F`` the planner's objective at the K-iteration
+solution). The solution terms reach the network through the iterations (``optimizer.backward``:
+``unroll``, the default, or ``truncated``); with ``implicit`` they carry no gradient to the
+initialization (the optimum does not depend on where the solver starts) and only the imitation
+of the initialization trains the network.
+
+Held-out maps (new maps, other seeds), with ``K`` iterations: ``success_rate`` (collision-free at
+the robot radius along the densely interpolated path, inside the map, ends on start and goal),
+``path_length_ratio`` (to the expert's, over successful plans), ``gp_error`` (the GP prior's cost
+at the plan); ``iterations``: iterations to converge from the learned initialization with up to
+``eval_iters`` (100) iterations. Baselines, the same planner from the straight line: with K
+iterations (``success_rate_baseline``) and with ``eval_iters`` (``success_rate_baseline_100``,
+``iterations_baseline``). The harness's headline ``metric`` is ``failure_rate = 1 -
+success_rate`` (lower is better).
+
+Outputs in the run folder: ``metrics.json``, ``metrics.csv``, ``checkpoint.pt``, ``curves.png``
+and ``motion_planning.png`` (a grid of held-out maps with expert, initial and final plans).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apps.config import TrainConfig, register, spec_from_config
+from apps.harness import Run, Task, fit, main_for, reduce_scores
+from apps.motion_planning import evaluation
+from apps.motion_planning.data import Sample, make_dataset
+from apps.motion_planning.evaluation import Maps, prepare_maps
+from apps.motion_planning.model import InitNet, augment
+from apps.motion_planning.spec import MapSpec
+
+APP = "motion_planning"
+
+
+@dataclass
+class ModelConfig:
+    """The initialization network (``apps.motion_planning.model.InitNet``).
+
+    Fields:
+        channels: widths of the stride-2 convolutions.
+        hidden: width of the MLP head.
+        basis: sine offsets per axis of the predicted trajectory.
+        augment: train on randomly flipped/transposed maps (the square's 8 symmetries).
+    """
+
+    channels: list[int] = field(default_factory=lambda: [16, 32, 32, 64])
+    hidden: int = 128
+    basis: int = 8
+    augment: bool = True
+
+
+@dataclass
+class LossConfig:
+    """Weights of the outer loss's terms (``apps.motion_planning.train``'s docstring).
+
+    Fields:
+        initial: imitation of the expert by the initial trajectory.
+        solution: imitation of the expert by the K-iteration solution.
+        objective: the planner's objective at the K-iteration solution (per state).
+    """
+
+    initial: float = 1.0
+    solution: float = 1.0
+    objective: float = 1e-3
+
+
+@dataclass
+class MotionPlanningConfig(TrainConfig):
+    """``conf/motion_planning.yaml``'s schema: the common training fields plus
+
+    Fields:
+        data: maps and planner (``apps.motion_planning.spec.MapSpec``).
+        model, loss: see their classes.
+        eval_iters: the iteration cap for "iterations to converge" and the long baseline.
+        eval_batch: held-out maps solved per batch.
+        viz_maps: held-out maps in ``motion_planning.png`` (the first ones of this rank).
+    """
+
+    epochs: int = 10
+    batch_size: int = 8
+    num_train: int = 192
+    num_val: int = 64
+    lr: float = 1e-3
+    data: MapSpec = field(default_factory=MapSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval_iters: int = 100
+    eval_batch: int = 32
+    viz_maps: int = 6
+
+
+register(APP, MotionPlanningConfig)
+
+
+def check(cfg: Any) -> None:
+    """The app's own config checks (the data spec's run in ``MapSpec``)."""
+    spec_from_config(MapSpec, cfg.data)
+    checks = [
+        (cfg.eval_iters >= 1, f"eval_iters must be >= 1, got {cfg.eval_iters}"),
+        (cfg.eval_batch >= 1, f"eval_batch must be >= 1, got {cfg.eval_batch}"),
+        (cfg.viz_maps >= 0, f"viz_maps must be >= 0, got {cfg.viz_maps}"),
+        (cfg.optimizer.max_iters >= 1,
+         f"optimizer.max_iters (K) must be >= 1, got {cfg.optimizer.max_iters}"),
+        (min(cfg.loss.initial, cfg.loss.solution, cfg.loss.objective) >= 0,
+         f"loss weights must be >= 0, got {dict(cfg.loss)}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None) -> list[Sample]:
+    return make_dataset(spec_from_config(MapSpec, cfg.data), seeds, cache)
+
+
+def prepare(cfg: Any, samples: Sequence[Sample], device: torch.device) -> Maps:
+    return prepare_maps(cfg, spec_from_config(MapSpec, cfg.data), samples, device)
+
+
+def model(cfg: Any, train: Maps) -> InitNet:
+    m = cfg.model
+    return InitNet(train.spec, tuple(m.channels), m.hidden, m.basis).to(train.sdf.device)
+
+
+def loss(cfg: Any, net: torch.nn.Module, maps: Maps, batch: Sequence[int]
+         ) -> list[torch.Tensor]:
+    """The outer loss of each map of ``batch`` (module docstring), solved as one batch."""
+    idx = torch.as_tensor(list(batch), dtype=torch.long, device=maps.sdf.device)
+    sdf, start, goal, expert = (maps.sdf[idx], maps.start[idx], maps.goal[idx],
+                                maps.expert[idx])
+    if cfg.model.augment:
+        code = torch.randint(0, 8, (len(batch),)).to(idx.device)
+        sdf, start, goal, expert = augment(sdf, start, goal, expert, code)
+    init = net(sdf, start, goal)
+    if not len(batch):
+        return []
+    w = cfg.loss
+    final, _ = maps.layer(evaluation.layer_inputs(init, sdf, start, goal))
+    total = (w.initial * evaluation.imitation(init, expert)
+             + w.solution * evaluation.imitation(final["states"], expert)
+             + w.objective * maps.cost(final["states"], sdf, start, goal) / maps.spec.num_states)
+    return list(total)
+
+
+def baseline(run: Run) -> dict[str, Any]:
+    """The planner from the straight line: K iterations and ``eval_iters`` iterations."""
+    short, long = evaluation.straight_line_scores(run.cfg, run.val)
+    return {**reduce_scores(short, run.dist).metrics("_baseline"),
+            **reduce_scores(long, run.dist).metrics("_baseline_100")}
+
+
+def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.nn.Module
+           ) -> tuple[dict[str, float], dict[str, Any]]:
+    ref = run.reference
+    learned = ("failure_rate", "success_rate", "iterations", "path_length_ratio", "gp_error",
+               "loss", "success_rate_initial")
+    base = ("failure_rate_baseline", "success_rate_baseline", "path_length_ratio_baseline",
+            "gp_error_baseline", "success_rate_baseline_100", "path_length_ratio_baseline_100",
+            "gp_error_baseline_100")
+    val = {**{k: metrics[k] for k in learned}, **{k: ref[k] for k in base},
+           "iterations_baseline": ref["iterations_baseline_100"]}
+    val["iterations_ratio"] = val["iterations"] / max(val["iterations_baseline"], 1e-12)
+    return val, {"K": int(run.cfg.optimizer.max_iters), "eval_iters": int(run.cfg.eval_iters)}
+
+
+def pictures(run: Run, outputs: list[Any], net: torch.nn.Module) -> None:
+    """``motion_planning.png``: the first ``viz_maps`` held-out maps of this rank."""
+    evaluation.draw(run, outputs, run.out / "motion_planning.png")
+
+
+TASK = Task(
+    name=APP, metric="failure_rate",
+    title="motion planning: learned initial trajectories for a GPMP2 planner",
+    schema=MotionPlanningConfig, dataset=dataset, prepare=prepare, model=model, loss=loss,
+    evaluate=evaluation.evaluate, baseline=baseline, report=report, pictures=pictures,
+    check=check,
+    curves=(("train_loss", "val_loss"), ("val_success_rate", "val_success_rate_initial"),
+            ("val_iterations",)),
+    curve_lines=lambda ref: [
+        ("val_success_rate", "straight line, K iterations", ref["success_rate_baseline"]),
+        ("val_success_rate", "straight line, 100 iterations", ref["success_rate_baseline_100"]),
+        ("val_iterations", "straight line", ref["iterations_baseline_100"])],
+    keys=("success_rate", "success_rate_baseline", "success_rate_baseline_100", "iterations",
+          "iterations_baseline", "path_length_ratio", "gp_error"),
+)
+main = main_for(TASK)
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Train and evaluate as ``cfg`` says (``apps.harness.fit``)."""
+    return fit(TASK, cfg)

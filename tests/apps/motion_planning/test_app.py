@@ -1,0 +1,180 @@
+"""The motion-planning app's own tests (the shared contract is ``tests/apps/test_contract.py``):
+the data generator's invariants, the SDF, the trajectory parameterization and the symmetries, the
+untrained network, gradients through the unrolled planner, bad input, and a smoke run with the
+picture."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from apps.motion_planning import data, problem, train
+from apps.motion_planning.data import make_dataset, make_samples, signed_distance
+from apps.motion_planning.model import InitNet, augment
+from apps.motion_planning.planner import check_map, plan
+from apps.motion_planning.spec import MapSpec
+
+SMALL = MapSpec(size=32, num_states=21, obstacles=(2, 4), min_distance=4.0, expert_iters=40)
+
+
+@pytest.fixture(scope="module")
+def samples() -> list[data.Sample]:
+    return make_samples(SMALL, list(range(6)))
+
+
+def stacked(samples: list[data.Sample]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.stack([getattr(s, k) for s in samples]).double()
+                 for k in ("sdf", "start", "goal", "expert"))
+
+
+# ------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------
+
+
+def test_samples_are_seeded_and_cached(samples: list[data.Sample], tmp_path: Path) -> None:
+    again = make_dataset(SMALL, list(range(3)), tmp_path)
+    for a, b in zip(samples[:3], again):
+        assert torch.equal(a.occupancy, b.occupancy) and torch.equal(a.expert, b.expert)
+    assert len(list(tmp_path.glob("motion_planning_*.pt"))) == 1
+    cached = make_dataset(SMALL, list(range(3)), tmp_path)
+    assert all(torch.equal(a.expert, b.expert) for a, b in zip(again, cached))
+    assert [s.kind for s in samples] == [SMALL.kinds[k % 3] for k in range(6)]
+    assert not torch.equal(samples[0].occupancy, samples[3].occupancy)  # new seed, new map
+
+
+def test_experts_are_collision_free_and_lines_mostly_collide(samples: list[data.Sample]
+                                                             ) -> None:
+    sdf, start, goal, expert = stacked(samples)
+    assert bool(problem.success(expert, sdf, start, goal, SMALL).all())
+    assert expert.shape == (6, SMALL.num_states, 4)
+    assert bool(((goal - start).norm(dim=-1) >= SMALL.min_distance).all())
+    line = problem.straight_line(start, goal, SMALL)
+    assert float(problem.success(line, sdf, start, goal, SMALL).double().mean()) <= 0.5
+    for s in samples:  # the SDF's sign is the occupancy
+        assert bool((s.sdf[s.occupancy] <= 0).all()) and bool((s.sdf[~s.occupancy] > 0).all())
+
+
+def test_signed_distance_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    occ = rng.random((12, 12)) < 0.2
+    d = signed_distance(occ, 0.5)
+    rows, cols = np.indices(occ.shape)
+    cells = np.stack([rows.ravel(), cols.ravel()], 1)
+    for r, c in [(0, 0), (5, 7), (11, 3)]:
+        other = cells[(occ.ravel() != occ[r, c])]
+        nearest = np.sqrt(((other - [r, c]) ** 2).sum(1)).min() * 0.5
+        assert d[r, c] == pytest.approx(-nearest if occ[r, c] else nearest)
+
+
+# ------------------------------------------------------------------------------------------
+# problem, model
+# ------------------------------------------------------------------------------------------
+
+
+def test_curve_ends_on_start_and_goal_with_consistent_velocities() -> None:
+    start, goal = torch.tensor([[-3.0, 1.0]], dtype=torch.float64), torch.tensor([[2.0, -2.0]],
+                                                                                dtype=torch.float64)
+    coeffs = torch.randn(1, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    spec = MapSpec()  # 101 states
+    x = problem.curve(start, goal, coeffs, spec)
+    assert torch.allclose(x[0, 0, :2], start[0]) and torch.allclose(x[0, -1, :2], goal[0])
+    fd = (x[0, 2:, :2] - x[0, :-2, :2]) / (2 * spec.dt)
+    assert torch.allclose(fd, x[0, 1:-1, 2:], atol=0.01 * float(x[..., 2:].abs().max()))
+
+
+def test_symmetries_map_plans_to_plans(samples: list[data.Sample]) -> None:
+    sdf, start, goal, expert = stacked(samples)
+    for code in range(8):
+        c = torch.full((len(samples),), code)
+        s2, a2, b2, e2 = augment(sdf, start, goal, expert, c)
+        assert bool(problem.success(e2, s2, a2, b2, SMALL).all())
+        before = problem.clearance(expert, sdf, SMALL)
+        assert torch.allclose(problem.clearance(e2, s2, SMALL), before, atol=1e-9)
+
+
+def test_untrained_network_proposes_the_straight_line(samples: list[data.Sample]) -> None:
+    sdf, start, goal, _ = stacked(samples)
+    torch.manual_seed(0)
+    net = InitNet(SMALL, (4, 8), 16, 3)
+    assert torch.allclose(net(sdf, start, goal), problem.straight_line(start, goal, SMALL))
+
+
+def test_unrolled_planner_trains_the_network(tmp_path: Path, app_config) -> None:
+    """With ``backward=unroll`` the solution terms of the loss reach the network: its gradient
+    differs from the one of the initialization's imitation alone."""
+    cfg = app_config("motion_planning", tmp_path, "optimizer.backward=unroll",
+                     "model.augment=false")
+    samples = make_samples(SMALL, list(range(2)))
+    maps = train.prepare(cfg, samples, torch.device("cpu"))
+    torch.manual_seed(0)
+    net = train.model(cfg, maps)
+    torch.nn.init.normal_(net.head[-1].weight, std=0.01)  # off the straight line
+
+    def grad(**weights: float) -> torch.Tensor:
+        for k, v in weights.items():
+            cfg.loss[k] = v
+        net.zero_grad()
+        sum(train.loss(cfg, net, maps, [0, 1])).backward()
+        return net.head[-1].weight.grad.clone()
+
+    full = grad(initial=1.0, solution=1.0, objective=1e-3)
+    alone = grad(initial=1.0, solution=0.0, objective=0.0)
+    assert torch.isfinite(full).all() and not torch.allclose(full, alone)
+
+
+# ------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------
+
+
+def test_bad_maps_are_named() -> None:
+    with pytest.raises(ValueError, match=r"shape \(32, 32\).*got \(16, 32\)"):
+        check_map(np.zeros((16, 32), dtype=bool), SMALL)
+    with pytest.raises(ValueError, match="bool array.*float64"):
+        check_map(np.zeros((32, 32)), SMALL)
+    with pytest.raises(ValueError, match="bool array.*int64"):
+        plan(torch.zeros(32, 32, dtype=torch.long), [-3, 0], [3, 0], SMALL)
+
+
+def test_bad_start_and_goal_are_named() -> None:
+    occ = np.zeros((32, 32), dtype=bool)
+    occ[12:20, 12:20] = True  # a block around the origin
+    with pytest.raises(ValueError, match=r"start \[0.0, 0.0\] is inside an obstacle"):
+        plan(occ, [0.0, 0.0], [4.0, 4.0], SMALL)
+    with pytest.raises(ValueError, match=r"goal \[6.0, 0.0\] is outside the map"):
+        plan(occ, [-4.0, -4.0], [6.0, 0.0], SMALL)
+    with pytest.raises(ValueError, match="goal must be a finite"):
+        plan(occ, [-4.0, -4.0], [math.nan, 0.0], SMALL)
+    with pytest.raises(ValueError, match="too close to an obstacle"):
+        plan(occ, [-1.3, 0.0], [4.0, 4.0], SMALL)
+    result = plan(occ, [-4.0, 0.3], [4.0, 0.3], SMALL)  # the line crosses the block
+    assert result.success and result.states.shape == (SMALL.num_states, 4)
+
+
+def test_bad_settings_are_named(tmp_path: Path, app_config) -> None:
+    for override, message in [("data.kinds=[forest,maze]", "data.kinds must be"),
+                              ("data.gap=0.5", "data.gap must exceed"),
+                              ("eval_iters=0", "eval_iters must be >= 1"),
+                              ("optimizer.max_iters=0", "max_iters")]:
+        with pytest.raises(ValueError, match=message):
+            train.run(app_config("motion_planning", tmp_path, override))
+
+
+# ------------------------------------------------------------------------------------------
+# a smoke run with the picture
+# ------------------------------------------------------------------------------------------
+
+
+def test_smoke_with_picture(tmp_path: Path, app_config) -> None:
+    doc = train.run(app_config("motion_planning", tmp_path, "viz=true", "viz_maps=2",
+                               "optimizer.backward=unroll"))
+    val = doc["val"]
+    for key in train.TASK.keys:
+        assert math.isfinite(val[key]), key
+    assert 0 <= val["success_rate"] <= 1 and val["iterations"] <= 15
+    assert (tmp_path / "motion_planning.png").stat().st_size > 0
