@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from typing_extensions import assert_never
 
 from core.linearize import linearize
-from core.objective import Objective
+from core.objective import Objective, has_batch_dim
 from core.optimizer import (
     CONVERGED,
     FAILED,
@@ -320,13 +320,13 @@ SINGULAR = (
 def _bad_inputs(objective: Objective, init: dict[str, Tensor], batch: int) -> dict[int, str]:
     """Batch elements with a non-finite initial value or input tensor -> the cause (a shared
     input, one without a batch dimension of size ``B``, makes every element bad)."""
-    named = {f"initial values of {k!r}": v for k, v in init.items()}
-    named.update({f"input {k!r}": t for c in objective.costs for k, t in c.inputs().items()})
+    named = {f"initial values of {k!r}": (v, True) for k, v in init.items()}
+    named.update({f"input {k!r}": (t, has_batch_dim(k, t) and t.shape[0] == batch)
+                  for c in objective.costs for k, t in c.inputs().items()})
     bad = {}
     with torch.no_grad():
-        for what, t in named.items():
+        for what, (t, per_element) in named.items():
             t = t.detach()
-            per_element = t.ndim >= 1 and t.shape[0] == batch and batch > 1
             finite = torch.isfinite(t.reshape(batch, -1) if per_element else t.reshape(1, -1))
             bad[what] = ~finite.all(1).expand(batch)
         if not bool(torch.stack(list(bad.values())).any()):

@@ -163,7 +163,7 @@ class Objective:
         for c in self.costs:
             for key, t in c.inputs().items():
                 # aux (B|1, E, ...); weight (B|1, E, d) and sqrt_info (B|1, E, d, d) when batched
-                if _has_batch_dim(key, t):
+                if has_batch_dim(key, t):
                     if t.shape[0] not in (1, batch):
                         raise ValueError(
                             f"{key} has batch dimension {t.shape[0]}, expected 1 or {batch}"
@@ -178,12 +178,12 @@ class Objective:
 
     def select(self, index: Tensor, batch: int) -> Objective:
         """The objective of batch elements ``index (K,)`` of a batch of ``B = batch``: inputs
-        with a batch dimension of size ``B`` (see ``_has_batch_dim``) are indexed, shared ones
+        with a batch dimension of size ``B`` (see ``has_batch_dim``) are indexed, shared ones
         kept. Differentiable: unselected elements' inputs get exactly zero gradient."""
         picked = {}
         for c in self.costs:
             for key, t in c.inputs().items():
-                if _has_batch_dim(key, t) and t.shape[0] == batch:
+                if has_batch_dim(key, t) and t.shape[0] == batch:
                     t = t.index_select(0, index.to(t.device))
                     if not c.indexed and key[len(c.name) + 1 :] in c.aux:
                         t = t.squeeze(1)  # with_inputs adds the factor dimension back
@@ -283,7 +283,7 @@ class Objective:
         raise IndexError(col)
 
 
-def _has_batch_dim(key: str, t: Tensor) -> bool:
+def has_batch_dim(key: str, t: Tensor) -> bool:
     """Whether input ``key`` (``"<cost>.<field>"``) has a leading batch dimension ``B|1``: aux
     tensors ``(B|1, E, ...)`` always, ``weight`` as ``(B|1, E, d)``, ``sqrt_info`` as
     ``(B|1, E, d, d)``, ``loss_scale`` as ``(B,)`` or ``(B|1, E)``."""
