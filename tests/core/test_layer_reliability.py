@@ -100,6 +100,21 @@ def test_one_bad_element_costs_only_itself(mode: str, poison: str) -> None:
     assert info.cost_history.shape[1] == 4 and torch.isnan(info.cost_history[:, BAD]).all()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_one_bad_element_sparse_solver(mode: str) -> None:
+    """The same with the sparse solver, whose plan meets two batch sizes (4, then 3)."""
+    layer, init, z = graph_layer(mode)
+    layer.optimizer = core.LevenbergMarquardt(max_iters=20, solver="sparse", **TIGHT)
+    features = torch.randn(4, EDGES, 3, generator=torch.Generator().manual_seed(8))
+    net = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Softplus())
+    full = run(layer, [0, 1, 2, 3], z, init, features, net, "measured")
+    alone = run(layer, [0, 1, 3], z, init, features, net, "measured")
+    assert full[1].status_names[BAD] == "failed"
+    assert torch.equal(full[0][[0, 1, 3]], alone[0])
+    torch.testing.assert_close(full[2][[0, 1, 3]], alone[2], rtol=1e-12, atol=1e-14)
+    assert not full[2][BAD].any()
+
+
 def test_singular_element_fails_alone_in_implicit_mode() -> None:
     """An element without a gauge prior solves (LM's damping) but its normal matrix at the
     solution is singular: implicit differentiation is undefined there, for that element only."""
