@@ -39,6 +39,7 @@ are solved as a batch without it, so their outputs and gradients are those of th
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -117,7 +118,10 @@ class OptimizationLayer(nn.Module):
         names = {v.name for v in self.objective.variables}
         missing = names - set(inputs)
         if missing:
-            raise ValueError(f"OptimizationLayer: missing initial values for {sorted(missing)}")
+            close = {k for m in missing for k in difflib.get_close_matches(m, list(inputs))}
+            hint = f" (inputs has {sorted(close)}: misspelt?)" if close else ""
+            raise ValueError(f"OptimizationLayer: missing initial values for {sorted(missing)}"
+                             + hint)
         init = {k: v for k, v in inputs.items() if k in names}
         device = next(iter(init.values())).device
         objective = self._on(device).with_inputs(

@@ -233,6 +233,8 @@ def test_bad_inputs():
     layer, init, _ = overdetermined_se3("implicit")
     with pytest.raises(ValueError, match="missing initial values.*poses"):
         layer({})
+    with pytest.raises(ValueError, match=r"missing initial values.*'poses'.*\['pose'\]: misspelt"):
+        layer({"pose": init})
     with pytest.raises(ValueError, match="unknown inputs.*between.nope"):
         layer({"poses": init, "between.nope": torch.ones(1)})
     with pytest.raises(ValueError, match="backward mode"):
