@@ -10,8 +10,10 @@ from core.costs.motion import (
     sdf_lookup,
 )
 from core.costs.pose import Between, Prior
+from core.costs.pushing import PlanarContact, QuasiStaticPushing, planar_sdf
 from core.costs.reprojection import Reprojection, bal_objective, bal_to_variables, variables_to_bal
 
-__all__ = ["Between", "CollisionHinge", "GPMotionPrior", "Prior", "Reprojection", "bal_objective",
+__all__ = ["Between", "CollisionHinge", "GPMotionPrior", "PlanarContact", "Prior",
+           "QuasiStaticPushing", "Reprojection", "bal_objective",
            "bal_to_variables", "expand_sdf", "gp_covariance", "gp_sqrt_information",
-           "gp_transition", "sdf_lookup", "variables_to_bal"]
+           "gp_transition", "planar_sdf", "sdf_lookup", "variables_to_bal"]
