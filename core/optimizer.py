@@ -167,13 +167,7 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
             break
         delta, cand, gain, new, factor_ok = _trial(objective, values, lin, lam, solver, opts)
         finite = torch.isfinite(new.cost) & factor_ok
-        # A step whose cost change is rounding noise is accepted too: at the optimum this keeps
-        # the iterates (and an unrolled gradient) converging instead of raising the damping. So
-        # is a step at the rounding level of the values: at a zero-residual optimum the cost is
-        # itself rounding noise (~1e-31), and its relative change says nothing.
-        eps = torch.finfo(lin.cost.dtype).eps
-        noise = (lin.cost - new.cost).abs() <= 100 * eps * lin.cost
-        noise = noise | (delta.detach().abs().amax(-1) <= 100 * eps)
+        noise = _rounding_noise(lin.cost, new.cost, delta)
         accept = active & finite & ((gain > opts.min_gain) | noise | (not opts.adaptive))
         values = {k: torch.where(accept[:, None, None], cand[k], x) for k, x in values.items()}
         decrease = lin.cost - new.cost
@@ -236,6 +230,17 @@ def _trial(
     predicted = 0.5 * (delta * (damping * delta - lin.g)).sum(-1)
     gain = (lin.cost - new.cost) / predicted.clamp_min(torch.finfo(predicted.dtype).tiny)
     return delta, cand, gain.detach(), new, factor.ok
+
+
+def _rounding_noise(cost: Tensor, new_cost: Tensor, delta: Tensor) -> Tensor:
+    """``(B,)``: steps whose cost change ``cost -> new_cost (B,)`` is rounding noise, or whose
+    size ``delta (B, n)`` is at the rounding level of the values. LM accepts them too: at the
+    optimum this keeps the iterates (and an unrolled gradient) converging instead of raising the
+    damping; at a zero-residual optimum the cost is itself rounding noise (~1e-31) and its
+    relative change says nothing."""
+    eps = torch.finfo(cost.dtype).eps
+    noise = (cost - new_cost).abs() <= 100 * eps * cost
+    return noise | (delta.detach().abs().amax(-1) <= 100 * eps)
 
 
 def _update_damping(
