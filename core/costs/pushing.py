@@ -72,7 +72,7 @@ def pushing_residual(o1: Tensor, o2: Tensor, e1: Tensor, e2: Tensor, c_square: T
                         o1[..., 2] * o2[..., 2] + o1[..., 3] * o2[..., 3])
     p = _unrotate(o2, e2[..., :2] - o2[..., :2])
     vp = _unrotate(o2, e2[..., :2] - e1[..., :2])
-    c2 = c_square[..., 0]
+    c2 = c_square[..., 0].expand_as(p[..., 0])
     px, py, vx, vy = p[..., 0], p[..., 1], v[..., 0], v[..., 1]
     r = torch.stack((vx - py * omega - vp[..., 0], vy + px * omega - vp[..., 1],
                      -py * vx + px * vy - c2 * omega), -1)
