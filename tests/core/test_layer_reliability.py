@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_layer import MODES, TIGHT, chain_layer, chained
 
 import core
@@ -193,3 +195,44 @@ def test_truncated_status_and_initial_values() -> None:
     sol, _ = layer({"poses": init, "between.measured": z})
     sol["poses"].sum().backward()
     assert init.grad is not None and torch.isfinite(init.grad).all()
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(mode=st.sampled_from(MODES), bad=st.lists(st.booleans(), min_size=1, max_size=4),
+       where=st.sampled_from(["measured", "init", "weight"]),
+       value=st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+def test_bad_elements_property(mode, bad, where, value) -> None:
+    """Property: for any batch and any set of bad elements, the good ones give exactly what the
+    batch of good ones alone gives, the bad ones NaN outputs, FAILED, zero input gradients."""
+    layer, init, z = graph_layer(mode)
+    B = len(bad)
+    good = [b for b in range(B) if not bad[b]]
+
+    def solve(rows, poisoned):
+        measured = z.expand(B, -1, -1)[rows].clone()
+        start = init.expand(B, -1, -1)[rows].clone()
+        weight = torch.ones(B, EDGES, 1)[rows].clone()
+        for k, r in enumerate(rows):
+            if poisoned and bad[r]:
+                {"measured": measured, "init": start, "weight": weight}[where][k, 1, 0] = value
+        for t in (measured, weight):
+            t.requires_grad_()
+        sol, info = layer({"poses": start, "between.measured": measured,
+                           "between.weight": weight})
+        keep = [k for k, r in enumerate(rows) if not bad[r]]
+        if keep:
+            (sol["poses"][keep] * torch.linspace(-1, 1, N * 7).view(1, N, 7)).sum().backward()
+        return sol["poses"], info, measured.grad, weight.grad
+
+    sol, info, g_measured, g_weight = solve(list(range(B)), True)
+    for b in range(B):
+        if bad[b]:
+            assert info.status_names[b] == "failed" and "non-finite" in info.messages[b]
+            assert torch.isnan(sol[b]).all()
+            assert g_measured is None or not g_measured[b].any()
+    if good:
+        sol_g, info_g, gm, gw = solve(good, False)
+        assert torch.equal(sol[good], sol_g)
+        assert [info.status_names[b] for b in good] == info_g.status_names
+        torch.testing.assert_close(g_measured[good], gm, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g_weight[good], gw, rtol=1e-12, atol=1e-14)
