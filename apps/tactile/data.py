@@ -13,10 +13,12 @@ angle ``alpha`` from the inward normal, turning by a constant rate. Per frame (`
   pybullet's contact points on the object, world frame; zeros without contact); ``normal (T, 2)``:
   the object's outward normal there; ``force (T,)``: the summed normal force (N);
 * ``image (T, 32, 32)`` uint8: the tactile image. A depth camera inside the probe looks along the
-  push direction (orthogonal axes: image columns = the probe's lateral axis over ``image_width``,
-  rows = height); a pixel showing the object at depth ``d`` past the probe's front tangent plane
-  reads ``255 * clip((depth_range - d) / (2 depth_range), 0, 1)``; other pixels, and every pixel
-  of a frame without contact, are 0 (a tactile sensor images only what presses on it).
+  push direction from 5 cm behind the probe's centre (a pinhole whose field spans ``image_width``
+  at the probe's front: image columns = the probe's lateral axis, rows = height; TinyRenderer
+  dropped whole objects under an orthographic projection); a pixel showing the object at depth
+  ``d`` past the probe's front tangent plane reads
+  ``255 * clip((depth_range - d) / (2 depth_range), 0, 1)``; other pixels, and every pixel of a
+  frame without contact, are 0 (a tactile sensor images only what presses on it).
   TinyRenderer, about 2 ms a frame.
 
 Held-out episodes (the harness's held-out seeds) push at angles ``|alpha|`` in the band
@@ -46,7 +48,7 @@ from apps.common import cached
 SHAPES = ("rectangle", "disc", "ellipse")
 #: held-out samples have harness seeds ``1_000_003 * cfg.seed + 500_000 + k``
 VAL_OFFSET = 500_000
-_VERSION = 1
+_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -277,14 +279,6 @@ def _contact(w: _World) -> tuple[bool, np.ndarray, np.ndarray, float]:
     return True, point, normal, float(sum(c[9] for c in points))
 
 
-def _ortho(half: float, near: float, far: float) -> list[float]:
-    """An OpenGL orthographic projection (column-major, 16 floats)."""
-    m = np.zeros((4, 4))
-    m[0, 0] = m[1, 1] = 1 / half
-    m[2, 2], m[2, 3], m[3, 3] = -2 / (far - near), -(far + near) / (far - near), 1
-    return m.T.reshape(-1).tolist()
-
-
 def render(w: _World, probe: np.ndarray, touching: bool) -> np.ndarray:
     """The ``(H, W)`` uint8 tactile image of the probe at ``probe (x, y, cos, sin)``."""
     s = w.spec
@@ -298,11 +292,13 @@ def render(w: _World, probe: np.ndarray, touching: bool) -> np.ndarray:
     view = w.sim.computeViewMatrix(eye, [eye[0] + c, eye[1] + sn, z], [0, 0, 1])
     near = back + s.probe_radius - s.depth_range
     far = back + s.probe_radius + 2 * s.depth_range
-    proj = _ortho(s.image_width / 2, near, far)
-    _, _, _, depth, seg = w.sim.getCameraImage(n, n, view, proj, renderer=w.sim.ER_TINY_RENDERER)
-    depth = np.asarray(depth, np.float64).reshape(n, n)
+    fov = 2 * math.degrees(math.atan(s.image_width / 2 / (back + s.probe_radius)))
+    proj = w.sim.computeProjectionMatrixFOV(fov, 1.0, near, far)
+    _, _, _, buf, seg = w.sim.getCameraImage(n, n, view, proj, renderer=w.sim.ER_TINY_RENDERER)
+    buf = np.asarray(buf, np.float64).reshape(n, n)
     seg = np.asarray(seg).reshape(n, n)
-    d = near + depth * (far - near) - back - s.probe_radius  # past the front tangent plane
+    depth = far * near / (far - (far - near) * buf)  # the depth buffer made metric
+    d = depth - back - s.probe_radius  # past the probe's front tangent plane
     h = np.clip((s.depth_range - d) / (2 * s.depth_range), 0, 1)
     h[seg != w.obj] = 0
     return np.round(h * 255).astype(np.uint8)

@@ -12,8 +12,9 @@ differs per episode is in the layer's inputs, ``(B, E, ...)``):
 * ``contact``: ``core.costs.PlanarContact``, the probe on the boundary while in contact;
 * ``prior``: the first pose at its known value.
 
-Contact is read from the tactile image (not blank), as a sensor would. The initial trajectory is
-the first pose repeated.
+Contact is read from the tactile image (not blank), as a sensor would. The initial trajectory
+(:func:`initial`) keeps the first pose until the first contact, then carries the object rigidly
+with the probe (from the known probe poses only).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class Smoother:
             w = torch.zeros(B, T - k, 3, dtype=torch.float64)
         moved = touch[:, 1:, None]
         return {
-            "obj": batch.obj[:, :1].expand(B, T, 4).clone(),
+            "obj": initial(batch),
             "tactile.measured": z, "tactile.weight": w * pairs,
             "tactile.probe_i": batch.probe[:, :-k], "tactile.probe_j": batch.probe[:, k:],
             "push.pusher_i": batch.probe[:, :-1], "push.pusher_j": batch.probe[:, 1:],
@@ -137,6 +138,18 @@ class Smoother:
         """``(B, T, 4)``: the smoothed trajectories."""
         sol, _ = self.layer(self.inputs(batch, z, w))
         return sol["obj"]
+
+
+def initial(batch: Batch) -> Tensor:
+    """``(B, T, 4)``: the first pose until the first frame ``c`` with contact, then
+    ``P_t P_c^-1 O_0`` (the object stuck to the probe)."""
+    B, T = batch.touch.shape
+    t = torch.arange(T, device=batch.touch.device)
+    first = torch.where(batch.touch, t, T).min(-1).values.clamp_max(T - 1)  # (B,)
+    pc = batch.probe[torch.arange(B), first]  # (B, 4)
+    o0 = batch.obj[:, :1].expand(B, T, 4)
+    carried = se2.compose(se2.compose(batch.probe, se2.inverse(pc)[:, None]), o0)
+    return se2.normalize(torch.where((t[None] >= first[:, None])[..., None], carried, o0))
 
 
 @dataclass(frozen=True)

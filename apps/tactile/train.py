@@ -66,7 +66,7 @@ class ProblemConfig:
     """
 
     window: int = 2
-    w_push: float = 300.0
+    w_push: float = 1000.0
     w_still: float = 1000.0
     w_contact: float = 300.0
     w_prior: float = 1e4
@@ -93,7 +93,7 @@ class BaselineConfig:
     batch: int = 256
     weight_scales: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
     tune_episodes: int = 32
-    oracle_weight: float = 1000.0
+    oracle_weight: float = 1e4
 
 
 @dataclass
