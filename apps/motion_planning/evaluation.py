@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 import core
-from apps.config import make_layer, make_optimizer
+from apps.config import make_layer, make_optimizer, value
 from apps.motion_planning import problem
 from apps.motion_planning.data import Sample
+from apps.motion_planning.model import chosen
 from apps.motion_planning.problem import Scores
 from apps.motion_planning.spec import MapSpec
 
@@ -126,13 +127,26 @@ def score(scores: Scores, maps: Maps, idx: Tensor, plans: Plans) -> list[bool]:
     return ok.tolist()
 
 
+def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> Tensor:
+    """``(B, N, 4)``: the network's initial trajectories for maps ``idx``: of its hypotheses,
+    the one of lowest planner objective (``model.select=cost``) or of best score (``score``)."""
+    sdf, start, goal = maps.sdf[idx], maps.start[idx], maps.goal[idx]
+    trajs, scores = net(sdf, start, goal)  # (B, Hy, N, 4), (B, Hy)
+    if str(value(cfg.model.select)) == "score":
+        return chosen(trajs, scores)
+    B, Hy = scores.shape
+    rep = lambda t: t.repeat_interleave(Hy, 0)  # noqa: E731
+    cost = maps.cost(trajs.flatten(0, 1), rep(sdf), rep(start), rep(goal)).view(B, Hy)
+    return chosen(trajs, -cost)
+
+
 @torch.no_grad()
 def evaluate(cfg: Any, net: torch.nn.Module, maps: Maps) -> tuple[Scores, list[Any]]:
     """The learned initialization on ``maps``; outputs per map: ``(init, final, success)``."""
     scores, outputs = Scores(), []
     for b in range(0, len(maps), cfg.eval_batch):
         idx = torch.arange(b, min(b + cfg.eval_batch, len(maps)), device=maps.sdf.device)
-        init = net(maps.sdf[idx], maps.start[idx], maps.goal[idx])
+        init = initialization(cfg, net, maps, idx)
         plans = solve(maps, idx, init)
         ok = score(scores, maps, idx, plans)
         outputs += [(plans.init[k].cpu(), plans.final[k].cpu(), ok[k]) for k in range(len(idx))]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ from apps.motion_planning.model import InitNet, augment
 from apps.motion_planning.spec import MapSpec
 
 APP = "motion_planning"
+Select = Enum("Select", [("cost", "cost"), ("score", "score")], type=str,  # type: ignore[misc]
+              module=__name__)
 
 
 @dataclass
@@ -54,15 +57,26 @@ class ModelConfig:
     """The initialization network (``apps.motion_planning.model.InitNet``).
 
     Fields:
-        channels: widths of the stride-2 convolutions.
-        hidden: width of the MLP head.
-        basis: sine offsets per axis of the predicted trajectory.
+        channels: widths of the 2D convolutions over the corridor along the straight line.
+        hidden: width of the 1D convolutions along it.
+        basis: sine offsets per axis of the predicted trajectory (``4 basis + 1`` points along
+            the line).
+        lanes: samples across the corridor.
+        width: the corridor's half-width (metres).
+        hypotheses: candidate trajectories the network proposes.
+        select: which one the planner starts from: ``cost``, the lowest planner objective at
+            the candidates (one cost evaluation each, no solve), or ``score``, the network's
+            best-scored one.
         augment: train on randomly flipped/transposed maps (the square's 8 symmetries).
     """
 
-    channels: list[int] = field(default_factory=lambda: [16, 32, 32, 64])
+    channels: list[int] = field(default_factory=lambda: [16, 32, 32])
     hidden: int = 128
     basis: int = 8
+    lanes: int = 33
+    width: float = 4.0
+    hypotheses: int = 4
+    select: Select = Select.cost  # type: ignore[attr-defined,valid-type]
     augment: bool = True
 
 
@@ -71,14 +85,20 @@ class LossConfig:
     """Weights of the outer loss's terms (``apps.motion_planning.train``'s docstring).
 
     Fields:
-        initial: imitation of the expert by the initial trajectory.
+        initial: imitation of the expert by the closest hypothesis (winner takes all).
+        score: cross-entropy teaching the scores to name that hypothesis.
         solution: imitation of the expert by the K-iteration solution.
         objective: the planner's objective at the K-iteration solution (per state).
+        clip: the gradient that the solution terms send back through the K iterations to the
+            initial trajectory is clipped to this norm per map (0: not clipped); unrolled
+            Levenberg-Marquardt steps on hinge costs can amplify it by orders of magnitude.
     """
 
     initial: float = 1.0
+    score: float = 0.1
     solution: float = 1.0
     objective: float = 1e-3
+    clip: float = 1.0
 
 
 @dataclass
@@ -118,7 +138,7 @@ def check(cfg: Any) -> None:
         (cfg.viz_maps >= 0, f"viz_maps must be >= 0, got {cfg.viz_maps}"),
         (cfg.optimizer.max_iters >= 1,
          f"optimizer.max_iters (K) must be >= 1, got {cfg.optimizer.max_iters}"),
-        (min(cfg.loss.initial, cfg.loss.solution, cfg.loss.objective) >= 0,
+        (min(cfg.loss.initial, cfg.loss.score, cfg.loss.solution, cfg.loss.objective) >= 0,
          f"loss weights must be >= 0, got {dict(cfg.loss)}"),
     ]
     for ok, message in checks:
@@ -136,7 +156,8 @@ def prepare(cfg: Any, samples: Sequence[Sample], device: torch.device) -> Maps:
 
 def model(cfg: Any, train: Maps) -> InitNet:
     m = cfg.model
-    return InitNet(train.spec, tuple(m.channels), m.hidden, m.basis).to(train.sdf.device)
+    return InitNet(train.spec, tuple(m.channels), m.hidden, m.basis, m.lanes, m.width,
+                   m.hypotheses).to(train.sdf.device)
 
 
 def loss(cfg: Any, net: torch.nn.Module, maps: Maps, batch: Sequence[int]
@@ -148,15 +169,40 @@ def loss(cfg: Any, net: torch.nn.Module, maps: Maps, batch: Sequence[int]
     if cfg.model.augment:
         code = torch.randint(0, 8, (len(batch),)).to(idx.device)
         sdf, start, goal, expert = augment(sdf, start, goal, expert, code)
-    init = net(sdf, start, goal)
+    trajs, scores = net(sdf, start, goal)
     if not len(batch):
         return []
     w = cfg.loss
-    final, _ = maps.layer(evaluation.layer_inputs(init, sdf, start, goal))
-    total = (w.initial * evaluation.imitation(init, expert)
+    errors = evaluation.imitation(trajs, expert[:, None])  # (B, Hy)
+    best = errors.argmin(-1)  # the winner takes all
+    init = trajs[torch.arange(len(best), device=best.device), best]
+    solver_init = clip_gradient(init, w.clip) if w.clip > 0 else init
+    final, _ = maps.layer(evaluation.layer_inputs(solver_init, sdf, start, goal))
+    total = (w.initial * errors.min(-1).values
+             + w.score * torch.nn.functional.cross_entropy(scores, best, reduction="none")
              + w.solution * evaluation.imitation(final["states"], expert)
              + w.objective * maps.cost(final["states"], sdf, start, goal) / maps.spec.num_states)
     return list(total)
+
+
+class _ClipGradient(torch.autograd.Function):
+    """Identity forward; backward clips each sample's gradient to norm ``max_norm``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, max_norm: float) -> torch.Tensor:  # type: ignore
+        ctx.max_norm = max_norm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore
+        norm = g.flatten(1).norm(dim=1).clamp(min=1e-30)
+        scale = (ctx.max_norm / norm).clamp(max=1.0)
+        return g * scale.view(-1, *([1] * (g.ndim - 1))), None
+
+
+def clip_gradient(x: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``x (B, ...)`` unchanged, its gradient clipped to ``max_norm`` per sample."""
+    return _ClipGradient.apply(x, max_norm)  # type: ignore[no-any-return]
 
 
 def baseline(run: Run) -> dict[str, Any]:

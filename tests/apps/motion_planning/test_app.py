@@ -14,7 +14,7 @@ import torch
 
 from apps.motion_planning import data, problem, train
 from apps.motion_planning.data import make_dataset, make_samples, signed_distance
-from apps.motion_planning.model import InitNet, augment
+from apps.motion_planning.model import InitNet, augment, chosen
 from apps.motion_planning.planner import check_map, plan
 from apps.motion_planning.spec import MapSpec
 
@@ -100,8 +100,11 @@ def test_symmetries_map_plans_to_plans(samples: list[data.Sample]) -> None:
 def test_untrained_network_proposes_the_straight_line(samples: list[data.Sample]) -> None:
     sdf, start, goal, _ = stacked(samples)
     torch.manual_seed(0)
-    net = InitNet(SMALL, (4, 8), 16, 3)
-    assert torch.allclose(net(sdf, start, goal), problem.straight_line(start, goal, SMALL))
+    net = InitNet(SMALL, (4, 8), 16, 3, lanes=9, hypotheses=3)
+    trajs, scores = net(sdf, start, goal)
+    assert trajs.shape == (6, 3, SMALL.num_states, 4) and scores.shape == (6, 3)
+    assert torch.allclose(chosen(trajs, scores), problem.straight_line(start, goal, SMALL))
+    assert not torch.allclose(trajs[:, 1], trajs[:, 2])  # the others start off to either side
 
 
 def test_unrolled_planner_trains_the_network(tmp_path: Path, app_config) -> None:
@@ -113,17 +116,18 @@ def test_unrolled_planner_trains_the_network(tmp_path: Path, app_config) -> None
     maps = train.prepare(cfg, samples, torch.device("cpu"))
     torch.manual_seed(0)
     net = train.model(cfg, maps)
-    torch.nn.init.normal_(net.head[-1].weight, std=0.01)  # off the straight line
+    torch.nn.init.normal_(net.offsets.weight, std=0.01)  # off the straight line
 
     def grad(**weights: float) -> torch.Tensor:
         for k, v in weights.items():
             cfg.loss[k] = v
         net.zero_grad()
         sum(train.loss(cfg, net, maps, [0, 1])).backward()
-        return net.head[-1].weight.grad.clone()
+        return net.offsets.weight.grad.clone()
 
     full = grad(initial=1.0, solution=1.0, objective=1e-3)
     alone = grad(initial=1.0, solution=0.0, objective=0.0)
+    assert torch.isfinite(alone).all() and bool((alone != 0).any())
     assert torch.isfinite(full).all() and not torch.allclose(full, alone)
 
 
