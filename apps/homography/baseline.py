@@ -21,13 +21,15 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def raw_lm(aligner: Aligner, pairs: Pairs, strides: tuple[int, ...], batch: int = 32
-           ) -> tuple[Tensor, Tensor]:
-    """``(N,)`` corner errors (px) of LM on raw intensities and ``(N,)`` degenerate flags."""
+def raw_lm(aligner: Aligner, pairs: Pairs, strides: tuple[int, ...], batch: int = 32,
+           shifts: tuple[float, ...] = (0.0,)) -> tuple[Tensor, Tensor]:
+    """``(N,)`` corner errors (px) of LM on raw intensities (the first level started from the
+    translations ``shifts``, as the learned solver) and ``(N,)`` degenerate flags."""
     errors, flags = [], []
     for k in range(0, len(pairs.pairs), batch):
         src, tgt = pairs.source[k : k + batch], pairs.target[k : k + batch]
-        result = aligner(intensity_pyramid(src, strides), intensity_pyramid(tgt, strides))
+        result = aligner(intensity_pyramid(src, strides), intensity_pyramid(tgt, strides),
+                         shifts=shifts)
         errors.append(corner_error(result.h, pairs.h[k : k + batch], aligner.patch))
         flags.append(result.degenerate)
     return torch.cat(errors).cpu(), torch.cat(flags).cpu()

@@ -94,9 +94,11 @@ class Aligner:
             self.levels.append(Level(int(s), side, step, points, layer))
 
     def __call__(self, source: Sequence[Tensor], target: Sequence[Tensor],
-                 h0: Tensor | None = None) -> Alignment:
+                 h0: Tensor | None = None, shifts: Sequence[float] = (0.0,)) -> Alignment:
         """Align ``target[l]`` to ``source[l]`` (``(B, C, side_l, side_l)`` each, coarse to
-        fine) from ``h0 (B, 8)`` (default identity)."""
+        fine) from ``h0 (B, 8)`` (default identity). The first level starts from every
+        translation ``(sx, sy)`` of ``shifts`` (pixels) added to ``h0`` and keeps, per pair, the
+        non-degenerate solution of lowest cost (one batched solve of ``B len(shifts)^2``)."""
         if len(source) != len(self.levels) or len(target) != len(self.levels):
             raise ValueError(f"expected {len(self.levels)} feature maps per image (strides "
                              f"{[lv.stride for lv in self.levels]}), got {len(source)} and "
@@ -105,22 +107,54 @@ class Aligner:
         h = source[0].new_zeros(B, 8) if h0 is None else h0
         bad = torch.zeros(B, dtype=torch.bool, device=h.device)
         estimates, infos = [], []
-        for level, fs, ft in zip(self.levels, source, target):
+        for k, (level, fs, ft) in enumerate(zip(self.levels, source, target)):
             want = (B, self.channels, level.side, level.side)
             for name, f in (("source", fs), ("target", ft)):
                 if tuple(f.shape) != want:
                     raise ValueError(f"{name} features at stride {level.stride} must be {want}, "
                                      f"got {tuple(f.shape)}")
-            sample = ft[..., :: level.step, :: level.step]
-            sol, info = level.layer({"h": h[:, None], "align.source": fs,
-                                     "align.target": sample.flatten(2).mT})
-            new = sol["h"][:, 0]
-            flag = degenerate(new.detach(), self.corners.to(new))
+            starts = self._starts(shifts if k == 0 else (0.0,), h)
+            new, info, flag = self._solve(level, fs, ft, h, starts)
             h = torch.where(flag[:, None], h, new)
             infos.append(replace(info, status=torch.where(flag, FAILED, info.status)))
             bad = bad | flag
             estimates.append(h)
         return Alignment(h, estimates, infos, bad)
+
+    def _starts(self, shifts: Sequence[float], like: Tensor) -> Tensor:
+        """``(K, 8)`` parameter offsets: the translations ``shifts x shifts`` (pixels)."""
+        c = (self.patch - 1) / 2
+        t = torch.tensor([float(v) / c for v in shifts], dtype=like.dtype, device=like.device)
+        tx, ty = torch.meshgrid(t, t, indexing="ij")
+        out = like.new_zeros(tx.numel(), 8)
+        out[:, 2], out[:, 5] = tx.reshape(-1), ty.reshape(-1)
+        return out
+
+    def _solve(self, level: Level, fs: Tensor, ft: Tensor, h: Tensor, starts: Tensor
+               ) -> tuple[Tensor, Info, Tensor]:
+        """One level from ``h + starts[k]`` for each of the ``K`` starts: the best non-degenerate
+        solution ``(B, 8)`` per pair, its ``Info`` and ``(B,)`` whether all were degenerate."""
+        B, K = h.shape[0], starts.shape[0]
+        init = (h[:, None] + starts[None]).reshape(B * K, 1, 8)
+        sample = ft[..., :: level.step, :: level.step].flatten(2).mT
+        if K > 1:
+            fs, sample = fs.repeat_interleave(K, 0), sample.repeat_interleave(K, 0)
+        sol, info = level.layer({"h": init, "align.source": fs, "align.target": sample})
+        new = sol["h"][:, 0]
+        flag = degenerate(new.detach(), self.corners.to(new))
+        if K == 1:
+            return new, info, flag
+        cost = torch.where(flag, torch.inf, info.cost_history[-1]).reshape(B, K)
+        pick = torch.arange(B, device=h.device) * K + cost.argmin(1)
+        return new[pick], _select(info, pick), flag[pick]
+
+
+def _select(info: Info, index: Tensor) -> Info:
+    """The ``Info`` of batch elements ``index``."""
+    take = lambda t: None if t is None else t[index]  # noqa: E731
+    return Info(info.status[index], info.iterations[index], info.cost_history[:, index],
+                info.damping[index], info.time_s,
+                {k: v[index] for k, v in info.best_values.items()}, take(info.solver_failures))
 
 
 def corner_error(h: Tensor, truth: Tensor, patch: int) -> Tensor:

@@ -77,7 +77,8 @@ def draw_pairs(path: Path, views: Sequence[PairView], title: str = "", cols: int
     import matplotlib.pyplot as plt
 
     rows = (len(views) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.7 * rows + 0.6), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, v in zip(axes.flat, views):
@@ -96,10 +97,9 @@ def draw_pairs(path: Path, views: Sequence[PairView], title: str = "", cols: int
     handles = [plt.Line2D([], [], color=TRUE, lw=1.6, label="true quadrilateral"),
                plt.Line2D([], [], color=LEARNED, lw=1.4, ls="--", label="learned estimate"),
                plt.Line2D([], [], color="white", lw=0.8, label="source patch")]
-    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, facecolor="0.5")
+    fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8, facecolor="0.5")
     fig.suptitle(f"{title}\nred: source, cyan: target warped back by the estimate "
                  "(gray where they agree)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
 
