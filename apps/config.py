@@ -92,12 +92,13 @@ class OptimizerConfig:
         abs_tol: converged when the cost is below this.
         step_tol: converged when the step's max-norm is below this.
         grad_tol: converged when the gradient's max-norm is below this.
-        backward: ``implicit``, ``unroll`` or ``truncated``.
+        backward: ``implicit``, ``unroll``, ``truncated`` or ``dlm``.
         backward_iters: for ``truncated``: how many final iterations carry gradients.
         implicit_hessian: ``gauss_newton`` (the final factor) or ``exact`` (robust-loss and
             second-order terms included; conjugate gradients preconditioned by that factor).
         cg_tol: relative tolerance of those conjugate gradients.
         cg_iters: their iteration cap.
+        dlm_epsilon: for ``dlm``: the size of the loss perturbation.
     """
 
     max_iters: int = _lm("max_iters")
@@ -116,6 +117,7 @@ class OptimizerConfig:
         _layer("implicit_hessian"))
     cg_tol: float = _layer("cg_tol")
     cg_iters: int = _layer("cg_iters")
+    dlm_epsilon: float = _layer("dlm_epsilon")
 
 
 @dataclass
@@ -215,7 +217,8 @@ def make_layer(objective: core.Objective, cfg: Any, eliminate: str | None = None
     lm = make_optimizer(cfg, make_solver_from(cfg.solver, objective, eliminate))
     return core.OptimizationLayer(
         objective, lm, backward=value(o.backward), backward_iters=o.backward_iters,
-        implicit_hessian=value(o.implicit_hessian), cg_tol=o.cg_tol, cg_iters=o.cg_iters)
+        implicit_hessian=value(o.implicit_hessian), cg_tol=o.cg_tol, cg_iters=o.cg_iters,
+        dlm_epsilon=o.dlm_epsilon)
 
 
 def check_solver(cfg: Any, device: Any) -> None:

@@ -29,6 +29,16 @@ what each differentiates:
   backward is the adjoint solve ``H u = v`` with the same factor, ``H`` being symmetric). Memory
   and time do not depend on the number of forward iterations. Initial values get no gradient
   (the optimum does not depend on them).
+* ``"dlm"``: direct loss minimization (Song et al., "Training deep neural networks via direct
+  loss minimization", ICML 2016; Theseus's ``DLMGradient``): the solve runs without gradient;
+  in the backward, with the upstream gradient ``v`` in the tangent space at ``x*``, one
+  Gauss-Newton step from ``x*`` on the cost ``E(x) + eps <v, x>`` gives ``x_eps`` and the same
+  step on ``E`` alone gives ``x_0``; the inputs' gradient is
+  ``(dE/dtheta(x_eps) - dE/dtheta(x_0)) / eps``, a finite difference of the envelope theorem's
+  ``dE/dtheta`` that tends to the implicit gradient as ``dlm_epsilon`` shrinks (by the mixed
+  derivative ``d/d eps dF/dtheta = <v, dx_eps/dtheta>`` of ``F(eps) = min E + eps <v, x>``). It
+  needs no derivative of the residuals with respect to ``x`` beyond the forward's ``J``, only
+  of the cost with respect to the inputs. Initial values get no gradient.
 
 Bad batch elements cost only themselves: an element with a non-finite input (initial value or
 per-element aux tensor), a failed solve, a non-finite solution or (implicit) a singular normal
@@ -64,7 +74,7 @@ from core.solvers import LinearSolver, make_solver, solve
 
 log = logging.getLogger(__name__)
 
-Backward = Literal["unroll", "truncated", "implicit"]
+Backward = Literal["unroll", "truncated", "implicit", "dlm"]
 
 
 class OptimizationLayer(nn.Module):
@@ -74,13 +84,15 @@ class OptimizationLayer(nn.Module):
         objective: the problem structure (costs, variables); its auxiliary tensors are defaults
             that ``inputs`` may replace.
         optimizer: the solver configuration.
-        backward: how gradients flow: ``"unroll"``, ``"truncated"`` or ``"implicit"``.
+        backward: how gradients flow: ``"unroll"``, ``"truncated"``, ``"implicit"`` or ``"dlm"``.
         backward_iters: for ``"truncated"``, how many final iterations carry gradients.
         implicit_hessian: ``"gauss_newton"`` solves the adjoint system with the final factor of
             ``J^T W J``; ``"exact"`` solves it with the exact Hessian of the cost at ``x*`` (the
             Gauss-Newton matrix misses second-order residual and robust-loss terms) by conjugate
             gradients on Hessian-vector products, preconditioned by that same factor.
         cg_tol, cg_iters: relative tolerance and cap of those conjugate gradients.
+        dlm_epsilon: for ``"dlm"``, the size of the loss perturbation (smaller: closer to the
+            implicit gradient, until rounding dominates).
     """
 
     def __init__(
@@ -92,10 +104,14 @@ class OptimizationLayer(nn.Module):
         implicit_hessian: Literal["gauss_newton", "exact"] = "gauss_newton",
         cg_tol: float = 1e-10,
         cg_iters: int = 100,
+        dlm_epsilon: float = 1e-2,
     ) -> None:
         super().__init__()
-        if backward not in ("unroll", "truncated", "implicit"):
-            raise ValueError(f"unknown backward mode {backward!r}; use unroll, truncated, implicit")
+        if backward not in ("unroll", "truncated", "implicit", "dlm"):
+            raise ValueError(f"unknown backward mode {backward!r}; use unroll, truncated, "
+                             "implicit or dlm")
+        if not dlm_epsilon > 0:
+            raise ValueError(f"dlm_epsilon must be > 0, got {dlm_epsilon}")
         if backward_iters < 1:
             raise ValueError(f"backward_iters must be >= 1, got {backward_iters}")
         self.objective = objective
@@ -108,6 +124,7 @@ class OptimizationLayer(nn.Module):
             raise ValueError(f"unknown implicit_hessian {implicit_hessian!r}")
         self.implicit_hessian = implicit_hessian
         self.cg_tol, self.cg_iters = cg_tol, cg_iters
+        self.dlm_epsilon = dlm_epsilon
 
     def forward(self, inputs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Info]:
         """Solve from ``inputs``; returns the solution (name -> ``(B, F, S)``) and the info.
@@ -164,6 +181,8 @@ class OptimizationLayer(nn.Module):
             values, info = self._truncated(optimizer, objective, init)
         elif mode == "implicit":
             values, info, singular = self._implicit(optimizer, objective, init)
+        elif mode == "dlm":
+            values, info, singular = self._dlm(optimizer, objective, init)
         else:
             assert_never(mode)
         return values, info, _failures(values, info, singular)
@@ -229,6 +248,78 @@ class OptimizationLayer(nn.Module):
         # read after the solve: solvers that verify their solves (cuDSS, PCG) update ``ok``
         out = objective.retract(x_star, delta - delta.detach())
         return out, solution.info, ~factor.ok
+
+
+    def _dlm(
+        self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], Info, Tensor | None]:
+        """The solve without gradient, then :class:`_DLM` (module docstring); also returns
+        ``(B,)`` True where the normal matrix at the solution is singular."""
+        with torch.no_grad():
+            solution = optimizer.solve(objective, {k: v.detach() for k, v in init.items()})
+        x_star = {k: v.detach() for k, v in solution.values.items()}
+        thetas = [t for c in objective.costs for t in c.inputs().values() if t.requires_grad]
+        if not torch.is_grad_enabled() or not thetas:
+            return x_star, solution.info, None
+        with torch.no_grad():
+            lin = linearize(objective, x_star)
+        solver = make_solver(optimizer.solver, objective.dim, lin.H.device)
+        factor = solver.factor(lin.H, lin.pattern, torch.zeros_like(lin.g))
+        names = list(x_star)
+        step = _DLMStep(objective, x_star, names, factor, lin.g, self.dlm_epsilon)
+        outputs = _DLM.apply(step, len(names), *[x_star[k] for k in names], *thetas)
+        return dict(zip(names, outputs)), solution.info, ~factor.ok
+
+
+class _DLMStep:
+    """What :class:`_DLM`'s backward needs: the objective, ``x*``, the factor of ``H`` at ``x*``,
+    the gradient ``g (B, n)`` there, and ``eps``."""
+
+    def __init__(self, objective: Objective, x_star: dict[str, Tensor], names: list[str],
+                 factor: object, g: Tensor, eps: float) -> None:
+        self.objective, self.x_star, self.names = objective, x_star, names
+        self.factor, self.g, self.eps = factor, g, eps
+
+    def tangent(self, grads: tuple[Tensor, ...]) -> Tensor:
+        """``v (B, n)``: the upstream gradients ``(B, F, S)`` pulled back to the tangent space at
+        ``x*`` (a VJP of ``retract(x*, delta)`` at ``delta = 0``)."""
+        first = self.x_star[self.names[0]]
+        delta = first.new_zeros(first.shape[0], self.objective.dim, requires_grad=True)
+        with torch.enable_grad():
+            moved = self.objective.retract(self.x_star, delta)
+            outs = [moved[k] for k in self.names]
+            (v,) = torch.autograd.grad(outs, delta, [torch.zeros_like(o) if g is None else g
+                                                     for o, g in zip(outs, grads)])
+        return v
+
+    def input_gradients(self, v: Tensor, thetas: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        """``(dE/dtheta(x_eps) - dE/dtheta(x_0)) / eps`` for each input ``theta``."""
+        base = self.factor.solve(-self.g)  # type: ignore[attr-defined]
+        perturbed = self.factor.solve(-(self.g + self.eps * v))  # type: ignore[attr-defined]
+        with torch.enable_grad():
+            x_0 = self.objective.retract(self.x_star, base)
+            x_eps = self.objective.retract(self.x_star, perturbed)
+            diff = (self.objective.cost(x_eps) - self.objective.cost(x_0)).sum() / self.eps
+            grads = torch.autograd.grad(diff, thetas, allow_unused=True)
+        return grads
+
+
+class _DLM(torch.autograd.Function):
+    """Forward: ``x*`` as it is. Backward: no gradient for ``x*``'s own inputs (the values); the
+    inputs ``theta`` get :meth:`_DLMStep.input_gradients` of the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, step, count, *tensors):  # type: ignore[override]
+        ctx.step, ctx.count = step, count
+        ctx.thetas = tensors[count:]
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        step: _DLMStep = ctx.step
+        v = step.tangent(grads)
+        theta_grads = step.input_gradients(v, ctx.thetas)
+        return (None, None, *([None] * ctx.count), *theta_grads)
 
 
 def _detached(objective: Objective) -> dict[str, Tensor]:
