@@ -6,10 +6,11 @@ sits at patch pixel ``s u + (s - 1) / 2`` (the centre of its block), so in norma
 ``x = (s u + (s - 1) / 2 - c) / c`` (``c = (P - 1) / 2``) and a warped point ``x'`` is read at
 source feature pixel ``(c x' + c - (s - 1) / 2) / s``. Every level solves the same 8 parameters
 ``h`` (target -> source, normalized coordinates), starting from the previous level's solution
-(the first from identity). After each level, a degenerate homography (``det H <= 0``, a corner
-at or behind the line at infinity, corners crossing: ``core.costs.homography.degenerate``) is
-not passed on: that pair keeps its previous estimate and its ``Info.status`` is set to
-``FAILED`` (``status_names``: ``"failed"``), and :class:`Alignment` carries the flag per pair.
+(the first from the identity, or from a grid of translations keeping the lowest-cost result).
+After each level, a degenerate homography (``det H <= 0``, a corner at or behind the line at
+infinity, corners crossing: ``core.costs.homography.degenerate``) is not passed on: that pair
+keeps its previous estimate, its ``Info.status`` is set to ``FAILED`` (``status_names``:
+``"failed"``), and :class:`Alignment` carries the flag per pair.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import Tensor
 
 import core
 from apps.config import make_layer
-from apps.homography.data import Pair, corners, pixel_grid
+from apps.homography.data import Pair, corners
 from core.costs.homography import HomographyAlignment, corners_of, degenerate
 from core.optimizer import FAILED, Info
 
@@ -193,7 +194,3 @@ class Pairs:
                    torch.stack([p.target for p in pairs])[:, None].to(device),
                    torch.stack([p.h for p in pairs]).to(device))
 
-
-def grid(patch: int) -> Tensor:
-    """``(P * P, 2)``: see :func:`apps.homography.data.pixel_grid`."""
-    return pixel_grid(patch)

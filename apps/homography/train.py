@@ -4,14 +4,16 @@
 run of seconds); the loop, checkpoints and metrics files are ``apps.harness.fit``'s. Per step, for
 a batch of pairs (``apps.homography.data``): the network (``apps.homography.model.FeatureNet``)
 maps source and target patches to a feature pyramid; the solver
-(``apps.homography.problem.Aligner``) runs LM coarse to fine from the identity on the dense
-feature-metric residual (``core.costs.homography``); the loss is the mean corner error (px) after
+(``apps.homography.problem.Aligner``) runs LM coarse to fine on the dense feature-metric residual
+(``core.costs.homography``), the first level from a grid of translations (``start_shifts``,
+keeping the lowest-cost start per pair); the loss is the mean corner error (px) after
 each level, capped at ``loss_cap`` (a diverged pair gives no gradient), summed over levels and
 back-propagated through the solves (``optimizer.backward``).
 
 Evaluation on pairs from held-out photographs at ``data.rho`` and at ``eval_rho``: mean and
 median corner error, the fraction under 1 px and 3 px; baselines on the same pairs
-(``apps.homography.baseline``): identity, the same LM on raw intensities, ORB + RANSAC. A
+(``apps.homography.baseline``): identity, the same LM on raw intensities (same pyramid and
+iterations; started from ``baseline_shifts``, the identity: its best setting), ORB + RANSAC. A
 degenerate homography is never an estimate (``problem`` module); ``degenerate_frac`` counts them.
 
 Outputs in the run folder: ``metrics.json``, ``metrics.csv``, ``checkpoint.pt``, ``curves.png``,
@@ -65,11 +67,15 @@ class HomographyConfig(TrainConfig):
             raw-intensity baseline uses the same levels and iterations.
         start_shifts: the first level starts from every translation ``(sx, sy)`` of these
             (pixels) and keeps the lowest-cost solution (``[0.0]``: from the identity only).
+        baseline_shifts: the same for the raw-intensity baseline (its best measured setting is
+            the identity alone: with raw intensities the lowest-cost start is often a wrong one).
         max_side: the target is compared at most ``max_side`` points per side at each level
             (every k-th pixel of a larger map; the source is still read at full resolution).
         outside: residual norm of a point warped off the source map (learned features have unit
             norm; raw intensities unit std).
         loss_cap: per-level corner errors (px) are capped at this in the loss.
+        loss_stride_power: level ``l``'s capped error is weighted by ``stride_l ** -power``
+            (0: all levels alike; > 0 puts the weight on the fine levels' precision).
         eval_rho: the second held-out corner-offset range (the ``*_rho32`` metrics).
         eval_batch: pairs per solve in evaluation.
         orb_keypoints: ORB keypoints per patch for the ORB + RANSAC baseline.
@@ -85,9 +91,11 @@ class HomographyConfig(TrainConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     strides: list[int] = field(default_factory=lambda: [16, 8, 4, 2, 1])
     start_shifts: list[float] = field(default_factory=lambda: [-16.0, 0.0, 16.0])
+    baseline_shifts: list[float] = field(default_factory=lambda: [0.0])
     max_side: int = 64
     outside: float = 1.0
     loss_cap: float = 24.0
+    loss_stride_power: float = 0.0
     eval_rho: float = 32.0
     eval_batch: int = 32
     orb_keypoints: int = 500
@@ -151,8 +159,9 @@ def check(cfg: Any) -> None:
     if not 0 <= cfg.eval_rho <= spec.margin:
         raise ValueError(f"eval_rho = {cfg.eval_rho} must be in [0, data.margin = "
                          f"{spec.margin}]")
-    if not cfg.start_shifts:
-        raise ValueError("start_shifts must not be empty ([0.0]: start from the identity only)")
+    for name in ("start_shifts", "baseline_shifts"):
+        if not cfg[name]:
+            raise ValueError(f"{name} must not be empty ([0.0]: start from the identity only)")
     for name in ("outside", "loss_cap"):
         if not cfg[name] > 0:
             raise ValueError(f"{name} must be > 0, got {cfg[name]}")
@@ -190,7 +199,7 @@ def features(net: torch.nn.Module, source: torch.Tensor, target: torch.Tensor
 def loss(cfg: Any, net: torch.nn.Module, prepared: Prepared, batch: Sequence[int]
          ) -> list[torch.Tensor]:
     """Per pair of ``batch``: the sum over levels of the corner error (px) capped at
-    ``loss_cap``."""
+    ``loss_cap``, weighted by ``stride ** -loss_stride_power``."""
     p = prepared.pairs
     index = torch.as_tensor(list(batch), dtype=torch.long, device=p.source.device)
     fs, ft = features(net, p.source[index], p.target[index])
@@ -198,8 +207,9 @@ def loss(cfg: Any, net: torch.nn.Module, prepared: Prepared, batch: Sequence[int
         return []
     result = prepared.aligner(fs, ft, shifts=shifts_of(cfg))
     truth = p.h[index]
-    total = sum(corner_error(h, truth, cfg.data.patch).clamp(max=cfg.loss_cap)
-                for h in result.levels)
+    weights = [float(s) ** -cfg.loss_stride_power for s in strides_of(cfg)]
+    total = sum(w * corner_error(h, truth, cfg.data.patch).clamp(max=cfg.loss_cap)
+                for h, w in zip(result.levels, weights))
     return list(total)  # type: ignore[arg-type]
 
 
@@ -255,7 +265,8 @@ def _references(run: Run, prepared: Prepared) -> dict[str, list[float]]:
     and ORB's failures."""
     cfg, p = run.cfg, prepared.pairs
     raw = Aligner(cfg, cfg.data.patch, strides_of(cfg), 1, cfg.outside, cfg.max_side)
-    raw_err, raw_bad = hb.raw_lm(raw, p, strides_of(cfg), cfg.eval_batch, shifts_of(cfg))
+    raw_err, raw_bad = hb.raw_lm(raw, p, strides_of(cfg), cfg.eval_batch,
+                                 tuple(float(v) for v in cfg.baseline_shifts))
     orb_err, orb_fail = hb.orb_errors(p.pairs, cfg.orb_keypoints)
     return {"raw": gather(raw_err, run), "raw_degenerate": gather(raw_bad.float(), run),
             "orb": gather(orb_err, run), "orb_failed": gather(orb_fail.float(), run),

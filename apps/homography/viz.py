@@ -129,7 +129,7 @@ def draw_cdf(path: Path, errors: Mapping[str, Mapping[str, Sequence[float]]],
         ax.set_ylabel("fraction of held-out pairs")
         ax.set_title(f"corner offsets up to rho = {rho:g} px ({len(e)} pairs)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

@@ -179,3 +179,19 @@ def test_pictures_are_written(tmp_path: Path) -> None:
     viz.draw_cdf(tmp_path / "cdf.png", {"rho": errors, "rho32": errors}, (16.0, 32.0))
     assert (tmp_path / "pairs.png").stat().st_size > 1000
     assert (tmp_path / "cdf.png").stat().st_size > 1000
+
+
+def test_multi_start_keeps_the_lowest_cost_start_per_pair() -> None:
+    """Starting the first level from a 3x3 grid of translations (the identity among them) ends
+    at a cost no higher than from the identity alone, per pair; the Info is per pair."""
+    spec = data.PairSpec(patch=32, margin=8, rho=8.0, image_size=64)
+    pairs = Pairs.stack([data.generate(spec, s, held_out=True) for s in range(4)],
+                        torch.device("cpu"))
+    aligner = Aligner(config(), 32, (4, 2), 1, 1.0)
+    src, tgt = intensity_pyramid(pairs.source, (4, 2)), intensity_pyramid(pairs.target, (4, 2))
+    one = aligner(src, tgt)
+    nine = aligner(src, tgt, shifts=(-4.0, 0.0, 4.0))
+    assert nine.infos[0].status.shape == (4,) and nine.infos[0].cost_history.shape[1] == 4
+    assert bool((nine.infos[0].final_cost <= one.infos[0].final_cost + 1e-5).all())
+    starts = aligner._starts((-4.0, 0.0, 4.0), pairs.h)
+    assert starts.shape == (9, 8) and torch.equal(starts[4], torch.zeros(8))
