@@ -154,6 +154,36 @@ def all_reduce_sum(values: Sequence[float], d: Dist) -> list[float]:
     return t.tolist()
 
 
+def saved_bytes(root: Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward of ``root`` (the ``_saved_*``
+    tensors of every node of its graph and the ``saved_tensors`` of custom Functions, each
+    distinct tensor once): the memory a backward mode
+    needs, which grows with the unrolled iterations and stays flat for the implicit backward.
+    Read it before ``root.backward()`` frees them."""
+    seen_nodes, seen_tensors, total = set(), set(), 0
+    stack = [root.grad_fn] if root.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        for name in dir(node):
+            if not name.startswith("_saved_") and name != "saved_tensors":  # custom Functions'
+                continue
+            try:
+                saved = getattr(node, name)
+            except RuntimeError:  # already freed
+                continue
+            for t in saved if isinstance(saved, tuple | list) else (saved,):
+                if isinstance(t, Tensor) and t.layout == torch.strided:
+                    key = (t.data_ptr(), t.numel(), t.dtype)
+                    if key not in seen_tensors:
+                        seen_tensors.add(key)
+                        total += t.numel() * t.element_size()
+        stack += [f for f, _ in node.next_functions if f is not None]
+    return total
+
+
 def set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:

@@ -286,28 +286,35 @@ def _reference(task: Task, run: Run, net: nn.Module) -> dict[str, Any]:
 
 def _epoch(task: Task, run: Run, epoch: int, model: nn.Module, net: nn.Module,
            opt: torch.optim.Optimizer) -> dict[str, float]:
-    """One pass over the training samples, then the held-out scores: the epoch's history row."""
+    """One pass over the training samples, then the held-out scores: the epoch's history row
+    (with ``step_time_s``, the mean time of an optimizer step on this rank, and ``saved_mb``, the
+    most memory a step's forward kept for its backward: ``common.saved_bytes``)."""
     cfg, d = run.cfg, run.dist
     t = time.perf_counter()
     num = len(run.train_samples)
     order = torch.randperm(num, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-    loss_sum = 0.0
+    loss_sum, step_times, saved = 0.0, [], []
     for b in range(0, num, cfg.batch_size):
         batch = order[b : b + cfg.batch_size].tolist()
-        loss_sum += _step(task, run, model, batch[d.rank :: d.world_size], len(batch), opt)
+        start = time.perf_counter()
+        loss, kept = _step(task, run, model, batch[d.rank :: d.world_size], len(batch), opt)
+        step_times.append(time.perf_counter() - start)
+        loss_sum += loss
+        saved.append(kept)
     (loss_sum,) = common.all_reduce_sum([loss_sum], d)
     scores, _ = task.evaluate(cfg, net, run.val)
     metrics = reduce_scores(scores, d).metrics()
     return {"epoch": epoch + 1, "train_loss": loss_sum / num,
             **{f"val_{k}": v for k, v in metrics.items()}, **task.extras(net),
+            "saved_mb": max(saved) / 2**20, "step_time_s": sum(step_times) / len(step_times),
             "epoch_time_s": time.perf_counter() - t}
 
 
 def _step(task: Task, run: Run, model: nn.Module, batch: list[int], batch_size: int,
-          opt: torch.optim.Optimizer) -> float:
+          opt: torch.optim.Optimizer) -> tuple[float, int]:
     """One optimizer step on this rank's items ``batch`` of a global batch of ``batch_size``;
-    returns the sum of their losses. Gradients are averaged over the global batch (DDP sums
-    the ranks' means, hence ``world / batch_size``)."""
+    returns the sum of their losses and the bytes kept for the backward. Gradients are averaged
+    over the global batch (DDP sums the ranks' means, hence ``world / batch_size``)."""
     losses = task.loss(run.cfg, model, run.train, batch)
     if len(losses) != len(batch):
         raise ValueError(f"{task.name}: task.loss returned {len(losses)} losses for a batch of "
@@ -316,10 +323,11 @@ def _step(task: Task, run: Run, model: nn.Module, batch: list[int], batch_size: 
     total = sum(p.sum() for p in params) * 0  # every parameter in the graph, even with no item
     for loss in losses:
         total = total + loss * run.dist.world_size / batch_size
+    kept = common.saved_bytes(total)
     opt.zero_grad(set_to_none=True)
     total.backward()
     opt.step()
-    return sum(float(loss.detach()) for loss in losses)
+    return sum(float(loss.detach()) for loss in losses), kept
 
 
 def _finish(task: Task, run: Run, net: nn.Module, state: _State) -> dict[str, Any]:

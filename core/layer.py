@@ -306,19 +306,21 @@ class _DLMStep:
 
 class _DLM(torch.autograd.Function):
     """Forward: ``x*`` as it is. Backward: no gradient for ``x*``'s own inputs (the values); the
-    inputs ``theta`` get :meth:`_DLMStep.input_gradients` of the upstream gradient."""
+    inputs ``theta`` get :meth:`_DLMStep.input_gradients` of the upstream gradient. ``x*``, the
+    inputs and ``g`` are saved for the backward (what this mode keeps, besides the factor)."""
 
     @staticmethod
     def forward(ctx, step, count, *tensors):  # type: ignore[override]
         ctx.step, ctx.count = step, count
-        ctx.thetas = tensors[count:]
+        ctx.save_for_backward(*tensors, step.g)
         return tuple(t.clone() for t in tensors[:count])
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         step: _DLMStep = ctx.step
+        thetas = ctx.saved_tensors[ctx.count : -1]
         v = step.tangent(grads)
-        theta_grads = step.input_gradients(v, ctx.thetas)
+        theta_grads = step.input_gradients(v, thetas)
         return (None, None, *([None] * ctx.count), *theta_grads)
 
 

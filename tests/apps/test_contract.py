@@ -48,7 +48,8 @@ def test_smoke_run_writes_the_contract_outputs(app: str, smoke_runs) -> None:
     assert all(math.isfinite(saved["val"][k]) for k in keys)
     history = saved["history"]
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
-    assert {"epoch", "train_loss", f"val_{task.metric}", "epoch_time_s"} <= set(history[0])
+    assert {"epoch", "train_loss", f"val_{task.metric}", "epoch_time_s", "step_time_s",
+            "saved_mb"} <= set(history[0])
     assert f"val_{task.metric}" in saved["untrained"]
     assert saved["backward"] == "implicit"
     rows = (out / "metrics.csv").read_text().strip().splitlines()
