@@ -8,7 +8,10 @@ differs per episode is in the layer's inputs, ``(B, E, ...)``):
   weighted per axis by the network's confidence times "both images show contact";
 * ``push``: ``core.costs.QuasiStaticPushing`` between frames ``t, t + 1`` (weight ``w_push`` while
   the probe touches at ``t + 1``); ``still``: the object stays put when it is not touched
-  (``Between`` to the identity, weight ``w_still``);
+  (``Between`` to the identity, weight ``w_still``). On the step into contact (touch at ``t + 1``
+  but not at ``t``) the probe pushed for part of the step only, so neither model holds: both
+  apply, scaled by ``enter`` (with the push model alone, its error there shifted the rest of the
+  trajectory rigidly: the oracle's error fell from 3.3 to 0.5 mm with both at 0.3);
 * ``contact``: ``core.costs.PlanarContact``, the probe on the boundary while in contact;
 * ``prior``: the first pose at its known value.
 
@@ -74,11 +77,12 @@ class Weights:
     contact: float
     prior: float
     c_square: float
+    enter: float
 
 
 def weights_from(cfg: Any) -> Weights:
     p = cfg.problem
-    return Weights(p.w_push, p.w_still, p.w_contact, p.w_prior, p.c_square)
+    return Weights(p.w_push, p.w_still, p.w_contact, p.w_prior, p.c_square, p.enter)
 
 
 class Smoother:
@@ -123,12 +127,16 @@ class Smoother:
             z = se2.identity(B, T - k, dtype=torch.float64)
             w = torch.zeros(B, T - k, 3, dtype=torch.float64)
         moved = touch[:, 1:, None]
+        # entering contact mid-step, the object moved less than a full push: both models, damped
+        entering = (1 - touch[:, :-1, None]) * moved
+        keep = 1 - entering * (1 - wt.enter)
         return {
             "obj": initial(batch),
             "tactile.measured": z, "tactile.weight": w * pairs,
             "tactile.probe_i": batch.probe[:, :-k], "tactile.probe_j": batch.probe[:, k:],
             "push.pusher_i": batch.probe[:, :-1], "push.pusher_j": batch.probe[:, 1:],
-            "push.weight": wt.push * moved, "still.weight": wt.still * (1 - moved),
+            "push.weight": wt.push * moved * keep,
+            "still.weight": wt.still * ((1 - moved) + wt.enter * entering),
             "contact.pusher": batch.probe, "contact.shape": batch.shape[:, None].expand(B, T, 3),
             "contact.weight": wt.contact * touch[..., None],
             "prior.target": batch.obj[:, :1],

@@ -61,6 +61,8 @@ class ProblemConfig:
         w_push, w_still, w_contact, w_prior: weights of the motion model, of the object staying
             put when untouched, of the contact cost and of the first-pose prior.
         c_square: ``c^2`` of the limit surface (m^2).
+        enter: on the step into contact, the push and still models both apply with their weights
+            times this.
         loss_trans, loss_rot: translation (m) and rotation (rad) scales of the outer loss.
         eval_batch: episodes per batched solve in evaluation.
     """
@@ -71,6 +73,7 @@ class ProblemConfig:
     w_contact: float = 300.0
     w_prior: float = 1e4
     c_square: float = 0.003
+    enter: float = 0.3
     loss_trans: float = 0.005
     loss_rot: float = 0.05
     eval_batch: int = 32
