@@ -66,8 +66,8 @@ class ArmSpec:
     num_states: int = 31
     total_time: float = 3.0
     qc: float = 1.0
-    safety: float = 0.05
-    collision_weight: float = 30.0
+    safety: float = 0.08
+    collision_weight: float = 100.0
     limit_weight: float = 30.0
     boundary_weight: float = 100.0
     limit_margin: float = 0.02
@@ -311,7 +311,7 @@ def snapshots(arm: Arm, scene: Scene, path: Tensor, out: Path, count: int = 5) -
     world = Bullet(arm, scene)
     pb = world.pb
     try:
-        view = pb.computeViewMatrixFromYawPitchRoll([0.25, 0.0, 0.35], 1.25, 60, -20, 0, 2)
+        view = pb.computeViewMatrixFromYawPitchRoll([0.25, 0.0, 0.45], 1.7, 60, -15, 0, 2)
         proj = pb.computeProjectionMatrixFOV(50, 4 / 3, 0.05, 5)
         frames = []
         for k in np.linspace(0, len(path) - 1, count).round().astype(int):

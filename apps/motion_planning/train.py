@@ -3,18 +3,21 @@
 ``python -m apps.motion_planning [overrides]`` (Hydra, ``conf/motion_planning.yaml``;
 ``preset=smoke`` for a run of seconds); the loop, checkpoints and metrics files are
 ``apps.harness.fit``'s. Per step, for a batch of maps (each randomly flipped/transposed): the CNN
-(``apps.motion_planning.model.InitNet``) maps SDF, start and goal to an initial trajectory; the
-layer runs ``optimizer.max_iters`` (K, default 10) Levenberg-Marquardt iterations of the planner
-(``apps.motion_planning.problem``) on the whole batch as one batched problem; the loss is
+(``apps.motion_planning.model.InitNet``) reads SDF, start and goal and proposes ``Hy`` candidate
+trajectories with scores; the candidate closest to the expert (winner takes all) is handed to the
+layer, which runs ``optimizer.max_iters`` (K, default 10) Levenberg-Marquardt iterations of the
+planner (``apps.motion_planning.problem``) on the whole batch as one batched problem; the loss is
 
-``loss.initial * |p_init - p_expert|^2 + loss.solution * |p_K - p_expert|^2
-+ loss.objective * F(x_K) / N``
+``loss.initial * |p_win - p_expert|^2 + loss.score * CE(scores, win)
++ loss.solution * |p_K - p_expert|^2 + loss.objective * F(x_K) / N``
 
 (mean squared position errors over the states; ``F`` the planner's objective at the K-iteration
 solution). The solution terms reach the network through the iterations (``optimizer.backward``:
-``unroll``, the default, or ``truncated``); with ``implicit`` they carry no gradient to the
-initialization (the optimum does not depend on where the solver starts) and only the imitation
-of the initialization trains the network.
+``unroll``, the default, or ``truncated``; their gradient is clipped per map, ``loss.clip``);
+with ``implicit`` they carry no gradient to the initialization (the optimum does not depend on
+where the solver starts) and only the imitation terms train the network. At evaluation the
+planner starts from the candidate of lowest planner objective (``model.select=cost``: ``Hy``
+cost evaluations, no solve) or of best score (``score``).
 
 Held-out maps (new maps, other seeds), with ``K`` iterations: ``success_rate`` (collision-free at
 the robot radius along the densely interpolated path, inside the map, ends on start and goal),
@@ -75,7 +78,7 @@ class ModelConfig:
     basis: int = 8
     lanes: int = 33
     width: float = 4.0
-    hypotheses: int = 4
+    hypotheses: int = 8
     select: Select = Select.cost  # type: ignore[attr-defined,valid-type]
     augment: bool = True
 
@@ -113,11 +116,11 @@ class MotionPlanningConfig(TrainConfig):
         viz_maps: held-out maps in ``motion_planning.png`` (the first ones of this rank).
     """
 
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 8
-    num_train: int = 192
+    num_train: int = 384
     num_val: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     data: MapSpec = field(default_factory=MapSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
