@@ -36,6 +36,7 @@ class Prepared:
         self.episodes, self.smoother, self.device = episodes, smoother, device
         self.all = stack(episodes, device) if episodes else None
         self.two_stage: TactileNet | None = None
+        self.tuned: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.episodes)
@@ -160,19 +161,29 @@ def two_stage_net(cfg: Any, train: Prepared) -> TactileNet:
     return net
 
 
+def tune(cfg: Any, train: Prepared) -> dict[str, Any]:
+    """The two-stage network's weight multiplier with the lowest translation RMSE on the first
+    ``baseline.tune_episodes`` training episodes (computed once per ``train``)."""
+    if train.tuned is not None:
+        return train.tuned
+    net, k = two_stage_net(cfg, train), train.smoother.window
+    items = list(range(min(cfg.baseline.tune_episodes, len(train))))
+    grid = {}
+    for scale in cfg.baseline.weight_scales:
+        s, _ = evaluate_with(cfg, train, network_measure(net, k, scale), items)
+        grid[scale] = s.metrics()["trans_rmse_mm"]
+    best = min(grid, key=grid.__getitem__)
+    train.tuned = {"weight_scale": best, "tune_trans_rmse_mm": grid}
+    return train.tuned
+
+
 def baselines(run: Run) -> dict[str, Any]:
     """Two-stage (weight multiplier tuned on training episodes), motion-only and oracle scores
     on this rank's held-out episodes, reduced across ranks."""
     cfg, k = run.cfg, run.train.smoother.window
     net = two_stage_net(cfg, run.train)
-    tune = list(range(min(cfg.baseline.tune_episodes, len(run.train))))
-    grid = {}
-    for scale in cfg.baseline.weight_scales:
-        s, _ = evaluate_with(cfg, run.train, network_measure(net, k, scale), tune)
-        grid[scale] = s.metrics()["trans_rmse_mm"]
-    best = min(grid, key=grid.__getitem__)
-    ref: dict[str, Any] = {"weight_scale": best, "tune_trans_rmse_mm": grid}
-    runs = {"_two_stage": network_measure(net, k, best),
+    ref: dict[str, Any] = dict(tune(cfg, run.train))
+    runs = {"_two_stage": network_measure(net, k, ref["weight_scale"]),
             "_motion_only": lambda b: (None, None),
             "_oracle": oracle_measure(k, cfg.baseline.oracle_weight)}
     for suffix, measure in runs.items():

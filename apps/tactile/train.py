@@ -19,6 +19,7 @@ Outputs: ``metrics.json``, ``metrics.csv``, ``checkpoint.pt``, ``curves.png``,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ class ModelConfig:
         channels: convolution channels (doubled after the first layer).
         hidden: width of the fully connected layer.
         warm_start: start from the two-stage baseline's network (trained alone on the
-            relative-pose targets) instead of from scratch.
+            relative-pose targets, weights times the tuned multiplier) instead of from scratch.
     """
 
     channels: int = 16
@@ -94,7 +95,7 @@ class BaselineConfig:
     epochs: int = 15
     lr: float = 3e-3
     batch: int = 256
-    weight_scales: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
+    weight_scales: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
     tune_episodes: int = 32
     oracle_weight: float = 1e4
 
@@ -109,11 +110,11 @@ class TactileConfig(TrainConfig):
         viz_episode: which held-out episode to draw; null: the median error one.
     """
 
-    epochs: int = 8
+    epochs: int = 12
     batch_size: int = 8
     num_train: int = 160
     num_val: int = 48
-    lr: float = 1e-3
+    lr: float = 3e-4
     data: TactileSpec = field(default_factory=TactileSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
     problem: ProblemConfig = field(default_factory=ProblemConfig)
@@ -157,10 +158,13 @@ def prepare(cfg: Any, samples: Sequence[Episode], device: torch.device) -> tb.Pr
 
 def model(cfg: Any, train: tb.Prepared) -> TactileNet:
     """The network, its output scale fitted to the training targets' spread; with
-    ``model.warm_start`` the two-stage network's weights (trained here, seeded)."""
+    ``model.warm_start`` the two-stage network (trained here, seeded) with its weights times the
+    tuned multiplier, i.e. the two-stage baseline's smoother as the starting point."""
     net = TactileNet(train.target_scale(), cfg.model.hidden, cfg.model.channels).to(train.device)
     if cfg.model.warm_start:
         net.load_state_dict(tb.two_stage_net(cfg, train).state_dict())
+        with torch.no_grad():
+            net.features[-1].bias[3:] += math.log(tb.tune(cfg, train)["weight_scale"])
     return net
 
 
