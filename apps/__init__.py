@@ -8,7 +8,8 @@ import importlib
 from typing import Any
 
 #: the registered apps (each ``apps/<name>/train.py`` defines ``TASK``)
-APPS: tuple[str, ...] = ("pose_graph", "bundle_adjustment", "homography", "motion_planning")
+APPS: tuple[str, ...] = ("pose_graph", "bundle_adjustment", "homography", "motion_planning",
+                          "tactile")
 
 
 def task(name: str) -> Any:
