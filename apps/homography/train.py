@@ -82,7 +82,7 @@ class HomographyConfig(TrainConfig):
         viz_pairs: held-out pairs drawn in ``homography_pairs.png``.
     """
 
-    epochs: int = 4
+    epochs: int = 5
     batch_size: int = 8
     num_train: int = 256
     num_val: int = 64
@@ -95,7 +95,7 @@ class HomographyConfig(TrainConfig):
     max_side: int = 64
     outside: float = 1.0
     loss_cap: float = 24.0
-    loss_stride_power: float = 0.0
+    loss_stride_power: float = 0.5
     eval_rho: float = 32.0
     eval_batch: int = 32
     orb_keypoints: int = 500

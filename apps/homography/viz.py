@@ -112,7 +112,7 @@ def draw_cdf(path: Path, errors: Mapping[str, Mapping[str, Sequence[float]]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5), layout="constrained")
     for ax, key, rho in zip(axes, ("rho", "rho32"), rhos):
         for method, values in errors[key].items():
             e = np.sort(np.asarray(values, dtype=float))
@@ -129,7 +129,6 @@ def draw_cdf(path: Path, errors: Mapping[str, Mapping[str, Sequence[float]]],
         ax.set_ylabel("fraction of held-out pairs")
         ax.set_title(f"corner offsets up to rho = {rho:g} px ({len(e)} pairs)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
