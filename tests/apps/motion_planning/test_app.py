@@ -174,6 +174,14 @@ def test_bad_settings_are_named(tmp_path: Path, app_config) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def test_select_by_score_runs(tmp_path: Path, app_config) -> None:
+    doc = train.run(app_config("motion_planning", tmp_path, "model.select=score",
+                               "model.hypotheses=2"))
+    assert math.isfinite(doc["val"]["success_rate"])
+    with pytest.raises(Exception, match="select"):
+        app_config("motion_planning", tmp_path, "model.select=best")
+
+
 def test_smoke_with_picture(tmp_path: Path, app_config) -> None:
     doc = train.run(app_config("motion_planning", tmp_path, "viz=true", "viz_maps=2",
                                "optimizer.backward=unroll"))
