@@ -1,7 +1,7 @@
 """The tactile measurement network: a small CNN on a pair of tactile images (frames ``t - k`` and
-``t``) predicting the relative object pose in the probe frame, ``z = Q_(t-k)^-1 Q_t`` with
-``Q = probe^-1 obj`` (SE(2)), and a per-axis weight (its confidence: a square-root information,
-``(x, y, theta)``)."""
+``t``) predicting the relative object pose in the probe frame, ``z = Q_t Q_(t-k)^-1`` with
+``Q = probe^-1 obj`` (SE(2); the identity while the object sticks to the probe), and a per-axis
+weight (its confidence: a square-root information, ``(x, y, theta)``)."""
 
 from __future__ import annotations
 

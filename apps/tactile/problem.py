@@ -4,7 +4,7 @@ Variable ``obj``: ``T`` SE(2) poses. Costs (all episodes of a batch share this s
 differs per episode is in the layer's inputs, ``(B, E, ...)``):
 
 * ``tactile``: between costs from the network's measurements for frame pairs ``(t - k, t)``,
-  ``r = Log(z^-1 Q_(t-k)^-1 Q_t)`` with ``Q = probe^-1 obj`` (the known probe poses are inputs),
+  ``r = Log(z^-1 Q_t Q_(t-k)^-1)`` with ``Q = probe^-1 obj`` (the known probe poses are inputs),
   weighted per axis by the network's confidence times "both images show contact";
 * ``push``: ``core.costs.QuasiStaticPushing`` between frames ``t, t + 1`` (weight ``w_push`` while
   the probe touches at ``t + 1``); ``still``: the object stays put when it is not touched
@@ -37,29 +37,31 @@ from core.lie import se2
 
 
 def relative(obj: Tensor, probe: Tensor, window: int) -> Tensor:
-    """``(..., T - k, 4)``: ``Q_(t-k)^-1 Q_t``, ``Q = probe^-1 obj``, for ``obj, probe
-    (..., T, 4)``."""
+    """``(..., T - k, 4)``: ``Q_t Q_(t-k)^-1``, ``Q = probe^-1 obj`` (the object's pose in the
+    probe frame), for ``obj, probe (..., T, 4)``: the object's motion relative to the probe,
+    expressed in the probe frame (the identity while the object sticks to the probe)."""
     q = se2.compose(se2.inverse(probe), obj)
-    return se2.normalize(se2.compose(se2.inverse(q[..., :-window, :]), q[..., window:, :]))
+    return se2.normalize(se2.compose(q[..., window:, :], se2.inverse(q[..., :-window, :])))
 
 
 def TactileBetween(obj: core.Variable, window: int, frames: int) -> core.CostTable:  # noqa: N802
-    """``r = Log(z^-1 O_i^-1 A O_j)``, ``A = P_i P_j^-1`` from the probe poses, for pairs
-    ``(i, j) = (t - k, t)``. Jacobians: ``dr/dO_j = Jr^-1(r)``, ``dr/dO_i = -Jr^-1(r)
-    Ad(M^-1)``, ``M = O_i^-1 A O_j`` (``O_i Exp(d)`` turns ``M`` into ``M Exp(-Ad(M^-1) d)``).
+    """``r = Log(z^-1 Q_j Q_i^-1)``, ``Q = P^-1 O`` with the known probe poses ``P``, for pairs
+    ``(i, j) = (t - k, t)``. With ``M = z^-1 P_j^-1 O_j N``, ``N = O_i^-1 P_i = Q_i^-1``:
+    ``O_j Exp(d)`` turns ``M`` into ``M Exp(Ad(Q_i) d)`` and ``O_i Exp(d)`` into
+    ``M Exp(-Ad(Q_i) d)``, so ``dr/dO_j = Jr^-1(r) Ad(Q_i) = -dr/dO_i``.
     Inputs ``tactile.measured``, ``tactile.probe_i``, ``tactile.probe_j`` ``(B, M, 4)``."""
     num = frames - window
     ident = se2.identity(1, num, dtype=torch.float64)
 
     def between(xs: list[Tensor], aux: list[Tensor], jac: bool):
         z, pi, pj = aux
-        a = se2.compose(pi, se2.inverse(pj))
-        m = se2.compose(se2.compose(se2.inverse(xs[0]), a), xs[1])
-        r = se2.local(z, m)
+        qi = se2.compose(se2.inverse(pi), xs[0])
+        qj = se2.compose(se2.inverse(pj), xs[1])
+        r = se2.local(z, se2.compose(qj, se2.inverse(qi)))
         if not jac:
             return r, None
-        Jj = se2.jr_inv(r)
-        return r, [-Jj @ se2.adjoint(se2.inverse(m)), Jj]
+        Jj = se2.jr_inv(r) @ se2.adjoint(qi)
+        return r, [-Jj, Jj]
 
     return core.Cost(None, [obj, obj], {"measured": ident, "probe_i": ident, "probe_j": ident},
                      index=[torch.arange(num), torch.arange(window, frames)],

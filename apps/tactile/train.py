@@ -110,7 +110,7 @@ class TactileConfig(TrainConfig):
         viz_episode: which held-out episode to draw; null: the median error one.
     """
 
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 8
     num_train: int = 160
     num_val: int = 48

@@ -78,8 +78,8 @@ def topview(path: Any, e: Episode, est: torch.Tensor) -> None:
 
 
 def strip(path: Any, e: Episode, z: torch.Tensor | None, window: int, num: int = 8) -> None:
-    """Tactile images of ``num`` frames; under each, the true and predicted relative pose
-    ``(t - k, t)`` in the probe frame (mm, mm, deg)."""
+    """Tactile images of ``num`` frames; above each, the true and predicted relative pose
+    ``Q_t Q_(t-k)^-1`` in the probe frame (its log: mm, mm, deg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,8 +102,8 @@ def strip(path: Any, e: Episode, z: torch.Tensor | None, window: int, num: int =
         if pred is not None:
             text += f"\npred {fmt(pred[m])}"
         ax.set_title(text, fontsize=6)
-    fig.suptitle(f"tactile images ({e.shape}); relative pose (t-{window}, t) in the probe frame:"
-                 " x mm, y mm, theta deg", fontsize=8)
+    fig.suptitle(f"tactile images ({e.shape}); relative object pose Q_t Q_(t-{window})^-1 in the "
+                 "probe frame (Q = probe^-1 object), log: x mm, y mm, theta deg", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
