@@ -51,7 +51,8 @@ def test_smoke_run_writes_the_contract_outputs(app: str, smoke_runs) -> None:
     assert {"epoch", "train_loss", f"val_{task.metric}", "epoch_time_s", "step_time_s",
             "saved_mb"} <= set(history[0])
     assert f"val_{task.metric}" in saved["untrained"]
-    assert saved["backward"] == "implicit"
+    state = common.load_checkpoint(out / "checkpoint.pt")
+    assert state is not None and saved["backward"] == state["config"]["optimizer"]["backward"]
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 2 and rows[0].startswith("epoch,train_loss")
     assert (out / "curves.png").stat().st_size > 0
