@@ -1,5 +1,6 @@
 """Library costs (each returns a ``core.cost.Cost`` with analytic Jacobians)."""
 
+from core.costs.homography import HomographyAlignment
 from core.costs.motion import (
     CollisionHinge,
     GPMotionPrior,
@@ -13,7 +14,8 @@ from core.costs.pose import Between, Prior
 from core.costs.pushing import PlanarContact, QuasiStaticPushing, planar_sdf
 from core.costs.reprojection import Reprojection, bal_objective, bal_to_variables, variables_to_bal
 
-__all__ = ["Between", "CollisionHinge", "GPMotionPrior", "PlanarContact", "Prior",
+__all__ = ["Between", "CollisionHinge", "GPMotionPrior", "HomographyAlignment", "PlanarContact",
+           "Prior",
            "QuasiStaticPushing", "Reprojection", "bal_objective",
            "bal_to_variables", "expand_sdf", "gp_covariance", "gp_sqrt_information",
            "gp_transition", "planar_sdf", "sdf_lookup", "variables_to_bal"]
