@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from apps import common
+from apps import gnc as gnc_lib
 from apps.config import make_optimizer, spec_from_config, value
 from apps.pose_graph import data as pg_data
 from apps.pose_graph.data import GraphSpec, Sample
@@ -30,14 +31,15 @@ from core import io
 log = logging.getLogger(__name__)
 
 
-def tune(samples: Sequence[Sample], cfg: Any, device: torch.device, d: common.Dist
-         ) -> dict[str, Any]:
+def tune(samples: Sequence[Sample], cfg: Any, device: torch.device, d: common.Dist,
+         kinds: Sequence[Any] | None = None) -> dict[str, Any]:
     """Grid search of (kind, scale) with uniform weights on ``samples`` (every scale solved as
-    one batch per graph); returns the best and the mean training ATE of every setting."""
+    one batch per graph) over ``kinds`` (default ``cfg.baseline.losses``); returns the best and
+    the mean training ATE of every setting."""
     lm = make_optimizer(cfg)
     scales = torch.tensor(list(cfg.baseline.scales), dtype=torch.float64, device=device)
     table: dict[str, list[float]] = {}
-    for kind in cfg.baseline.losses:
+    for kind in kinds if kinds is not None else cfg.baseline.losses:
         kind = str(value(kind))
         sums = torch.zeros(len(scales), dtype=torch.float64)
         for s in common.shard(samples, d):
@@ -149,3 +151,148 @@ def evaluate_g2o(run: Any, net: torch.nn.Module, evaluate_learned: Callable[...,
             log.exception("could not draw pose_graph_g2o.png")
     return result
 
+
+
+# ------------------------------------------------------------------------------------------
+# the strongest classical baselines: the best fixed loss of every family, and GNC
+# ------------------------------------------------------------------------------------------
+
+
+def best_fixed(samples: Sequence[Sample], tuned: dict[str, Any], cfg: Any, device: torch.device,
+               d: common.Dist) -> dict[str, Any]:
+    """The best (kind, scale) over every family of ``cfg.baseline.best_fixed`` on the training
+    ``samples`` (mean ATE); the kinds ``tuned`` (:func:`tune`'s result) already holds are not
+    solved again."""
+    kinds = [str(value(k)) for k in cfg.baseline.best_fixed]
+    grid = {k: tuned["grid"][k] for k in kinds if k in tuned["grid"]}
+    missing = [k for k in kinds if k not in grid]
+    if missing:
+        grid.update(tune(samples, cfg, device, d, missing)["grid"])
+    kind, k = min(((kind, k) for kind in grid for k in range(len(tuned["scales"]))),
+                  key=lambda kk: grid[kk[0]][kk[1]])
+    log.info("best fixed loss: %s scale %g (train ATE %.3f)", kind, tuned["scales"][k],
+             grid[kind][k])
+    return {"loss": kind, "scale": float(tuned["scales"][k]), "train_ate": grid[kind][k],
+            "grid": grid}
+
+
+def gnc_ariadne(p: GraphProblem, cfg: Any, target: torch.Tensor) -> torch.Tensor:
+    """``(B, N, S)`` the batched Ariadne GNC-GM (``apps.gnc``) on ``p`` (built with the
+    ``geman_mcclure`` loss), uniform weights, one batch element per target scale ``(B,)``."""
+    lm, gnc = make_optimizer(cfg), cfg.baseline.gnc
+    ones = torch.ones(1, p.num_loops, dtype=target.dtype, device=target.device)
+    inputs = p.inputs(ones, target, batch=len(target))
+    aux = {k: v for k, v in inputs.items() if k != "poses"}
+
+    def solve(scale: torch.Tensor, values: dict[str, torch.Tensor], iters: int
+              ) -> dict[str, torch.Tensor]:
+        objective = p.objective.with_inputs({**aux, "loop.loss_scale": scale})
+        return replace(lm, max_iters=iters).solve(objective, values).values
+
+    out = gnc_lib.graduated(solve, {"poses": inputs["poses"]}, target, gnc.start, gnc.factor,
+                            gnc.stage_iters, lm.max_iters)
+    return out["poses"]
+
+
+def tune_gnc_ariadne(samples: Sequence[Sample], cfg: Any, device: torch.device, d: common.Dist
+                     ) -> dict[str, Any]:
+    """The target scale of the Ariadne GNC-GM among ``cfg.baseline.gnc.scales``: the lowest mean
+    ATE on ``samples`` (every scale one batch element)."""
+    scales = torch.tensor(list(cfg.baseline.gnc.scales), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(scales), dtype=torch.float64)
+    for s in common.shard(samples, d):
+        p = GraphProblem.build(s.graph.to(device), s.is_loop.to(device), "geman_mcclure",
+                               cfg.prior_sqrt_info)
+        sums += ate(gnc_ariadne(p, cfg, scales), s.truth.to(device), s.space).cpu()
+    grid = [t / len(samples) for t in common.all_reduce_sum(sums.tolist(), d)]
+    k = min(range(len(grid)), key=grid.__getitem__)
+    log.info("GNC-GM (Ariadne): scale %g (train ATE %.3f)", float(scales[k]), grid[k])
+    return {"scale": float(scales[k]), "train_ate": grid[k], "grid": grid}
+
+
+@torch.no_grad()
+def evaluate_gnc_ariadne(graphs: Graphs, cfg: Any, scale: float) -> BaselineRun:
+    """The Ariadne GNC-GM at target ``scale`` on ``graphs`` (built with ``geman_mcclure``);
+    rejected: ``rho'(s) < 0.5`` at the solution."""
+    run = BaselineRun(Scores(), [], [], Scores())
+    for s, p in zip(graphs.samples, graphs.problems):
+        target = torch.tensor([scale], dtype=s.truth.dtype, device=s.truth.device)
+        start = time.perf_counter()
+        poses = gnc_ariadne(p, cfg, target)
+        elapsed = time.perf_counter() - start
+        run.scores.add(poses, s, elapsed, p.irls_weight(poses, scale)[0] < 0.5)
+        run.solutions.append(poses[0])
+        run.ates.append(float(ate(poses, s.truth, s.space)[0]))
+    return run
+
+
+def gtsam_available() -> bool:
+    """Whether GTSAM's Python wheel imports (the GTSAM GNC baselines need it)."""
+    try:
+        import gtsam  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def gtsam_gnc(s: Sample, kind: str, scale: float, prior_sqrt_info: float) -> torch.Tensor:
+    """``(1, N, S)`` GTSAM's ``GncLMOptimizer`` (``kind``: ``tls`` or ``gm``) on sample ``s``'s
+    graph with our cost (``bench.peers.gtsam_pose_graph_problem``): odometry and the prior known
+    inliers, the loop closures' inlier threshold ``barcSq = scale^2 / 2`` (GTSAM's factor error
+    is ``0.5 ||U r||^2``, so ``scale`` is in our whitened-residual units); GTSAM's default GNC
+    and LM settings otherwise."""
+    import gtsam
+    import numpy as np
+
+    from bench.peers import gtsam_pose_graph_problem
+
+    graph = s.graph.to(torch.device("cpu"))
+    fg, values = gtsam_pose_graph_problem(graph, prior_sqrt_info)
+    params = gtsam.GncLMParams()
+    params.setLossType(gtsam.GncLossType.TLS if kind == "tls" else gtsam.GncLossType.GM)
+    odometry = (~s.is_loop.cpu()).nonzero()[:, 0].tolist()
+    params.setKnownInliers(odometry + [graph.num_edges])  # the prior is the last factor
+    optimizer = gtsam.GncLMOptimizer(fg, values, params)
+    optimizer.setInlierCostThresholds(scale * scale / 2)
+    result = optimizer.optimize()
+    rows = []
+    for k in range(graph.num_poses):
+        if graph.dim == 3:
+            pose = result.atPose3(k)
+            q = pose.rotation().toQuaternion()
+            rows.append([*pose.translation(), q.x(), q.y(), q.z(), q.w()])
+        else:
+            pose = result.atPose2(k)
+            rows.append([pose.x(), pose.y(), np.cos(pose.theta()), np.sin(pose.theta())])
+    return torch.tensor(rows, dtype=s.truth.dtype, device=s.truth.device)[None]
+
+
+def tune_gtsam_gnc(samples: Sequence[Sample], cfg: Any, kind: str, d: common.Dist
+                   ) -> dict[str, Any]:
+    """The inlier threshold (scale) of GTSAM's GNC ``kind`` among ``cfg.baseline.gnc.scales``:
+    the lowest mean ATE on ``samples``."""
+    scales = list(cfg.baseline.gnc.scales)
+    sums = [0.0] * len(scales)
+    for s in common.shard(samples, d):
+        for k, c in enumerate(scales):
+            sums[k] += float(ate(gtsam_gnc(s, kind, c, cfg.prior_sqrt_info), s.truth, s.space)[0])
+    grid = [t / len(samples) for t in common.all_reduce_sum(sums, d)]
+    k = min(range(len(grid)), key=grid.__getitem__)
+    log.info("GNC-%s (GTSAM): scale %g (train ATE %.3f)", kind.upper(), scales[k], grid[k])
+    return {"scale": scales[k], "train_ate": grid[k], "grid": grid}
+
+
+def evaluate_gtsam_gnc(samples: Sequence[Sample], cfg: Any, kind: str, scale: float
+                       ) -> BaselineRun:
+    """GTSAM's GNC ``kind`` at ``scale`` on ``samples``; rejected: the loop closures whose
+    whitened residual ``||U r||`` exceeds ``scale`` at the solution (TLS's own rule)."""
+    run = BaselineRun(Scores(), [], [], Scores())
+    for s in samples:
+        start = time.perf_counter()
+        poses = gtsam_gnc(s, kind, scale, cfg.prior_sqrt_info)
+        elapsed = time.perf_counter() - start
+        p = GraphProblem.build(s.graph, s.is_loop, "geman_mcclure", cfg.prior_sqrt_info)
+        run.scores.add(poses, s, elapsed, p.irls_weight(poses, scale)[0] < 0.25)
+        run.solutions.append(poses[0])
+        run.ates.append(float(ate(poses, s.truth, s.space)[0]))
+    return run

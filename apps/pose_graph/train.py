@@ -19,6 +19,7 @@ and ``pose_graph.png`` (Open3D; ``show=true`` also opens it in a window).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ import torch
 
 from apps import common
 from apps.config import RobustLossKind, TrainConfig, register, spec_from_config, value
+from apps.gnc import GncConfig
+from apps.gnc import check_config as check_gnc
 from apps.harness import Run, Task, fit, main_for, reduce_scores
 from apps.pose_graph import baseline as pg_baseline
 from apps.pose_graph.data import GraphSpec, Sample, make_dataset
@@ -36,6 +39,11 @@ from apps.pose_graph.model import EdgeWeightNet
 from apps.pose_graph.problem import Graphs, Scores, ate, build_graphs, pose_loss
 
 APP = "pose_graph"
+log = logging.getLogger(__name__)
+#: the strongest baselines' held-out metric keys, copied from the reference into ``val``
+STRONG = tuple(f"{m}_{b}" for m in ("ate", "rpe", "outlier_precision", "outlier_recall",
+                                     "solve_time_s")
+               for b in ("best_fixed", "gnc"))
 
 
 @dataclass
@@ -67,6 +75,10 @@ class BaselineConfig:
         losses: robust loss kinds tried.
         scales: robust-loss scales tried (whitened residual norm).
         tune_graphs: how many training graphs to tune on (null: all).
+        best_fixed: the families of the best fixed loss (``*_best_fixed`` metrics): the best
+            (kind, scale) of ``best_fixed`` x ``scales`` on the training graphs (empty: none).
+        gnc: the GNC baselines (``*_gnc_ariadne``, ``*_gnc_tls``, ``*_gnc_gm``; ``ate_gnc``
+            is the better of GTSAM's TLS and GM).
     """
 
     losses: list[RobustLossKind] = field(  # type: ignore[valid-type]
@@ -74,6 +86,10 @@ class BaselineConfig:
     scales: list[float] = field(
         default_factory=lambda: [0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
     tune_graphs: int | None = None
+    best_fixed: list[RobustLossKind] = field(  # type: ignore[valid-type]
+        default_factory=lambda: [RobustLossKind.huber, RobustLossKind.cauchy,  # type: ignore
+                                 RobustLossKind.welsch, RobustLossKind.geman_mcclure])  # type: ignore
+    gnc: GncConfig = field(default_factory=GncConfig)
 
 
 @dataclass
@@ -115,6 +131,7 @@ def check(cfg: Any) -> None:
         raise ValueError("baseline.losses must not be empty")
     if cfg.viz_graph is not None and not 0 <= cfg.viz_graph < cfg.num_val:
         raise ValueError(f"viz_graph must be null or in [0, num_val), got {cfg.viz_graph}")
+    check_gnc(cfg.baseline.gnc)
     spec_from_config(GraphSpec, cfg.data)
 
 
@@ -165,7 +182,39 @@ def baseline(run: Run) -> dict[str, Any]:
                                 best, oracle=True)
     return {**best, **reduce_scores(base.scores, run.dist).metrics("_baseline"),
             "ate_oracle": reduce_scores(base.oracle, run.dist).metrics()["ate"],
-            "ate_per_graph": base.ates}
+            "ate_per_graph": base.ates, **strongest(run, tune, best)}
+
+
+def strongest(run: Run, tune: Sequence[Sample], tuned: dict[str, Any]) -> dict[str, Any]:
+    """The strongest classical baselines on this rank's held-out graphs: the best fixed loss
+    over ``baseline.best_fixed`` (``*_best_fixed``), Ariadne's GNC-GM (``*_gnc_ariadne``) and
+    GTSAM's GNC TLS/GM (``*_gnc_tls``, ``*_gnc_gm``; ``ate_gnc``: the better); ``chosen``: each
+    one's tuned settings, ``per_graph``: each one's held-out ATE per graph."""
+    cfg, d, device = run.cfg, run.dist, run.device
+    out: dict[str, Any] = {"chosen": {}, "per_graph": {}}
+
+    def add(name: str, setting: dict[str, Any], result: pg_baseline.BaselineRun) -> None:
+        out.update(reduce_scores(result.scores, d).metrics(f"_{name}"))
+        out["chosen"][name], out["per_graph"][name] = setting, result.ates
+
+    if cfg.baseline.best_fixed:
+        fixed = pg_baseline.best_fixed(tune, tuned, cfg, device, d)
+        add("best_fixed", fixed, pg_baseline.evaluate(
+            build_graphs(run.val.samples, fixed["loss"], cfg, device), fixed))
+    gnc, few = cfg.baseline.gnc, tune[: cfg.baseline.gnc.tune_items]
+    if gnc.ariadne:
+        best = pg_baseline.tune_gnc_ariadne(few, cfg, device, d)
+        graphs = build_graphs(run.val.samples, "geman_mcclure", cfg, device)
+        add("gnc_ariadne", best, pg_baseline.evaluate_gnc_ariadne(graphs, cfg, best["scale"]))
+    if gnc.gtsam and not pg_baseline.gtsam_available():
+        log.warning("gtsam is not installed: no GTSAM GNC baselines (pip install gtsam)")
+    elif gnc.gtsam:
+        for kind in gnc.gtsam:
+            best = pg_baseline.tune_gtsam_gnc(few, cfg, kind, d)
+            add(f"gnc_{kind}", best,
+                pg_baseline.evaluate_gtsam_gnc(run.val.samples, cfg, kind, best["scale"]))
+        out["ate_gnc"] = min(out[f"ate_gnc_{kind}"] for kind in gnc.gtsam)
+    return out
 
 
 def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.nn.Module
@@ -177,6 +226,7 @@ def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.n
         **{k: metrics[k] for k in ("ate", "rpe", "outlier_precision", "outlier_recall")},
         **{k: ref[k] for k in ("ate_baseline", "rpe_baseline", "outlier_precision_baseline",
                                "outlier_recall_baseline", "ate_oracle")},
+        **{k: v for k, v in ref.items() if k.startswith(STRONG)},
         "solve_time_s": metrics["solve_time_s"],
         "solve_time_s_baseline": ref["solve_time_s_baseline"],
         "loss": metrics["loss"],
@@ -186,7 +236,8 @@ def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.n
         val["weight_auc"] = common.roc_auc(torch.cat([w for w, _ in outputs]), ~lo)
     val["ate_ratio"] = val["ate"] / max(val["ate_baseline"], 1e-12)
     extra: dict[str, Any] = {
-        "baseline": {k: ref[k] for k in ("loss", "scale", "train_ate", "grid", "scales")}}
+        "baseline": {k: ref[k] for k in ("loss", "scale", "train_ate", "grid", "scales")},
+        "strongest": ref["chosen"]}
     if cfg.eval_g2o and run.dist.is_main:
         extra["g2o"] = pg_baseline.evaluate_g2o(run, net, evaluate)
     return val, extra
