@@ -100,7 +100,8 @@ def strip(path: Any, e: Episode, z: torch.Tensor | None, window: int, num: int =
 
         text = f"t={t}\ntrue {fmt(truth[m])}"
         if pred is not None:
-            text += f"\npred {fmt(pred[m])}"
+            used = bool(e.image[m].any()) and bool(e.image[t].any())
+            text += f"\npred {fmt(pred[m])}" if used else "\npred unused (no contact)"
         ax.set_title(text, fontsize=6)
     fig.suptitle(f"tactile images ({e.shape}); relative object pose Q_t Q_(t-{window})^-1 in the "
                  "probe frame (Q = probe^-1 object), log: x mm, y mm, theta deg", fontsize=8)
