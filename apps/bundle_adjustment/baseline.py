@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from apps import common
+from apps import gnc as gnc_lib
 from apps.bundle_adjustment.data import Scene
 from apps.bundle_adjustment.problem import BAObjective, ba_objective, inlier_rmse, pose_errors
 from apps.config import make_layer, make_optimizer, make_solver_from, value
@@ -153,4 +154,93 @@ def run_baselines(train: Sequence[Scene], val: Sequence[Scene], cfg: Any, device
     if cfg.baseline.oracle:
         scores, _ = evaluate_fixed(prepare(val, None, cfg, device), 1.0, cfg, oracle_weight)
         out.update(reduce(scores).metrics("_oracle"))
+    out["strongest"] = {}
+    if cfg.baseline.best_fixed:
+        found = run_best_fixed(tune, val, dict(out["tuned"]), cfg, device, d, reduce)
+        out["strongest"]["best_fixed"] = found.pop("setting")
+        out.update(found)
+    if cfg.baseline.gnc.ariadne:
+        found = run_gnc(train, val, cfg, device, d, reduce)
+        out["strongest"]["gnc"] = found.pop("setting")
+        out.update(found)
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# the strongest classical baselines: the best fixed loss of every family, and GNC
+# ------------------------------------------------------------------------------------------
+
+
+def _batched(s: Scene, kind: str, scales: torch.Tensor, cfg: Any
+             ) -> tuple[BAObjective, dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
+    """Scene ``s``'s objective (loss ``kind``), its non-variable inputs and initial values for
+    uniform weights and one batch element per scale of ``scales (B,)``, and the LM."""
+    p = ba_objective(s.problem, kind, 1.0, cfg.gauge_weight)
+    inputs = p.inputs(s.features.new_ones(p.num_observations), scales, batch=len(scales))
+    names = {v.name for v in p.objective.variables}
+    lm = make_optimizer(cfg, make_solver_from(cfg.solver, p.objective, "points"))
+    return (p, {k: v for k, v in inputs.items() if k not in names},
+            {k: inputs[k] for k in names}, lm)
+
+
+@torch.no_grad()
+def gnc_solve(s: Scene, cfg: Any, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batched Ariadne GNC-GM (``apps.gnc``) on scene ``s`` (on the device of ``target``),
+    uniform weights, one batch element per target scale ``target (B,)``: the solution values."""
+    gnc = cfg.baseline.gnc
+    p, aux, init, lm = _batched(s, "geman_mcclure", target, cfg)
+    key = next(k for k in aux if k.endswith("loss_scale"))
+
+    def solve(scale: torch.Tensor, values: dict[str, torch.Tensor], iters: int
+              ) -> dict[str, torch.Tensor]:
+        objective = p.objective.with_inputs({**aux, key: scale})
+        return replace(lm, max_iters=iters).solve(objective, values).values
+
+    return gnc_lib.graduated(solve, init, target, gnc.start, gnc.factor, gnc.stage_iters,
+                             lm.max_iters)
+
+
+def run_gnc(train: Sequence[Scene], val: Sequence[Scene], cfg: Any, device: torch.device,
+            d: common.Dist, reduce: Callable[[Scores], Scores]) -> dict[str, Any]:
+    """Ariadne's GNC-GM: the target scale of ``cfg.baseline.gnc.scales`` with the lowest mean
+    rotation error on the first ``tune_items`` training scenes, scored on ``val``
+    (``*_gnc`` metrics; ``setting``: the tuned scale and grid)."""
+    gnc = cfg.baseline.gnc
+    scales = torch.tensor(list(gnc.scales), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(scales), dtype=torch.float64)
+    tune = list(train[: gnc.tune_items])
+    for s in common.shard(tune, d):
+        s = to_device(s, device)
+        sums += pose_errors(gnc_solve(s, cfg, scales), s, aim_of(cfg)).rot_deg.mean(-1).cpu()
+    grid = [t / len(tune) for t in common.all_reduce_sum(sums.tolist(), d)]
+    k = min(range(len(grid)), key=grid.__getitem__)
+    scores = Scores()
+    for s in val:
+        s = to_device(s, device)
+        start = time.perf_counter()
+        sol = gnc_solve(s, cfg, scales[k: k + 1])
+        scores.add(sol, s, time.perf_counter() - start, 0, aim_of(cfg), cfg.center_weight)
+    out = reduce(scores).metrics("_gnc")
+    del out["iterations_gnc"]  # the stages' iterations are not counted
+    log.info("GNC-GM (Ariadne): scale %g (train rot %.4f deg), val rot %.4f deg",
+             float(scales[k]), grid[k], out["rot_err_deg_gnc"])
+    return {**out, "setting": {"scale": float(scales[k]), "train_rot_err_deg": grid[k],
+                               "grid": grid}}
+
+
+def run_best_fixed(tune: Sequence[Scene], val: Sequence[Scene], tuned: dict[str, Any], cfg: Any,
+                   device: torch.device, d: common.Dist, reduce: Callable[[Scores], Scores]
+                   ) -> dict[str, Any]:
+    """The best (kind, scale) over ``cfg.baseline.best_fixed`` x ``cfg.baseline.scales`` on the
+    training scenes ``tune`` (kinds in ``tuned`` are not solved again), scored on ``val``
+    (``*_best_fixed`` metrics; ``setting``: the winner's tuning)."""
+    for kind in (str(value(k)) for k in cfg.baseline.best_fixed):
+        if kind not in tuned:
+            tuned[kind] = tune_scale(tune, kind, cfg, device, d)
+    kinds = [str(value(k)) for k in cfg.baseline.best_fixed]
+    best = min((tuned[k] for k in kinds), key=lambda t: t["train_rot_err_deg"])
+    scores, _ = evaluate_fixed(prepare(val, best["loss"], cfg, device), best["scale"], cfg)
+    out = reduce(scores).metrics("_best_fixed")
+    log.info("best fixed loss: %s scale %g (train rot %.4f deg), val rot %.4f deg", best["loss"],
+             best["scale"], best["train_rot_err_deg"], out["rot_err_deg_best_fixed"])
+    return {**out, "setting": best}

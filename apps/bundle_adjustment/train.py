@@ -40,6 +40,8 @@ from apps.bundle_adjustment.data import Scene, SceneSpec, feature_auc, make_data
 from apps.bundle_adjustment.model import ObservationWeightNet
 from apps.bundle_adjustment.problem import pose_errors
 from apps.config import RobustLossKind, TrainConfig, enum_of, register, spec_from_config, value
+from apps.gnc import GncConfig
+from apps.gnc import check_config as check_gnc
 from apps.harness import Run, Task, fit, main_for, reduce_scores
 
 APP = "bundle_adjustment"
@@ -84,6 +86,10 @@ class BaselineConfig:
         scales: robust-loss scales tried (pixels).
         tune_scenes: how many training scenes to tune on (null: all).
         oracle: also score the layer with the true outliers weighted ~0 and no robust loss.
+        best_fixed: the families of the best fixed loss (``*_best_fixed`` metrics): the best
+            (kind, scale) of ``best_fixed`` x ``scales`` on the tuning scenes (empty: none).
+        gnc: the batched Ariadne GNC-GM (``*_gnc`` metrics; ``gnc.gtsam`` is not used here:
+            GTSAM's GNC runs on pose graphs only); scales in pixels.
     """
 
     loss: Loss = Loss.huber  # type: ignore[attr-defined,valid-type]
@@ -91,6 +97,10 @@ class BaselineConfig:
     scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])
     tune_scenes: int | None = 12
     oracle: bool = True
+    best_fixed: list[Loss] = field(  # type: ignore[valid-type]
+        default_factory=lambda: [Loss.huber, Loss.cauchy, Loss.welsch,  # type: ignore
+                                 Loss.geman_mcclure])  # type: ignore
+    gnc: GncConfig = field(default_factory=lambda: GncConfig(gtsam=[], tune_items=12))
 
 
 @dataclass
@@ -136,6 +146,7 @@ def check(cfg: Any) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    check_gnc(cfg.baseline.gnc)
     spec_from_config(SceneSpec, cfg.data)
 
 
@@ -200,7 +211,7 @@ def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.n
         inlier = ~torch.cat([s.is_outlier for s in run.val.scenes])
         val["weight_auc"] = common.roc_auc(torch.cat([w for w, _ in outputs]), inlier)
     val["scale"] = float(net.scale.detach())
-    return val, {"baseline": ref["tuned"]}
+    return val, {"baseline": ref["tuned"], "strongest": ref["strongest"]}
 
 
 def pictures(run: Run, outputs: list[Any], net: torch.nn.Module) -> None:
