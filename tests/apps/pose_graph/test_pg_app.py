@@ -309,3 +309,67 @@ def test_picture_falls_back_to_matplotlib(tmp_path: Path, spec: GraphSpec,
     viz.draw_solution(path, s.graph.poses, s.truth, i, j, s.loop_outlier,
                       torch.rand(int(s.is_loop.sum())), title="fallback")
     assert path.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------
+# the strongest classical baselines: best fixed loss, GNC (Ariadne's and GTSAM's)
+# ------------------------------------------------------------------------------------------
+
+
+def test_strongest_baselines_in_metrics(tmp_path: Path, app_config) -> None:
+    """Smoke run with GTSAM's GNC on: every strongest baseline's keys in ``val``, ``ate_gnc``
+    the better of TLS and GM, the tuned settings in ``strongest``."""
+    pytest.importorskip("gtsam")
+    doc = train.run(app_config("pose_graph", tmp_path, "baseline.gnc.gtsam=[tls,gm]"))
+    val = doc["val"]
+    for name in ("best_fixed", "gnc_ariadne", "gnc_tls", "gnc_gm"):
+        assert math.isfinite(val[f"ate_{name}"]) and f"rpe_{name}" in val
+    assert val["ate_gnc"] == min(val["ate_gnc_tls"], val["ate_gnc_gm"])
+    assert val["ate_baseline"] > 0 and set(doc["strongest"]) == {
+        "best_fixed", "gnc_ariadne", "gnc_tls", "gnc_gm"}
+    assert doc["strongest"]["best_fixed"]["loss"] in ("cauchy", "welsch")
+
+
+def test_gnc_skipped_cleanly_without_gtsam(tmp_path: Path, app_config, monkeypatch,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    from apps.pose_graph import baseline as pg_baseline
+
+    monkeypatch.setattr(pg_baseline, "gtsam_available", lambda: False)
+    doc = train.run(app_config("pose_graph", tmp_path, "baseline.gnc.gtsam=[tls]",
+                               "baseline.gnc.ariadne=false", "baseline.best_fixed=[]"))
+    assert not any(k.startswith(("ate_gnc", "ate_best_fixed")) for k in doc["val"])
+    assert "gtsam is not installed" in caplog.text
+
+
+def test_gtsam_gnc_without_outliers_is_the_least_squares_optimum() -> None:
+    """GTSAM's GNC on a graph without outliers keeps every loop closure: its solution (read back
+    into our pose layout) is our LM's least-squares optimum, in 3D and 2D."""
+    pytest.importorskip("gtsam")
+    from apps.pose_graph import baseline as pg_baseline
+
+    for dim in (3, 2):
+        s = make_sample(GraphSpec(dim=dim, num_poses=(40, 45), outlier_ratio=0.0), 5)
+        objective, init = pose_graph_objective(s.graph)
+        lm = core.LevenbergMarquardt(solver="sparse", max_iters=50)
+        ours = lm.solve(objective, init).values["poses"]
+        for kind in ("tls", "gm"):
+            theirs = pg_baseline.gtsam_gnc(s, kind, 100.0, 1e3)
+            assert theirs.shape == ours.shape
+            assert float(ate(theirs, ours[0], s.space)[0]) < 1e-3
+
+
+def test_ariadne_gnc_beats_the_plain_loss_at_its_scale(tmp_path: Path, app_config) -> None:
+    """The graduated schedule reaches a better optimum of Geman-McClure than LM on the same loss
+    and scale from the odometry initialization (the point of GNC), on a graph with outliers."""
+    from apps.config import make_optimizer
+    from apps.pose_graph import baseline as pg_baseline
+
+    cfg = app_config("pose_graph", tmp_path, "optimizer.max_iters=30", "baseline.gnc.start=64")
+    s = make_sample(GraphSpec(num_poses=(80, 90)), 3)
+    p = GraphProblem.build(s.graph, s.is_loop, "geman_mcclure")
+    target = torch.tensor([2.0], dtype=torch.float64)
+    graduated = float(ate(pg_baseline.gnc_ariadne(p, cfg, target), s.truth, s.space)[0])
+    inputs = p.inputs(torch.ones(1, p.num_loops, dtype=torch.float64), target)
+    aux = {k: v for k, v in inputs.items() if k != "poses"}
+    plain = make_optimizer(cfg).solve(p.objective.with_inputs(aux), {"poses": inputs["poses"]})
+    assert graduated < 0.8 * float(ate(plain.values["poses"], s.truth, s.space)[0])
