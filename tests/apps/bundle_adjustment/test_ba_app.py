@@ -509,3 +509,30 @@ def test_solve_cli_failed_solve_exits_1_with_valid_json(tmp_path: Path) -> None:
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["status"] == "failed" and summary["final_cost"] is None
     assert "the solve failed" in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# the strongest classical baselines: best fixed loss, Ariadne's GNC-GM
+# ------------------------------------------------------------------------------------------
+
+
+def test_strongest_baselines_in_metrics(tmp_path: Path, app_config) -> None:
+    """The smoke run scores the best fixed loss (its family among ``best_fixed``, the best on
+    the tuning scenes) and GNC-GM beside the documented baseline; both can be switched off."""
+    doc = train.run(app_config("bundle_adjustment", tmp_path))
+    val, chosen = doc["val"], doc["strongest"]
+    for name in ("best_fixed", "gnc"):
+        assert math.isfinite(val[f"rot_err_deg_{name}"]) and f"center_err_{name}" in val
+    assert chosen["best_fixed"]["loss"] in ("huber", "welsch")
+    grid = doc["baseline"]["huber"]["train_rot_err_deg"]
+    assert chosen["best_fixed"]["train_rot_err_deg"] <= grid
+    assert chosen["gnc"]["scale"] == 4.0
+    off = train.run(app_config("bundle_adjustment", tmp_path / "off", "baseline.best_fixed=[]",
+                               "baseline.gnc.ariadne=false"))
+    assert not any(k.endswith(("_best_fixed", "_gnc")) for k in off["val"])
+    assert off["val"]["rot_err_deg_baseline"] == val["rot_err_deg_baseline"]
+
+
+def test_gnc_settings_are_checked(tmp_path: Path, app_config) -> None:
+    with pytest.raises(ValueError, match="factor"):
+        train.run(app_config("bundle_adjustment", tmp_path, "baseline.gnc.factor=1.0"))
