@@ -114,43 +114,79 @@ def draw(run: Any, path: Path, graphs: Graphs, k: int, outputs: list[Any],
 
 
 def evaluate_g2o(run: Any, net: torch.nn.Module, evaluate_learned: Callable[..., Any]
-                 ) -> dict[str, Any]:
-    """The trained network (scored by ``evaluate_learned(cfg, net, graphs)``) and the baseline
-    on ``cfg.eval_g2o`` with injected outliers (``apps.pose_graph.train.PoseGraphConfig``);
+                 ) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_g2o_file` on each file of ``cfg.eval_g2o`` that exists (an absent one is
+    skipped with a logged note); keyed by file name."""
+    results = {}
+    for path in run.cfg.eval_g2o:
+        if not Path(path).is_file():
+            log.warning("eval_g2o: %s not found, skipped", path)
+            continue
+        results[Path(path).name] = evaluate_g2o_file(run, net, evaluate_learned, Path(path))
+    return results
+
+
+def evaluate_g2o_file(run: Any, net: torch.nn.Module, evaluate_learned: Callable[..., Any],
+                      path: Path) -> dict[str, Any]:
+    """The trained network (scored by ``evaluate_learned(cfg, net, graphs)``) and every baseline
+    of ``run.reference`` (its tuned settings) on the g2o file ``path`` with injected outliers
+    (``eval_g2o_outlier_ratio`` of its loop closures, ``apps.pose_graph.data.from_graph``);
     ground truth: the file's graph solved by the same LM (100 iterations, no outliers). Draws
-    ``pose_graph_g2o.png`` when ``cfg.viz``."""
+    ``pose_graph_<file>.png`` when ``cfg.viz``."""
     cfg, ref, device = run.cfg, run.reference, run.device
     t = time.perf_counter()
-    graph = io.read_g2o(cfg.eval_g2o)
+    graph = io.read_g2o(path)
     objective, init = pose_graph_objective(graph, cfg.prior_sqrt_info)
     truth = replace(make_optimizer(cfg), max_iters=100).solve(objective, init).values["poses"][0]
-    sample = pg_data.from_graph(graph, truth, spec_from_config(GraphSpec, cfg.data), cfg.seed)
+    spec = replace(spec_from_config(GraphSpec, cfg.data), outlier_ratio=cfg.eval_g2o_outlier_ratio)
+    sample = pg_data.from_graph(graph, truth, spec, cfg.seed)
     graphs = build_graphs([sample], str(value(cfg.model.loss)), cfg, device)
     scores, outputs = evaluate_learned(cfg, net, graphs)
     best = {"loss": ref["loss"], "scale": ref["scale"]}
     base = evaluate(build_graphs([sample], best["loss"], cfg, device), best, oracle=True)
     lo, g = sample.loop_outlier, graphs.samples[0]
     result = {
-        "file": str(cfg.eval_g2o), "poses": graph.num_poses, "edges": graph.num_edges,
+        "file": str(path), "poses": graph.num_poses, "edges": graph.num_edges,
         "loop_closures": int(lo.numel()), "outliers": int(lo.sum()),
         **{k: v for k, v in scores.metrics().items() if k != "loss"},
         **{k: v for k, v in base.scores.metrics("_baseline").items() if k != "loss_baseline"},
+        **strongest_on(g, cfg, ref.get("chosen", {})),
         "ate_oracle": base.oracle.metrics()["ate"],
         "ate_initial": float(ate(g.graph.poses[None], g.truth, g.space)[0]),
         "score_auc": common.roc_auc(sample.features[:, 0], ~lo),
         "weight_auc": common.roc_auc(outputs[0][0], ~lo), "time_s": time.perf_counter() - t,
     }
-    log.info("%s with %d injected outliers: ATE %.3f learned, %.3f baseline, %.3f oracle",
-             cfg.eval_g2o, result["outliers"], result["ate"], result["ate_baseline"],
-             result["ate_oracle"])
+    log.info("%s with %d injected outliers: ATE %.3f learned, %.3f baseline, %s, %.3f oracle",
+             path.name, result["outliers"], result["ate"], result["ate_baseline"],
+             ", ".join(f"{result[k]:.3f} {k[4:]}" for k in result if k.startswith("ate_")
+                       and k[4:] in ref.get("chosen", {})), result["ate_oracle"])
     if cfg.viz:
         try:
-            draw(run, run.out / "pose_graph_g2o.png", graphs, 0, outputs,
-                 name=Path(cfg.eval_g2o).name)
+            draw(run, run.out / f"pose_graph_{path.stem}.png", graphs, 0, outputs, name=path.name)
         except Exception:  # a picture never fails a run
-            log.exception("could not draw pose_graph_g2o.png")
+            log.exception("could not draw the picture of %s", path)
     return result
 
+
+def strongest_on(s: Sample, cfg: Any, chosen: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The ATE/RPE of each strongest baseline of ``chosen`` (``train.strongest``'s tuned
+    settings) on one sample ``s`` (on the device): ``ate_<name>``, ``rpe_<name>``, and
+    ``ate_gnc``, the better of GTSAM's."""
+    out: dict[str, float] = {}
+    for name, setting in chosen.items():
+        if name == "best_fixed":
+            result = evaluate(build_graphs([s], setting["loss"], cfg, s.truth.device), setting)
+        elif name == "gnc_ariadne":
+            result = evaluate_gnc_ariadne(
+                build_graphs([s], "geman_mcclure", cfg, s.truth.device), cfg, setting["scale"])
+        else:
+            result = evaluate_gtsam_gnc([s], cfg, name.removeprefix("gnc_"), setting["scale"])
+        metrics = result.scores.metrics()
+        out[f"ate_{name}"], out[f"rpe_{name}"] = metrics["ate"], metrics["rpe"]
+    gtsam = [v for k, v in out.items() if k in ("ate_gnc_tls", "ate_gnc_gm")]
+    if gtsam:
+        out["ate_gnc"] = min(gtsam)
+    return out
 
 
 # ------------------------------------------------------------------------------------------
