@@ -85,8 +85,10 @@ def _draw(path: str | Path, panels: list[Panel], legend: list[tuple[str, Color]]
 
 def draw_solution(path: str | Path, scene: Scene, solution: dict[str, Tensor],
                   baseline: dict[str, Tensor] | None = None, aim: float = 4.0, title: str = "",
-                  weight: Tensor | None = None, *, show: bool = False) -> None:
-    """One scene: the learned layer's solution (and the ``baseline``'s), aligned to the ground
+                  weight: Tensor | None = None, *, baseline_name: str = "baseline (uniform "
+                  "weights, fixed robust loss)", show: bool = False) -> None:
+    """One scene: the learned layer's solution (and the ``baseline``'s, its panel titled
+    ``baseline_name``), aligned to the ground
     truth, over the ground-truth points and frustums. ``weight (O,)``: the learned weights, used
     for the legend's mean inlier / outlier weight. With ``show``, each panel then opens in a
     window (``apps.viewer.show``)."""
@@ -102,7 +104,7 @@ def draw_solution(path: str | Path, scene: Scene, solution: dict[str, Tensor],
     panels = [(name, scene_layers(cams, pts, SOLVED, depth, truth=truth))]
     if baseline is not None:
         b_cams, b_pts = aligned_reconstruction(baseline, truth[0], aim)
-        panels.append(("baseline (uniform weights, fixed robust loss)",
+        panels.append((baseline_name,
                        scene_layers(b_cams, b_pts, BASELINE, depth, truth=truth)))
     legend = [("ground truth", TRUTH), ("learned", SOLVED)]
     if baseline is not None:

@@ -5,6 +5,7 @@ compares the learned solution with the baseline's."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -91,26 +92,56 @@ def evaluate(graphs: Graphs, best: dict[str, Any], oracle: bool = False) -> Base
     return run
 
 
+def strongest_name(reference: dict[str, Any]) -> str:
+    """The baseline of ``reference`` with the lowest held-out ATE: ``baseline`` (the documented
+    tuned loss) or a name of ``reference["chosen"]``."""
+    names = ["baseline", *reference.get("chosen", {})]
+    return min(names, key=lambda n: reference.get(f"ate_{n}", math.inf))
+
+
+def solve_baseline(name: str, reference: dict[str, Any], s: Sample, cfg: Any
+                   ) -> tuple[BaselineRun, torch.Tensor, str]:
+    """Baseline ``name`` (:func:`strongest_name`'s names) with its tuned settings on sample
+    ``s``: its run, the robust loss's weight ``(L,)`` of each loop closure at its solution (for
+    GTSAM's GNC, Geman-McClure's at its threshold) and a label for pictures."""
+    setting = ({"loss": reference["loss"], "scale": reference["scale"]} if name == "baseline"
+               else reference["chosen"][name])
+    device = s.truth.device
+    if name in ("baseline", "best_fixed"):
+        loss = setting["loss"]
+        result = evaluate(build_graphs([s], loss, cfg, device), setting)
+        label = f"{'tuned' if name == 'baseline' else 'best fixed'} {loss}"
+    elif name == "gnc_ariadne":
+        loss, label = "geman_mcclure", "GNC-GM (Ariadne)"
+        result = evaluate_gnc_ariadne(build_graphs([s], loss, cfg, device), cfg,
+                                      setting["scale"])
+    else:
+        loss, label = "geman_mcclure", f"GNC-{name.removeprefix('gnc_').upper()} (GTSAM)"
+        result = evaluate_gtsam_gnc([s], cfg, name.removeprefix("gnc_"), setting["scale"])
+    p = GraphProblem.build(s.graph, s.is_loop, loss, cfg.prior_sqrt_info)
+    kept = p.irls_weight(result.solutions[0][None], setting["scale"])[0]
+    return result, kept, f"{label}, scale {setting['scale']:g}"
+
+
 def draw(run: Any, path: Path, graphs: Graphs, k: int, outputs: list[Any],
          name: str = "held-out") -> None:
     """A picture of graph ``k`` of ``graphs`` solved by the learned layer (``outputs[k]``: its
-    weights and solution) and by the baseline of ``run.reference``."""
+    weights and solution) and by the strongest baseline of ``run.reference`` (the lowest
+    held-out ATE, :func:`strongest_name`)."""
     from apps.pose_graph import viz
 
-    ref, s = run.reference, graphs.samples[k]
-    best = {"loss": ref["loss"], "scale": ref["scale"]}
-    base_graphs = build_graphs([s], best["loss"], run.cfg, s.truth.device)
-    base = evaluate(base_graphs, best)
-    kept = base_graphs.problems[0].irls_weight(base.solutions[0][None], best["scale"])[0]
+    s = graphs.samples[k]
+    base, kept, label = solve_baseline(strongest_name(run.reference), run.reference, s, run.cfg)
     weight, est = outputs[k]
     kind = f" {s.kind} graph" if s.kind != "g2o" else ""
     title = (f"{name}{kind}, {s.graph.num_poses} poses, "
              f"{int(s.loop_outlier.sum())}/{s.loop_outlier.numel()} outlier loop closures: "
              f"ATE {float(ate(est[None], s.truth, s.space)[0]):.3f} m learned, "
-             f"{base.ates[0]:.3f} m baseline ({best['loss']}, scale {best['scale']:g})")
+             f"{base.ates[0]:.3f} m {label}")
     i, j = s.graph.i[s.is_loop], s.graph.j[s.is_loop]
     viz.draw_solution(path, est, s.truth, i, j, s.loop_outlier, weight, title=title,
-                      baseline=base.solutions[0], baseline_weight=kept, show=run.cfg.show)
+                      baseline=base.solutions[0], baseline_weight=kept, baseline_name=label,
+                      show=run.cfg.show)
 
 
 def evaluate_g2o(run: Any, net: torch.nn.Module, evaluate_learned: Callable[..., Any]
@@ -150,7 +181,7 @@ def evaluate_g2o_file(run: Any, net: torch.nn.Module, evaluate_learned: Callable
         "loop_closures": int(lo.numel()), "outliers": int(lo.sum()),
         **{k: v for k, v in scores.metrics().items() if k != "loss"},
         **{k: v for k, v in base.scores.metrics("_baseline").items() if k != "loss_baseline"},
-        **strongest_on(g, cfg, ref.get("chosen", {})),
+        **strongest_on(g, cfg, ref),
         "ate_oracle": base.oracle.metrics()["ate"],
         "ate_initial": float(ate(g.graph.poses[None], g.truth, g.space)[0]),
         "score_auc": common.roc_auc(sample.features[:, 0], ~lo),
@@ -168,20 +199,13 @@ def evaluate_g2o_file(run: Any, net: torch.nn.Module, evaluate_learned: Callable
     return result
 
 
-def strongest_on(s: Sample, cfg: Any, chosen: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """The ATE/RPE of each strongest baseline of ``chosen`` (``train.strongest``'s tuned
-    settings) on one sample ``s`` (on the device): ``ate_<name>``, ``rpe_<name>``, and
+def strongest_on(s: Sample, cfg: Any, reference: dict[str, Any]) -> dict[str, float]:
+    """The ATE/RPE of each strongest baseline of ``reference["chosen"]`` (``train.strongest``'s
+    tuned settings) on one sample ``s`` (on the device): ``ate_<name>``, ``rpe_<name>``, and
     ``ate_gnc``, the better of GTSAM's."""
     out: dict[str, float] = {}
-    for name, setting in chosen.items():
-        if name == "best_fixed":
-            result = evaluate(build_graphs([s], setting["loss"], cfg, s.truth.device), setting)
-        elif name == "gnc_ariadne":
-            result = evaluate_gnc_ariadne(
-                build_graphs([s], "geman_mcclure", cfg, s.truth.device), cfg, setting["scale"])
-        else:
-            result = evaluate_gtsam_gnc([s], cfg, name.removeprefix("gnc_"), setting["scale"])
-        metrics = result.scores.metrics()
+    for name in reference.get("chosen", {}):
+        metrics = solve_baseline(name, reference, s, cfg)[0].scores.metrics()
         out[f"ate_{name}"], out[f"rpe_{name}"] = metrics["ate"], metrics["rpe"]
     gtsam = [v for k, v in out.items() if k in ("ate_gnc_tls", "ate_gnc_gm")]
     if gtsam:

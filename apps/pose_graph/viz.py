@@ -77,11 +77,12 @@ def graph_layers(poses: Tensor, i: Tensor, j: Tensor) -> list[Geometry]:
 def draw_solution(path: str | Path, estimate: Tensor, truth: Tensor, i: Tensor, j: Tensor,
                   is_outlier: Tensor, weight: Tensor, title: str = "",
                   baseline: Tensor | None = None, baseline_weight: Tensor | None = None, *,
-                  show: bool = False) -> None:
+                  baseline_name: str = "baseline", show: bool = False) -> None:
     """The trained layer's solution of one graph: estimated vs ground-truth trajectory, loop
     closures ``(i, j) (L,)`` colored by label (left) and by learned ``weight (L,)`` (middle);
     with ``baseline`` poses, a third panel shows the baseline's solution, its loop closures
-    colored by ``baseline_weight`` (the robust loss's own weight) or else by label. With
+    colored by ``baseline_weight`` (the robust loss's own weight) or else by label, titled
+    ``baseline_name``. With
     ``show``, each panel then opens in a window (``apps.viewer.show``)."""
     panels: list[Panel] = [
         ("loop closures: inlier / outlier",
@@ -92,7 +93,7 @@ def draw_solution(path: str | Path, estimate: Tensor, truth: Tensor, i: Tensor, 
     if baseline is not None:
         colors = (label_colors(is_outlier) if baseline_weight is None
                   else weight_colors(baseline_weight))
-        panels.append(("baseline: by robust-loss weight",
+        panels.append((f"{baseline_name}: by robust-loss weight",
                        solution_layers(baseline, truth, i, j, colors)))
     legend = [("ground truth", TRUTH), ("estimate", ESTIMATE), ("inlier / weight 1", INLIER),
               ("weight 0.5", (0.95, 0.8, 0.1)), ("outlier / weight 0", OUTLIER)]

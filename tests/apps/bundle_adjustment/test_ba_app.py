@@ -536,3 +536,13 @@ def test_strongest_baselines_in_metrics(tmp_path: Path, app_config) -> None:
 def test_gnc_settings_are_checked(tmp_path: Path, app_config) -> None:
     with pytest.raises(ValueError, match="factor"):
         train.run(app_config("bundle_adjustment", tmp_path, "baseline.gnc.factor=1.0"))
+
+
+def test_picture_shows_the_strongest_baseline(tmp_path: Path, app_config, monkeypatch) -> None:
+    drawn: dict = {}
+    monkeypatch.setattr(viz, "draw_solution", lambda *a, **k: drawn.update(k))
+    doc = train.run(app_config("bundle_adjustment", tmp_path, "viz=true"))
+    val = doc["val"]
+    best = min(("baseline", "best_fixed", "gnc"), key=lambda n: val[f"rot_err_deg_{n}"])
+    label = {"baseline": "tuned", "best_fixed": "best fixed", "gnc": "GNC-GM"}[best]
+    assert drawn["baseline_name"].startswith(f"strongest baseline: {label}")

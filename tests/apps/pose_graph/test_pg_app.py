@@ -380,3 +380,14 @@ def test_ariadne_gnc_beats_the_plain_loss_at_its_scale(tmp_path: Path, app_confi
     aux = {k: v for k, v in inputs.items() if k != "poses"}
     plain = make_optimizer(cfg).solve(p.objective.with_inputs(aux), {"poses": inputs["poses"]})
     assert graduated < 0.8 * float(ate(plain.values["poses"], s.truth, s.space)[0])
+
+
+def test_picture_shows_the_strongest_baseline(tmp_path: Path, app_config, monkeypatch) -> None:
+    drawn: dict = {}
+    monkeypatch.setattr(viz, "draw_solution", lambda *a, **k: drawn.update(k))
+    doc = train.run(app_config("pose_graph", tmp_path, "viz=true"))
+    val = doc["val"]
+    best = min(("baseline", "best_fixed", "gnc_ariadne"), key=lambda n: val[f"ate_{n}"])
+    label = {"baseline": "tuned", "best_fixed": "best fixed", "gnc_ariadne": "GNC-GM"}[best]
+    assert drawn["baseline_name"].startswith(label)
+    assert f"{min(val[f'ate_{best}'], 1e9):.3f} m {label}" in drawn["title"]
