@@ -256,13 +256,18 @@ def cached(
 ) -> list[T]:
     """``make()``, or its result stored in ``cache_dir`` (None: no cache) under ``name`` and a
     hash of ``key`` (sorted JSON); items are stored as ``save(item)`` dicts and read back with
-    ``load``. Written atomically: several processes (torchrun ranks) may write the same file."""
+    ``load``. Written atomically: several processes (torchrun ranks) may write the same file. A
+    file that cannot be read back raises ``ValueError`` naming it (delete it to regenerate)."""
     if cache_dir is None:
         return make()
     digest = hashlib.sha1(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{name}_{digest}.pt"
     if path.is_file():
-        return [load(d) for d in torch.load(path, weights_only=True)]
+        try:
+            return [load(d) for d in torch.load(path, weights_only=True)]
+        except Exception as exc:  # a truncated or foreign file: say which, lose nothing
+            raise ValueError(f"{path}: cannot read the cached data set ({type(exc).__name__}: "
+                             f"{exc}); delete the file to generate it again") from exc
     items = make()
     atomic_write(path, lambda tmp: torch.save([save(x) for x in items], tmp))
     return items

@@ -45,3 +45,18 @@ def test_roc_auc_counts_ties_half() -> None:
     assert common.roc_auc(torch.tensor([0.1, 0.9, 0.5]), torch.tensor([False, True, True])) == 1.0
     assert common.roc_auc(torch.tensor([1.0, 1.0]), torch.tensor([True, False])) == 0.5
     assert math.isnan(common.roc_auc(torch.tensor([1.0]), torch.tensor([True])))
+
+
+def test_corrupt_cache_file_is_named(tmp_path) -> None:
+    import pytest
+
+    items = common.cached(tmp_path, "demo", {"k": 1}, lambda: [1, 2], lambda x: {"x": x},
+                          lambda d: d["x"])
+    assert items == [1, 2]
+    (path,) = tmp_path.glob("demo_*.pt")
+    assert common.cached(tmp_path, "demo", {"k": 1}, lambda: [], lambda x: {}, lambda d: d["x"]
+                         ) == [1, 2]  # read back, not made again
+    path.write_bytes(b"half a file")
+    with pytest.raises(ValueError, match=f"{path}: cannot read the cached data set"):
+        common.cached(tmp_path, "demo", {"k": 1}, lambda: [1], lambda x: {"x": x},
+                      lambda d: d["x"])
