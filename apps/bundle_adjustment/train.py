@@ -16,7 +16,10 @@ uniform weights and a Huber loss whose scale is the best of ``baseline.scales`` 
 scenes (grid search, lowest rotation error); ``baseline.also`` adds the same for other loss kinds
 (``*_baseline_<kind>``, e.g. the learned model's own kind, so that the gain from the loss kind and
 the gain from learning are told apart), and ``baseline.oracle`` the unattainable reference that
-knows which observations are outliers (``*_oracle``).
+knows which observations are outliers (``*_oracle``). The strongest classical baselines:
+``*_best_fixed`` (the best (kind, scale) over every robust-loss family of ``core`` on the tuning
+scenes, ``baseline.best_fixed``) and ``*_gnc`` (the batched GNC-GM of ``apps.gnc``, its scale
+tuned the same way, ``baseline.gnc``).
 
 Outputs in the run folder: ``metrics.json``, ``metrics.csv``, ``checkpoint.pt``, ``curves.png``
 and ``reconstruction.png`` (Open3D; ``show=true`` also opens it in a window).

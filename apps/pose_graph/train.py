@@ -11,7 +11,12 @@ Evaluation on held-out graphs: ATE/RPE of the learned solution; ``outlier_precis
 ``outlier_recall`` of the learned weights (``w < 0.5`` = rejected); the ROC AUC of the
 place-recognition score alone and of the learned weight; solve time. The baseline is the same LM
 with uniform weights and the best fixed robust loss, kind and scale tuned on the training graphs
-by grid search (``apps.pose_graph.baseline``); the oracle solves without the outliers.
+by grid search (``apps.pose_graph.baseline``); the oracle solves without the outliers. The
+strongest classical baselines beside it (``*_best_fixed``: the best fixed loss over every family
+of ``core``; ``*_gnc_ariadne``: the batched GNC-GM of ``apps.gnc``; ``*_gnc_tls``, ``*_gnc_gm``:
+GTSAM's ``GncLMOptimizer``, ``ate_gnc`` the better; each tuned on training graphs) are
+``baseline.best_fixed`` and ``baseline.gnc``. ``eval_g2o`` adds real g2o files with injected
+outliers, scored for the learned layer and every baseline.
 
 Outputs in the run folder: ``metrics.json``, ``metrics.csv``, ``checkpoint.pt``, ``curves.png``
 and ``pose_graph.png`` (Open3D; ``show=true`` also opens it in a window).
