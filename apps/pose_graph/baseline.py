@@ -124,14 +124,18 @@ def solve_baseline(name: str, reference: dict[str, Any], s: Sample, cfg: Any
 
 
 def draw(run: Any, path: Path, graphs: Graphs, k: int, outputs: list[Any],
-         name: str = "held-out") -> None:
+         name: str = "held-out", solved: dict[str, Any] | None = None) -> None:
     """A picture of graph ``k`` of ``graphs`` solved by the learned layer (``outputs[k]``: its
     weights and solution) and by the strongest baseline of ``run.reference`` (the lowest
-    held-out ATE, :func:`strongest_name`)."""
+    held-out ATE, :func:`strongest_name`); ``solved``: :func:`solve_baseline`'s results by
+    name, where already computed."""
     from apps.pose_graph import viz
 
-    s = graphs.samples[k]
-    base, kept, label = solve_baseline(strongest_name(run.reference), run.reference, s, run.cfg)
+    s, strongest = graphs.samples[k], strongest_name(run.reference)
+    if solved is not None and strongest in solved:
+        base, kept, label = solved[strongest]
+    else:
+        base, kept, label = solve_baseline(strongest, run.reference, s, run.cfg)
     weight, est = outputs[k]
     kind = f" {s.kind} graph" if s.kind != "g2o" else ""
     title = (f"{name}{kind}, {s.graph.num_poses} poses, "
@@ -175,13 +179,13 @@ def evaluate_g2o_file(run: Any, net: torch.nn.Module, evaluate_learned: Callable
     scores, outputs = evaluate_learned(cfg, net, graphs)
     best = {"loss": ref["loss"], "scale": ref["scale"]}
     base = evaluate(build_graphs([sample], best["loss"], cfg, device), best, oracle=True)
-    lo, g = sample.loop_outlier, graphs.samples[0]
+    lo, g, solved = sample.loop_outlier, graphs.samples[0], {}
     result = {
         "file": str(path), "poses": graph.num_poses, "edges": graph.num_edges,
         "loop_closures": int(lo.numel()), "outliers": int(lo.sum()),
         **{k: v for k, v in scores.metrics().items() if k != "loss"},
         **{k: v for k, v in base.scores.metrics("_baseline").items() if k != "loss_baseline"},
-        **strongest_on(g, cfg, ref),
+        **strongest_on(g, cfg, ref, solved),
         "ate_oracle": base.oracle.metrics()["ate"],
         "ate_initial": float(ate(g.graph.poses[None], g.truth, g.space)[0]),
         "score_auc": common.roc_auc(sample.features[:, 0], ~lo),
@@ -193,19 +197,24 @@ def evaluate_g2o_file(run: Any, net: torch.nn.Module, evaluate_learned: Callable
                        and k[4:] in ref.get("chosen", {})), result["ate_oracle"])
     if cfg.viz:
         try:
-            draw(run, run.out / f"pose_graph_{path.stem}.png", graphs, 0, outputs, name=path.name)
+            draw(run, run.out / f"pose_graph_{path.stem}.png", graphs, 0, outputs,
+                 name=path.name, solved=solved)
         except Exception:  # a picture never fails a run
             log.exception("could not draw the picture of %s", path)
     return result
 
 
-def strongest_on(s: Sample, cfg: Any, reference: dict[str, Any]) -> dict[str, float]:
+def strongest_on(s: Sample, cfg: Any, reference: dict[str, Any],
+                 solved: dict[str, Any] | None = None) -> dict[str, float]:
     """The ATE/RPE of each strongest baseline of ``reference["chosen"]`` (``train.strongest``'s
     tuned settings) on one sample ``s`` (on the device): ``ate_<name>``, ``rpe_<name>``, and
-    ``ate_gnc``, the better of GTSAM's."""
+    ``ate_gnc``, the better of GTSAM's; each :func:`solve_baseline` result goes to ``solved``."""
     out: dict[str, float] = {}
     for name in reference.get("chosen", {}):
-        metrics = solve_baseline(name, reference, s, cfg)[0].scores.metrics()
+        found = solve_baseline(name, reference, s, cfg)
+        if solved is not None:
+            solved[name] = found
+        metrics = found[0].scores.metrics()
         out[f"ate_{name}"], out[f"rpe_{name}"] = metrics["ate"], metrics["rpe"]
     gtsam = [v for k, v in out.items() if k in ("ate_gnc_tls", "ate_gnc_gm")]
     if gtsam:
