@@ -211,6 +211,9 @@ def strongest_on(s: Sample, cfg: Any, reference: dict[str, Any],
     ``ate_gnc``, the better of GTSAM's; each :func:`solve_baseline` result goes to ``solved``."""
     out: dict[str, float] = {}
     for name in reference.get("chosen", {}):
+        if name.startswith(("gnc_tls", "gnc_gm")) and not cfg.eval_g2o_gtsam:
+            log.info("eval_g2o_gtsam=false: no GTSAM %s on %d poses", name, s.graph.num_poses)
+            continue
         found = solve_baseline(name, reference, s, cfg)
         if solved is not None:
             solved[name] = found

@@ -391,3 +391,16 @@ def test_picture_shows_the_strongest_baseline(tmp_path: Path, app_config, monkey
     label = {"baseline": "tuned", "best_fixed": "best fixed", "gnc_ariadne": "GNC-GM"}[best]
     assert drawn["baseline_name"].startswith(label)
     assert f"{min(val[f'ate_{best}'], 1e9):.3f} m {label}" in drawn["title"]
+
+
+def test_real_files_can_skip_gtsam(tmp_path: Path, app_config) -> None:
+    """``eval_g2o_gtsam=false``: the GTSAM GNCs of the reference are not run on a real file;
+    the others are."""
+    from apps.pose_graph import baseline as pg_baseline
+
+    cfg = app_config("pose_graph", tmp_path, "eval_g2o_gtsam=false")
+    s = make_sample(GraphSpec(num_poses=(40, 45)), 2)
+    reference = {"chosen": {"best_fixed": {"loss": "cauchy", "scale": 4.0},
+                            "gnc_tls": {"scale": 4.0}}}
+    out = pg_baseline.strongest_on(s, cfg, reference)
+    assert set(out) == {"ate_best_fixed", "rpe_best_fixed"}
