@@ -92,10 +92,10 @@ def evaluate(graphs: Graphs, best: dict[str, Any], oracle: bool = False) -> Base
     return run
 
 
-def strongest_name(reference: dict[str, Any]) -> str:
+def strongest_name(reference: dict[str, Any], among: Sequence[str] | None = None) -> str:
     """The baseline of ``reference`` with the lowest held-out ATE: ``baseline`` (the documented
-    tuned loss) or a name of ``reference["chosen"]``."""
-    names = ["baseline", *reference.get("chosen", {})]
+    tuned loss) or a name of ``reference["chosen"]`` (only those of ``among`` when given)."""
+    names = ["baseline", *(n for n in reference.get("chosen", {}) if among is None or n in among)]
     return min(names, key=lambda n: reference.get(f"ate_{n}", math.inf))
 
 
@@ -128,10 +128,10 @@ def draw(run: Any, path: Path, graphs: Graphs, k: int, outputs: list[Any],
     """A picture of graph ``k`` of ``graphs`` solved by the learned layer (``outputs[k]``: its
     weights and solution) and by the strongest baseline of ``run.reference`` (the lowest
     held-out ATE, :func:`strongest_name`); ``solved``: :func:`solve_baseline`'s results by
-    name, where already computed."""
+    name, where already computed (then the strongest among them)."""
     from apps.pose_graph import viz
 
-    s, strongest = graphs.samples[k], strongest_name(run.reference)
+    s, strongest = graphs.samples[k], strongest_name(run.reference, solved)
     if solved is not None and strongest in solved:
         base, kept, label = solved[strongest]
     else:
