@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,7 @@ def evaluate(graphs: Graphs, best: dict[str, Any], oracle: bool = False) -> Base
     return run
 
 
-def strongest_name(reference: dict[str, Any], among: Sequence[str] | None = None) -> str:
+def strongest_name(reference: dict[str, Any], among: Collection[str] | None = None) -> str:
     """The baseline of ``reference`` with the lowest held-out ATE: ``baseline`` (the documented
     tuned loss) or a name of ``reference["chosen"]`` (only those of ``among`` when given)."""
     names = ["baseline", *(n for n in reference.get("chosen", {}) if among is None or n in among)]

@@ -404,3 +404,13 @@ def test_real_files_can_skip_gtsam(tmp_path: Path, app_config) -> None:
                             "gnc_tls": {"scale": 4.0}}}
     out = pg_baseline.strongest_on(s, cfg, reference)
     assert set(out) == {"ate_best_fixed", "rpe_best_fixed"}
+
+
+def test_strongest_name_is_the_lowest_held_out_ate() -> None:
+    from apps.pose_graph.baseline import strongest_name
+
+    ref = {"ate_baseline": 0.6, "ate_best_fixed": 0.6, "ate_gnc_ariadne": 0.5, "ate_gnc_tls": 0.4,
+           "chosen": {"best_fixed": {}, "gnc_ariadne": {}, "gnc_tls": {}}}
+    assert strongest_name(ref) == "gnc_tls"
+    assert strongest_name(ref, among={"best_fixed": 1, "gnc_ariadne": 2}) == "gnc_ariadne"
+    assert strongest_name({"ate_baseline": 0.6}) == "baseline"
