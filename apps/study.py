@@ -125,7 +125,7 @@ def _figure(rows: list[dict[str, Any]], path: Path, app: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides may follow the options
     out = args.out or Path(f"study_{args.app}")
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]

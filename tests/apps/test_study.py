@@ -14,7 +14,7 @@ from apps import study
 @pytest.mark.slow
 def test_study_collects_every_run(tmp_path: Path) -> None:
     rows = study.main(["pose_graph", "--quick", "--out", str(tmp_path), "--modes",
-                       "unroll,implicit", "--iters", "1,3"])
+                       "unroll,implicit", "--iters", "1,3", "num_val=2"])  # overrides last
     assert [(r["backward"], r["iterations"]) for r in rows] == [
         ("unroll", 1), ("unroll", 3), ("implicit", 1), ("implicit", 3)]
     saved = {(r["backward"], r["iterations"]): r["saved_mb"] for r in rows}
