@@ -11,7 +11,9 @@ iterations, a line per mode). Columns: the app's headline held-out metric, the m
 one optimizer step (``step_time_s``) and the most memory a step kept for its backward
 (``saved_mb``: the tensors autograd saved, ``apps.common.saved_bytes``), over the epochs.
 ``truncated`` runs its last ``optimizer.backward_iters`` iterations with gradient: at fewer
-iterations than that it is ``unroll``.
+iterations than that it is ``unroll``. Every run takes exactly its number of iterations (the
+convergence tests are switched off: ``optimizer.*_tol=-1``) unless ``--converge`` keeps the app's
+tolerances.
 """
 
 from __future__ import annotations
@@ -40,8 +42,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="output folder (default: study_<app>)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--iters", default=",".join(map(str, ITERS)))
+    parser.add_argument("--converge", action="store_true",
+                        help="keep the app's convergence tests (default: run every iteration)")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every run")
     return parser
+
+
+#: switches the convergence tests off, so that a run takes exactly ``max_iters`` iterations
+EVERY_ITERATION = ["optimizer.rel_tol=-1", "optimizer.abs_tol=-1", "optimizer.step_tol=-1",
+                   "optimizer.grad_tol=-1"]
 
 
 def sweep(app: str, out: Path, modes: list[str], iters: list[int], quick: bool,
@@ -136,7 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     except ValueError:
         raise SystemExit(f"python -m apps.study: error: --iters must be integers, got "
                          f"{args.iters!r}") from None
-    sweep(args.app, out, modes, iters, args.quick, args.overrides)
+    fixed = [] if args.converge else EVERY_ITERATION
+    sweep(args.app, out, modes, iters, args.quick, [*fixed, *args.overrides])
     rows = collect(args.app, out / "runs")
     write(rows, out, args.app)
     print((out / "backward_study.md").read_text())
