@@ -10,7 +10,7 @@ checkpoint), and the app's pictures on rank 0.
 
 Data flow of one run::
 
-    samples = task.dataset(cfg, seeds, cache)          # train and held-out, seeded
+    samples = task.dataset(cfg, seeds, cache, held_out) # train and held-out, seeded
     prepared = task.prepare(cfg, samples, device)       # problems and layers, built once
     net = task.model(cfg, prepared_train)               # after torch.manual_seed(cfg.seed)
     reference = task.baseline(run) + untrained scores   # once; kept in the checkpoint
@@ -58,6 +58,8 @@ class Run:
 
     Attributes:
         cfg: the app's config; out: the output folder; device, dist: where this rank runs.
+        cache: the dataset cache folder (``cfg.cache_dir``, else ``out/cache``).
+        train_seeds, val_seeds: the seeds of the training / held-out samples.
         train_samples, val_samples: all training / held-out samples (on the CPU, as generated).
         mine: indices of the held-out samples this rank evaluates.
         train, val: ``task.prepare`` of all training samples / of this rank's held-out ones.
@@ -68,6 +70,9 @@ class Run:
     out: Path
     device: torch.device
     dist: common.Dist
+    cache: Path
+    train_seeds: list[int]
+    val_seeds: list[int]
     train_samples: list[Any]
     val_samples: list[Any]
     mine: list[int]
@@ -94,7 +99,9 @@ class Task:
             and ``<metric>_baseline``.
         title: what the app learns, one line (``python -m apps``, the curves' title).
         schema: the app's config dataclass (unknown keys are rejected against it).
-        dataset: ``(cfg, seeds, cache_dir) -> samples``, one per seed, generated or read.
+        dataset: ``(cfg, seeds, cache_dir, held_out) -> samples``, one per seed, generated or
+            read; ``held_out`` says whether they are the held-out samples (an app may draw
+            those from other images, shapes or directions).
         prepare: ``(cfg, samples, device) -> prepared``: objectives and layers, built once.
         model: ``(cfg, prepared_train) -> net`` on the device (normalization fitted).
         loss: ``(cfg, model, prepared, batch) -> [loss per item]``: call ``model`` exactly once
@@ -119,7 +126,7 @@ class Task:
     metric: str
     title: str
     schema: type
-    dataset: Callable[[Any, Sequence[int], Path | None], list[Any]]
+    dataset: Callable[[Any, Sequence[int], Path | None, bool], list[Any]]
     prepare: Callable[[Any, Sequence[Any], torch.device], Any]
     model: Callable[[Any, Any], nn.Module]
     loss: Callable[[Any, nn.Module, Any, Sequence[int]], list[Tensor]]
@@ -201,8 +208,10 @@ def _fit(task: Task, cfg: Any, device: torch.device, d: common.Dist) -> dict[str
     out = common.output_dir(cfg.out_dir)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
     base = 1_000_003 * cfg.seed
-    train_samples = task.dataset(cfg, [base + k for k in range(cfg.num_train)], cache)
-    val_samples = task.dataset(cfg, [base + 500_000 + k for k in range(cfg.num_val)], cache)
+    train_seeds = [base + k for k in range(cfg.num_train)]
+    val_seeds = [base + 500_000 + k for k in range(cfg.num_val)]
+    train_samples = task.dataset(cfg, train_seeds, cache, False)
+    val_samples = task.dataset(cfg, val_seeds, cache, True)
     mine = common.shard(list(range(len(val_samples))), d)
     train = task.prepare(cfg, train_samples, device)
     val = task.prepare(cfg, [val_samples[k] for k in mine], device)
@@ -212,7 +221,8 @@ def _fit(task: Task, cfg: Any, device: torch.device, d: common.Dist) -> dict[str
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.lr)
     state = _resume(cfg, out, net, opt, d)
     model = common.wrap_model(net, d)
-    run = Run(cfg, out, device, d, train_samples, val_samples, mine, train, val)
+    run = Run(cfg, out, device, d, cache, train_seeds, val_seeds, train_samples, val_samples,
+              mine, train, val)
     if state.reference is None:
         state.reference = _reference(task, run, net)
     run.reference = state.reference

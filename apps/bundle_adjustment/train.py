@@ -153,7 +153,9 @@ def check(cfg: Any) -> None:
     spec_from_config(SceneSpec, cfg.data)
 
 
-def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None) -> list[Scene]:
+def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None, held_out: bool
+            ) -> list[Scene]:
+    """One sample per seed (held-out ones from the same generator)."""
     return make_dataset(spec_from_config(SceneSpec, cfg.data), seeds, cache)
 
 

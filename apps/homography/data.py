@@ -41,8 +41,6 @@ TRAIN_IMAGES = ("astronaut", "brick", "cell", "chelsea", "coins", "grass", "hubb
                 "text")
 #: held-out photographs
 VAL_IMAGES = ("camera", "coffee", "gravel")
-#: ``harness.fit``'s held-out seeds are ``1_000_003 * seed + 500_000 + k``
-VAL_OFFSET = 500_000
 _ATTEMPTS = 20
 
 
@@ -275,11 +273,6 @@ def check_image(image: Tensor, spec: PairSpec, name: str = "image") -> None:
     if min(image.shape) < side:
         raise ValueError(f"{name}: size {tuple(image.shape)} is smaller than patch + 2 margin = "
                          f"{side} on a side")
-
-
-def is_held_out(seed: int, base_seed: int) -> bool:
-    """Whether ``seed`` is one of ``harness.fit``'s held-out seeds for ``cfg.seed = base_seed``."""
-    return seed - 1_000_003 * base_seed >= VAL_OFFSET
 
 
 def generate(spec: PairSpec, seed: int, held_out: bool) -> Pair:

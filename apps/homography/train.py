@@ -35,7 +35,7 @@ from apps import common
 from apps.config import TrainConfig, register, spec_from_config
 from apps.harness import Run, Task, fit, main_for
 from apps.homography import baseline as hb
-from apps.homography.data import VAL_OFFSET, Pair, PairSpec, is_held_out, make_dataset
+from apps.homography.data import Pair, PairSpec, make_dataset
 from apps.homography.model import FeatureNet
 from apps.homography.problem import Aligner, Pairs, corner_error
 
@@ -170,11 +170,11 @@ def check(cfg: Any) -> None:
             raise ValueError(f"{name} must be >= 1, got {cfg[name]}")
 
 
-def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None) -> list[Pair]:
-    """Pairs of the training photographs for training seeds, of the held-out ones for
-    ``harness.fit``'s held-out seeds (told apart by their offset, ``data.VAL_OFFSET``)."""
+def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None, held_out: bool
+            ) -> list[Pair]:
+    """Pairs of the training photographs, or of the held-out ones (``held_out``)."""
     spec = spec_from_config(PairSpec, cfg.data)
-    return make_dataset(spec, seeds, [is_held_out(s, cfg.seed) for s in seeds], cache)
+    return make_dataset(spec, seeds, [held_out] * len(seeds), cache)
 
 
 def prepare(cfg: Any, samples: Sequence[Pair], device: torch.device) -> Prepared:
@@ -254,9 +254,8 @@ def large_pairs(run: Run) -> Prepared:
     """This rank's held-out pairs again (same photographs and crops) at ``eval_rho``."""
     cfg = run.cfg
     spec = replace(spec_from_config(PairSpec, cfg.data), rho=float(cfg.eval_rho))
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else run.out / "cache"
-    seeds = [1_000_003 * cfg.seed + VAL_OFFSET + k for k in run.mine]
-    samples = make_dataset(spec, seeds, [True] * len(seeds), cache)
+    seeds = [run.val_seeds[k] for k in run.mine]
+    samples = make_dataset(spec, seeds, [True] * len(seeds), run.cache)
     return prepare(cfg, samples, run.device)
 
 

@@ -149,7 +149,9 @@ def check(cfg: Any) -> None:
             raise ValueError(message)
 
 
-def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None) -> list[Sample]:
+def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None, held_out: bool
+            ) -> list[Sample]:
+    """One sample per seed (held-out ones from the same generator)."""
     return make_dataset(spec_from_config(MapSpec, cfg.data), seeds, cache)
 
 

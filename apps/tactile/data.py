@@ -46,8 +46,6 @@ from torch import Tensor
 from apps.common import cached
 
 SHAPES = ("rectangle", "disc", "ellipse")
-#: held-out samples have harness seeds ``1_000_003 * cfg.seed + 500_000 + k``
-VAL_OFFSET = 500_000
 _VERSION = 2
 
 

@@ -30,7 +30,7 @@ import torch
 from apps.config import TrainConfig, register, spec_from_config
 from apps.harness import Run, Task, fit, main_for
 from apps.tactile import baseline as tb
-from apps.tactile.data import VAL_OFFSET, Episode, TactileSpec, make_dataset
+from apps.tactile.data import Episode, TactileSpec, make_dataset
 from apps.tactile.model import TactileNet
 from apps.tactile.problem import Smoother, relative, trajectory_loss, weights_from
 
@@ -138,11 +138,11 @@ def check(cfg: Any) -> None:
         raise ValueError(f"viz_episode must be null or in [0, num_val), got {cfg.viz_episode}")
 
 
-def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None) -> list[Episode]:
-    """Simulated episodes; the harness's held-out seeds (offset ``VAL_OFFSET``) push in the
-    held-out band of directions."""
-    held_out = [s - 1_000_003 * cfg.seed >= VAL_OFFSET for s in seeds]
-    return make_dataset(spec_from_config(TactileSpec, cfg.data), seeds, held_out, cache)
+def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None, held_out: bool
+            ) -> list[Episode]:
+    """Simulated episodes; held-out ones push in the held-out band of directions."""
+    return make_dataset(spec_from_config(TactileSpec, cfg.data), seeds,
+                        [held_out] * len(seeds), cache)
 
 
 def prepare(cfg: Any, samples: Sequence[Episode], device: torch.device) -> tb.Prepared:
