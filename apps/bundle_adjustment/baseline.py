@@ -244,3 +244,34 @@ def run_best_fixed(tune: Sequence[Scene], val: Sequence[Scene], tuned: dict[str,
     log.info("best fixed loss: %s scale %g (train rot %.4f deg), val rot %.4f deg", best["loss"],
              best["scale"], best["train_rot_err_deg"], out["rot_err_deg_best_fixed"])
     return {**out, "setting": best}
+
+
+def strongest_solution(run: Any, s: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """Scene ``s`` solved by the baseline with the lowest held-out rotation error among the
+    documented one (``*_baseline``), the best fixed loss and GNC-GM; and its label."""
+    ref, cfg = run.reference, run.cfg
+    names = [n for n in ("baseline", "best_fixed", "gnc") if f"rot_err_deg_{n}" in ref]
+    name = min(names, key=lambda n: ref[f"rot_err_deg_{n}"])
+    if name == "gnc":
+        scale = ref["strongest"]["gnc"]["scale"]
+        target = torch.tensor([scale], dtype=torch.float64, device=run.device)
+        return gnc_solve(s, cfg, target), f"GNC-GM, scale {scale:g}"
+    kind = str(value(cfg.baseline.loss))
+    best = ref["tuned"][kind] if name == "baseline" else ref["strongest"]["best_fixed"]
+    _, base = evaluate_fixed(prepare([s], best["loss"], cfg, run.device),
+                                         best["scale"], cfg)
+    label = "tuned" if name == "baseline" else "best fixed"
+    return base[0], f"{label} {best['loss']}, scale {best['scale']:g}"
+
+
+def curve_lines(ref: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """Reference lines of the curves: each tuned baseline (the first of ``tuned`` is the
+    ``*_baseline`` one) and the oracle."""
+    lines = []
+    for m in ("rot_err_deg", "center_err"):
+        for n, kind in enumerate(ref["tuned"]):
+            suffix = "_baseline" if n == 0 else f"_baseline_{kind}"
+            lines.append((f"val_{m}", f"baseline ({kind})", ref[f"{m}{suffix}"]))
+        if f"{m}_oracle" in ref:
+            lines.append((f"val_{m}", "oracle (outliers known)", ref[f"{m}_oracle"]))
+    return lines

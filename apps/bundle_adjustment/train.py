@@ -219,27 +219,9 @@ def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.n
     return val, {"baseline": ref["tuned"], "strongest": ref["strongest"]}
 
 
-def strongest_solution(run: Run, s: Any) -> tuple[dict[str, torch.Tensor], str]:
-    """Scene ``s`` solved by the baseline with the lowest held-out rotation error among the
-    documented one (``*_baseline``), the best fixed loss and GNC-GM; and its label."""
-    ref, cfg = run.reference, run.cfg
-    names = [n for n in ("baseline", "best_fixed", "gnc") if f"rot_err_deg_{n}" in ref]
-    name = min(names, key=lambda n: ref[f"rot_err_deg_{n}"])
-    if name == "gnc":
-        scale = ref["strongest"]["gnc"]["scale"]
-        target = torch.tensor([scale], dtype=torch.float64, device=run.device)
-        return ba_baseline.gnc_solve(s, cfg, target), f"GNC-GM, scale {scale:g}"
-    kind = str(value(cfg.baseline.loss))
-    best = ref["tuned"][kind] if name == "baseline" else ref["strongest"]["best_fixed"]
-    _, base = ba_baseline.evaluate_fixed(ba_baseline.prepare([s], best["loss"], cfg, run.device),
-                                         best["scale"], cfg)
-    label = "tuned" if name == "baseline" else "best fixed"
-    return base[0], f"{label} {best['loss']}, scale {best['scale']:g}"
-
-
 def pictures(run: Run, outputs: list[Any], net: torch.nn.Module) -> None:
     """``reconstruction.png``: held-out scene ``viz_scene`` solved by the learned layer and the
-    strongest baseline (:func:`strongest_solution`), when this rank holds it."""
+    strongest baseline (``baseline.strongest_solution``), when this rank holds it."""
     from apps.bundle_adjustment import viz
 
     cfg = run.cfg
@@ -247,7 +229,7 @@ def pictures(run: Run, outputs: list[Any], net: torch.nn.Module) -> None:
         return
     k = run.mine.index(cfg.viz_scene)
     s, (weight, solution) = run.val.scenes[k], outputs[k]
-    base, label = strongest_solution(run, s)
+    base, label = ba_baseline.strongest_solution(run, s)
     aim = aim_of(cfg)
     learned, base_err = pose_errors(solution, s, aim), pose_errors(base, s, aim)
     title = (f"held-out {s.layout} scene: rotation error {float(learned.rot_deg.mean()):.3f} "
@@ -257,25 +239,12 @@ def pictures(run: Run, outputs: list[Any], net: torch.nn.Module) -> None:
                       show=cfg.show)
 
 
-def curve_lines(ref: dict[str, Any]) -> list[tuple[str, str, float]]:
-    """Reference lines of the curves: each tuned baseline (the first of ``tuned`` is the
-    ``*_baseline`` one) and the oracle."""
-    lines = []
-    for m in ("rot_err_deg", "center_err"):
-        for n, kind in enumerate(ref["tuned"]):
-            suffix = "_baseline" if n == 0 else f"_baseline_{kind}"
-            lines.append((f"val_{m}", f"baseline ({kind})", ref[f"{m}{suffix}"]))
-        if f"{m}_oracle" in ref:
-            lines.append((f"val_{m}", "oracle (outliers known)", ref[f"{m}_oracle"]))
-    return lines
-
-
 TASK = Task(
     name=APP, metric="rot_err_deg", title="bundle adjustment: learned observation weights",
     schema=BundleAdjustmentConfig, dataset=dataset, prepare=prepare, model=model, loss=loss,
     evaluate=evaluate, baseline=baseline, report=report, pictures=pictures, check=check,
     curves=(("train_loss", "val_loss"), ("val_rot_err_deg",), ("val_center_err",), ("scale",)),
-    curve_lines=curve_lines,
+    curve_lines=ba_baseline.curve_lines,
     extras=lambda net: {"scale": float(net.scale.detach())},
     keys=("rot_err_deg", "rot_err_deg_baseline", "center_err", "center_err_baseline", "rmse_px",
           "rmse_px_baseline", "feature_auc"),

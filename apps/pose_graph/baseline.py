@@ -17,6 +17,7 @@ import torch
 from apps import common
 from apps import gnc as gnc_lib
 from apps.config import make_optimizer, spec_from_config, value
+from apps.harness import reduce_scores
 from apps.pose_graph import data as pg_data
 from apps.pose_graph.data import GraphSpec, Sample
 from apps.pose_graph.problem import (
@@ -368,3 +369,47 @@ def evaluate_gtsam_gnc(samples: Sequence[Sample], cfg: Any, kind: str, scale: fl
         run.solutions.append(poses[0])
         run.ates.append(float(ate(poses, s.truth, s.space)[0]))
     return run
+
+
+def strongest(run: Any, tune: Sequence[Sample], tuned: dict[str, Any]) -> dict[str, Any]:
+    """The strongest classical baselines on this rank's held-out graphs: the best fixed loss
+    over ``baseline.best_fixed`` (``*_best_fixed``), Ariadne's GNC-GM (``*_gnc_ariadne``) and
+    GTSAM's GNC TLS/GM (``*_gnc_tls``, ``*_gnc_gm``; ``ate_gnc``: the better); ``chosen``: each
+    one's tuned settings, ``per_graph``: each one's held-out ATE per graph."""
+    cfg, d, device = run.cfg, run.dist, run.device
+    out: dict[str, Any] = {"chosen": {}, "per_graph": {}}
+
+    def add(name: str, setting: dict[str, Any], result: BaselineRun) -> None:
+        out.update(reduce_scores(result.scores, d).metrics(f"_{name}"))
+        out["chosen"][name], out["per_graph"][name] = setting, result.ates
+
+    if cfg.baseline.best_fixed:
+        fixed = best_fixed(tune, tuned, cfg, device, d)
+        add("best_fixed", fixed, evaluate(
+            build_graphs(run.val.samples, fixed["loss"], cfg, device), fixed))
+    gnc, few = cfg.baseline.gnc, tune[: cfg.baseline.gnc.tune_items]
+    if gnc.ariadne:
+        best = tune_gnc_ariadne(few, cfg, device, d)
+        graphs = build_graphs(run.val.samples, "geman_mcclure", cfg, device)
+        add("gnc_ariadne", best, evaluate_gnc_ariadne(graphs, cfg, best["scale"]))
+    if gnc.gtsam and not gtsam_available():
+        log.warning("gtsam is not installed: no GTSAM GNC baselines (pip install gtsam)")
+    elif gnc.gtsam:
+        for kind in gnc.gtsam:
+            best = tune_gtsam_gnc(few, cfg, kind, d)
+            add(f"gnc_{kind}", best,
+                evaluate_gtsam_gnc(run.val.samples, cfg, kind, best["scale"]))
+        out["ate_gnc"] = min(out[f"ate_gnc_{kind}"] for kind in gnc.gtsam)
+    return out
+
+
+def picture_graph(run: Any, outputs: list[Any]) -> int | None:
+    """Index into this rank's held-out graphs of the one to draw: ``cfg.viz_graph`` (None when
+    another rank holds it), else the graph of median ATE gain over the baseline."""
+    choice, mine = run.cfg.viz_graph, run.mine
+    if choice is not None:
+        return mine.index(choice) if choice in mine else None
+    gains = [b - float(ate(x[None], s.truth, s.space)[0])
+             for (_, x), s, b in zip(outputs, run.val.samples, run.reference["ate_per_graph"])]
+    order = sorted(range(len(gains)), key=gains.__getitem__)
+    return order[len(order) // 2] if order else None

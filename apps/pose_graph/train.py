@@ -41,7 +41,7 @@ from apps.harness import Run, Task, fit, main_for, reduce_scores
 from apps.pose_graph import baseline as pg_baseline
 from apps.pose_graph.data import GraphSpec, Sample, make_dataset
 from apps.pose_graph.model import EdgeWeightNet
-from apps.pose_graph.problem import Graphs, Scores, ate, build_graphs, pose_loss
+from apps.pose_graph.problem import Graphs, Scores, build_graphs, pose_loss
 
 APP = "pose_graph"
 log = logging.getLogger(__name__)
@@ -202,39 +202,7 @@ def baseline(run: Run) -> dict[str, Any]:
                                 best, oracle=True)
     return {**best, **reduce_scores(base.scores, run.dist).metrics("_baseline"),
             "ate_oracle": reduce_scores(base.oracle, run.dist).metrics()["ate"],
-            "ate_per_graph": base.ates, **strongest(run, tune, best)}
-
-
-def strongest(run: Run, tune: Sequence[Sample], tuned: dict[str, Any]) -> dict[str, Any]:
-    """The strongest classical baselines on this rank's held-out graphs: the best fixed loss
-    over ``baseline.best_fixed`` (``*_best_fixed``), Ariadne's GNC-GM (``*_gnc_ariadne``) and
-    GTSAM's GNC TLS/GM (``*_gnc_tls``, ``*_gnc_gm``; ``ate_gnc``: the better); ``chosen``: each
-    one's tuned settings, ``per_graph``: each one's held-out ATE per graph."""
-    cfg, d, device = run.cfg, run.dist, run.device
-    out: dict[str, Any] = {"chosen": {}, "per_graph": {}}
-
-    def add(name: str, setting: dict[str, Any], result: pg_baseline.BaselineRun) -> None:
-        out.update(reduce_scores(result.scores, d).metrics(f"_{name}"))
-        out["chosen"][name], out["per_graph"][name] = setting, result.ates
-
-    if cfg.baseline.best_fixed:
-        fixed = pg_baseline.best_fixed(tune, tuned, cfg, device, d)
-        add("best_fixed", fixed, pg_baseline.evaluate(
-            build_graphs(run.val.samples, fixed["loss"], cfg, device), fixed))
-    gnc, few = cfg.baseline.gnc, tune[: cfg.baseline.gnc.tune_items]
-    if gnc.ariadne:
-        best = pg_baseline.tune_gnc_ariadne(few, cfg, device, d)
-        graphs = build_graphs(run.val.samples, "geman_mcclure", cfg, device)
-        add("gnc_ariadne", best, pg_baseline.evaluate_gnc_ariadne(graphs, cfg, best["scale"]))
-    if gnc.gtsam and not pg_baseline.gtsam_available():
-        log.warning("gtsam is not installed: no GTSAM GNC baselines (pip install gtsam)")
-    elif gnc.gtsam:
-        for kind in gnc.gtsam:
-            best = pg_baseline.tune_gtsam_gnc(few, cfg, kind, d)
-            add(f"gnc_{kind}", best,
-                pg_baseline.evaluate_gtsam_gnc(run.val.samples, cfg, kind, best["scale"]))
-        out["ate_gnc"] = min(out[f"ate_gnc_{kind}"] for kind in gnc.gtsam)
-    return out
+            "ate_per_graph": base.ates, **pg_baseline.strongest(run, tune, best)}
 
 
 def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.nn.Module
@@ -266,14 +234,7 @@ def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.n
 def pictures(run: Run, outputs: list[Any], net: torch.nn.Module) -> None:
     """``pose_graph.png``: the held-out graph ``viz_graph`` (default: median ATE gain over the
     baseline), when this rank holds it."""
-    choice, mine = run.cfg.viz_graph, run.mine
-    if choice is not None:
-        k = mine.index(choice) if choice in mine else None
-    else:
-        gains = [b - float(ate(x[None], s.truth, s.space)[0])
-                 for (_, x), s, b in zip(outputs, run.val.samples, run.reference["ate_per_graph"])]
-        order = sorted(range(len(gains)), key=gains.__getitem__)
-        k = order[len(order) // 2] if order else None
+    k = pg_baseline.picture_graph(run, outputs)
     if k is not None:
         pg_baseline.draw(run, run.out / "pose_graph.png", run.val, k, outputs)
 
