@@ -184,6 +184,18 @@ def saved_bytes(root: Tensor) -> int:
     return total
 
 
+def gather_items(values: Sequence[float] | Tensor, mine: Sequence[int], total: int, d: Dist
+                 ) -> list[float]:
+    """The per-item values of every rank in one list of ``total``: this rank's ``values`` go to
+    its item indices ``mine`` (zeros elsewhere) and the lists are summed over ranks (statistics
+    such as medians need every item, not sums)."""
+    values = values.tolist() if isinstance(values, Tensor) else list(values)
+    full = [0.0] * total
+    for k, v in zip(mine, values):
+        full[k] = float(v)
+    return all_reduce_sum(full, d)
+
+
 def set_threads(threads: int | None) -> None:
     if threads is not None:
         if threads < 1:

@@ -194,3 +194,49 @@ class Pairs:
                    torch.stack([p.target for p in pairs])[:, None].to(device),
                    torch.stack([p.h for p in pairs]).to(device))
 
+
+def strides_of(cfg: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in cfg.strides)
+
+
+def shifts_of(cfg: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in cfg.start_shifts)
+
+
+@dataclass
+class Prepared:
+    """Pairs on the device and the solver built for them."""
+
+    pairs: Pairs
+    aligner: Aligner
+
+
+def prepare(cfg: Any, samples: Sequence[Pair], device: torch.device) -> Prepared:
+    return Prepared(Pairs.stack(samples, device),
+                    Aligner(cfg, cfg.data.patch, strides_of(cfg), cfg.model.channels,
+                            cfg.outside, cfg.max_side))
+
+
+@dataclass
+class Scores:
+    """Sums over held-out pairs (summed across ranks), turned into metrics by :meth:`metrics`."""
+
+    pairs: float = 0.0
+    error: float = 0.0
+    below_1px: float = 0.0
+    below_3px: float = 0.0
+    degenerate: float = 0.0
+
+    def add(self, errors: torch.Tensor, degenerate: torch.Tensor) -> None:
+        self.pairs += errors.numel()
+        self.error += float(errors.sum())
+        self.below_1px += float((errors < 1).sum())
+        self.below_3px += float((errors < 3).sum())
+        self.degenerate += float(degenerate.sum())
+
+    def metrics(self, suffix: str = "") -> dict[str, float]:
+        n = max(self.pairs, 1.0)
+        return {f"corner_err_px{suffix}": self.error / n,
+                f"frac_below_1px{suffix}": self.below_1px / n,
+                f"frac_below_3px{suffix}": self.below_3px / n,
+                f"degenerate_frac{suffix}": self.degenerate / n}

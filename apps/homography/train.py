@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,14 @@ from apps.harness import Run, Task, fit, main_for
 from apps.homography import baseline as hb
 from apps.homography.data import Pair, PairSpec, make_dataset
 from apps.homography.model import FeatureNet
-from apps.homography.problem import Aligner, Pairs, corner_error
+from apps.homography.problem import (
+    Prepared,
+    Scores,
+    corner_error,
+    prepare,
+    shifts_of,
+    strides_of,
+)
 
 APP = "homography"
 log = logging.getLogger(__name__)
@@ -105,47 +112,6 @@ class HomographyConfig(TrainConfig):
 register(APP, HomographyConfig)
 
 
-@dataclass
-class Prepared:
-    """Pairs on the device and the solver built for them."""
-
-    pairs: Pairs
-    aligner: Aligner
-
-
-@dataclass
-class Scores:
-    """Sums over held-out pairs (summed across ranks), turned into metrics by :meth:`metrics`."""
-
-    pairs: float = 0.0
-    error: float = 0.0
-    below_1px: float = 0.0
-    below_3px: float = 0.0
-    degenerate: float = 0.0
-
-    def add(self, errors: torch.Tensor, degenerate: torch.Tensor) -> None:
-        self.pairs += errors.numel()
-        self.error += float(errors.sum())
-        self.below_1px += float((errors < 1).sum())
-        self.below_3px += float((errors < 3).sum())
-        self.degenerate += float(degenerate.sum())
-
-    def metrics(self, suffix: str = "") -> dict[str, float]:
-        n = max(self.pairs, 1.0)
-        return {f"corner_err_px{suffix}": self.error / n,
-                f"frac_below_1px{suffix}": self.below_1px / n,
-                f"frac_below_3px{suffix}": self.below_3px / n,
-                f"degenerate_frac{suffix}": self.degenerate / n}
-
-
-def strides_of(cfg: Any) -> tuple[int, ...]:
-    return tuple(int(s) for s in cfg.strides)
-
-
-def shifts_of(cfg: Any) -> tuple[float, ...]:
-    return tuple(float(v) for v in cfg.start_shifts)
-
-
 def check(cfg: Any) -> None:
     """The app's own config checks (the generator's run in :func:`spec_from_config`)."""
     spec = spec_from_config(PairSpec, cfg.data)
@@ -175,12 +141,6 @@ def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None, held_out: bool
     """Pairs of the training photographs, or of the held-out ones (``held_out``)."""
     spec = spec_from_config(PairSpec, cfg.data)
     return make_dataset(spec, seeds, [held_out] * len(seeds), cache)
-
-
-def prepare(cfg: Any, samples: Sequence[Pair], device: torch.device) -> Prepared:
-    return Prepared(Pairs.stack(samples, device),
-                    Aligner(cfg, cfg.data.patch, strides_of(cfg), cfg.model.channels,
-                            cfg.outside, cfg.max_side))
 
 
 def model(cfg: Any, train: Prepared) -> FeatureNet:
@@ -242,89 +202,19 @@ def evaluate(cfg: Any, net: torch.nn.Module, prepared: Prepared
     return scores, [(h[k], float(errors[k]), bool(flags[k])) for k in range(len(errors))]
 
 
-def gather(values: torch.Tensor, run: Run) -> list[float]:
-    """Every held-out pair's value (``values (len(run.mine),)`` on this rank), in order."""
-    full = [0.0] * len(run.val_samples)
-    for k, v in zip(run.mine, values.tolist()):
-        full[k] = float(v)
-    return common.all_reduce_sum(full, run.dist)
-
-
-def large_pairs(run: Run) -> Prepared:
-    """This rank's held-out pairs again (same photographs and crops) at ``eval_rho``."""
-    cfg = run.cfg
-    spec = replace(spec_from_config(PairSpec, cfg.data), rho=float(cfg.eval_rho))
-    seeds = [run.val_seeds[k] for k in run.mine]
-    samples = make_dataset(spec, seeds, [True] * len(seeds), run.cache)
-    return prepare(cfg, samples, run.device)
-
-
-def _references(run: Run, prepared: Prepared) -> dict[str, list[float]]:
-    """Per-pair errors (all held-out pairs, in order) of the three baselines on ``prepared``
-    and ORB's failures."""
-    cfg, p = run.cfg, prepared.pairs
-    raw = Aligner(cfg, cfg.data.patch, strides_of(cfg), 1, cfg.outside, cfg.max_side)
-    raw_err, raw_bad = hb.raw_lm(raw, p, strides_of(cfg), cfg.eval_batch,
-                                 tuple(float(v) for v in cfg.baseline_shifts))
-    orb_err, orb_fail = hb.orb_errors(p.pairs, cfg.orb_keypoints)
-    return {"raw": gather(raw_err, run), "raw_degenerate": gather(raw_bad.float(), run),
-            "orb": gather(orb_err, run), "orb_failed": gather(orb_fail.float(), run),
-            "identity": gather(hb.identity_errors(p), run)}
-
-
-def summary(errors: list[float], suffix: str) -> dict[str, float]:
-    e = torch.tensor(errors, dtype=torch.float64)
-    return {f"corner_err_px{suffix}": float(e.mean()),
-            f"corner_err_px_median{suffix}": float(e.quantile(0.5)),
-            f"frac_below_1px{suffix}": float((e < 1).double().mean()),
-            f"frac_below_3px{suffix}": float((e < 3).double().mean())}
-
-
-def baseline(run: Run) -> dict[str, Any]:
-    """Identity, raw-intensity LM and ORB + RANSAC on the held-out pairs at ``data.rho`` and
-    ``eval_rho``; per-pair errors kept for the pictures."""
-    small, large = _references(run, run.val), _references(run, large_pairs(run))
-    ref: dict[str, Any] = {"errors": small, "errors_rho32": large}
-    ref.update(summary(small["raw"], "_baseline"))
-    ref.update(summary(small["orb"], "_orb"))
-    ref.update(summary(small["identity"], "_identity"))
-    ref.update(summary(large["raw"], "_rho32_baseline"))
-    ref.update(summary(large["orb"], "_rho32_orb"))
-    ref.update(summary(large["identity"], "_rho32_identity"))
-    for name, errs in (("", small), ("_rho32", large)):
-        ref[f"orb_failures{name}"] = sum(errs["orb_failed"]) / max(len(errs["orb_failed"]), 1)
-        ref[f"degenerate_frac{name}_baseline"] = (sum(errs["raw_degenerate"])
-                                                  / max(len(errs["raw_degenerate"]), 1))
-    log.info("baselines at rho %g: raw LM %.2f px (median %.2f), ORB %.2f, identity %.2f; at rho "
-             "%g: raw LM %.2f, ORB %.2f", run.cfg.data.rho, ref["corner_err_px_baseline"],
-             ref["corner_err_px_median_baseline"], ref["corner_err_px_orb"],
-             ref["corner_err_px_identity"], run.cfg.eval_rho, ref["corner_err_px_rho32_baseline"],
-             ref["corner_err_px_rho32_orb"])
-    return ref
-
-
-REF_KEYS = ("corner_err_px_baseline", "corner_err_px_median_baseline", "frac_below_1px_baseline",
-            "frac_below_3px_baseline", "corner_err_px_orb", "corner_err_px_median_orb",
-            "frac_below_1px_orb", "frac_below_3px_orb", "corner_err_px_identity",
-            "corner_err_px_rho32_baseline", "corner_err_px_median_rho32_baseline",
-            "corner_err_px_rho32_orb", "corner_err_px_median_rho32_orb",
-            "corner_err_px_rho32_identity", "orb_failures", "orb_failures_rho32",
-            "degenerate_frac_baseline", "degenerate_frac_rho32_baseline")
-
-
 def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.nn.Module
            ) -> tuple[dict[str, float], dict[str, Any]]:
     """The ``val`` metrics: the learned solver at ``data.rho`` and ``eval_rho`` next to the
     baselines. Per-pair errors go to ``metrics.json``'s ``errors`` (and to the CDF picture)."""
     ref = run.reference
-    errors = gather(torch.tensor([e for _, e, _ in outputs]), run)
-    scores, large_out = evaluate(run.cfg, net, large_pairs(run))
-    large = gather(torch.tensor([e for _, e, _ in large_out]), run)
+    errors = hb.gather(torch.tensor([e for _, e, _ in outputs]), run)
+    scores, large_out = evaluate(run.cfg, net, hb.large_pairs(run))
+    large = hb.gather(torch.tensor([e for _, e, _ in large_out]), run)
     (deg_large,) = common.all_reduce_sum([scores.degenerate], run.dist)
-    val = {**summary(errors, ""), **summary(large, "_rho32"),
+    val = {**hb.summary(errors, ""), **hb.summary(large, "_rho32"),
            "degenerate_frac": metrics["degenerate_frac"],
            "degenerate_frac_rho32": deg_large / max(len(large), 1),
-           **{k: ref[k] for k in REF_KEYS}}
+           **{k: ref[k] for k in hb.REF_KEYS}}
     val["corner_err_px"] = metrics["corner_err_px"]
     val["median_ratio"] = val["corner_err_px_median"] / max(
         val["corner_err_px_median_baseline"], 1e-12)
@@ -358,7 +248,7 @@ TASK = Task(
     name=APP, metric="corner_err_px",
     title="homography: CNN features learned through a feature-metric LM solver",
     schema=HomographyConfig, dataset=dataset, prepare=prepare, model=model, loss=loss,
-    evaluate=evaluate, baseline=baseline, report=report, pictures=pictures, check=check,
+    evaluate=evaluate, baseline=hb.references, report=report, pictures=pictures, check=check,
     curves=(("train_loss",), ("val_corner_err_px",), ("val_frac_below_1px", "val_frac_below_3px")),
     curve_lines=lambda ref: [
         ("val_corner_err_px", "LM on raw intensities", ref["corner_err_px_baseline"]),
