@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -463,3 +464,24 @@ def export(path: str | Path, layers: Sequence[Geometry]) -> list[Path]:
 
 __all__ = ["Color", "Geometry", "Panel", "check_display", "draw", "export", "render",
            "save_panels", "show"]
+
+
+def cli_export(prog: str, path: str, layers: Sequence[Geometry], summary: dict) -> None:
+    """A solve CLI's ``--export``: :func:`export`, the written paths in ``summary["export"]``
+    and printed; a failure ends the CLI with one line (exit status 1)."""
+    try:
+        written = export(path, layers)
+    except (ValueError, OSError) as exc:
+        sys.exit(f"{prog}: error: {exc}")
+    summary["export"] = [str(w) for w in written]
+    print(f"  export: {', '.join(summary['export'])}")
+
+
+def cli_show(prog: str, layers: Sequence[Geometry], title: str, **view: Any) -> None:
+    """A solve CLI's ``--show``: :func:`show` after flushing stdout; no window ends the CLI with
+    one line (exit status 1)."""
+    sys.stdout.flush()
+    try:
+        show(layers, title, **view)
+    except RuntimeError as exc:
+        sys.exit(f"{prog}: error: {exc}")

@@ -142,20 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         layers = problem_layers(values_to_cameras(values)[0], values["points"][0])
     if args.export:
-        try:
-            written = viewer.export(args.export, layers)
-        except (ValueError, OSError) as exc:
-            sys.exit(f"{PROG}: error: {exc}")
-        summary["export"] = [str(w) for w in written]
-        print(f"  export: {', '.join(summary['export'])}")
+        viewer.cli_export(PROG, args.export, layers, summary)
     if args.json:
         print(common.json_line(summary))
     if args.show:
-        sys.stdout.flush()
-        try:
-            viewer.show(layers, f"{Path(args.file).name}: solution", front=FRONT, zoom=ZOOM)
-        except RuntimeError as exc:
-            sys.exit(f"{PROG}: error: {exc}")
+        viewer.cli_show(PROG, layers, f"{Path(args.file).name}: solution", front=FRONT, zoom=ZOOM)
     return summary
 
 

@@ -111,20 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         layers = graph_layers(solution.values["poses"][0], graph.i, graph.j)
     if args.export:
-        try:
-            written = viewer.export(args.export, layers)
-        except (ValueError, OSError) as exc:
-            sys.exit(f"{parser.prog}: error: {exc}")
-        summary["export"] = [str(w) for w in written]
-        print(f"  export: {', '.join(summary['export'])}")
+        viewer.cli_export(parser.prog, args.export, layers, summary)
     if args.json:
         print(common.json_line(summary))
     if args.show:
-        sys.stdout.flush()
-        try:
-            viewer.show(layers, f"{Path(args.file).name}: solution", planar=graph.dim == 2)
-        except RuntimeError as exc:
-            sys.exit(f"{parser.prog}: error: {exc}")
+        viewer.cli_show(parser.prog, layers, f"{Path(args.file).name}: solution",
+                        planar=graph.dim == 2)
     return summary
 
 
