@@ -208,10 +208,27 @@ def eye_like(x: Tensor, n: int, batch: tuple[int, ...]) -> Tensor:
     return torch.eye(n, dtype=x.dtype, device=x.device).expand(*batch, n, n).clone()
 
 
+def broadcast_shapes(*shapes: Sequence[int]) -> tuple[int, ...]:
+    """NumPy broadcasting of ``shapes``, in plain Python.
+
+    ``torch.broadcast_shapes`` imports ``torch.fx``'s symbolic-shape machinery (and sympy) on its
+    first call, 0.5-0.7 s inside the first linearization of a fresh process; this does not.
+    """
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for s in shapes:
+        for k, size in enumerate(s, start=ndim - len(s)):
+            if size != 1:
+                if out[k] not in (1, size):
+                    raise ValueError(f"shapes {[tuple(x) for x in shapes]} do not broadcast")
+                out[k] = size
+    return tuple(out)
+
+
 def block(rows: Sequence[Sequence[Tensor]]) -> Tensor:
     """Assemble a batched block matrix from ``(..., r_i, c_j)`` blocks (batches broadcast)."""
     flat = [b for row in rows for b in row]
-    shape = torch.broadcast_shapes(*(b.shape[:-2] for b in flat))
+    shape = broadcast_shapes(*(b.shape[:-2] for b in flat))
     return torch.cat(
         [torch.cat([b.expand(*shape, *b.shape[-2:]) for b in row], dim=-1) for row in rows],
         dim=-2,

@@ -119,7 +119,7 @@ def from_rt(q: Tensor, t: Tensor) -> Tensor:
     """``(..., 4)`` quaternion and ``(..., 3)`` translation -> ``(..., 7)`` (batches broadcast)."""
     _util.check(q, 4, "se3.from_rt q")
     _util.check(t, 3, "se3.from_rt t")
-    shape = torch.broadcast_shapes(q.shape[:-1], t.shape[:-1])
+    shape = _util.broadcast_shapes(q.shape[:-1], t.shape[:-1])
     return torch.cat((t.expand(*shape, 3), q.expand(*shape, 4)), dim=-1)
 
 
