@@ -127,10 +127,18 @@ def stamp(command: str) -> dict[str, str]:
 
 
 def stamp_line(info: Mapping[str, str]) -> str:
-    """The stamp in two lines for a figure's footer."""
+    """The stamp in three lines for a figure's footer."""
     return (f"{info['command']}  |  commit {info['commit'][:12]}  |  {info['date']}\n"
             f"CPU {info['cpu']}  |  GPU {info['gpu']}  |  torch {info['torch']}, "
-            f"CUDA {info['cuda']}  |  BLAS {info['blas']}")
+            f"CUDA {info['cuda']}\nBLAS {info['blas']}")
+
+
+def data_ticks(ax: Any, values: Sequence[float], base: int = 2) -> None:
+    """A log ``base`` x axis with a plain-number tick at each value of ``values``."""
+    ticks = sorted({v for v in values if v is not None})
+    ax.set_xscale("log", base=base)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
 
 
 def _cell(value: Any) -> str:
@@ -212,7 +220,7 @@ def write(ctx: Context, name: str, result: Result) -> list[Path]:
     result.figure(fig, result.rows)
     fig.text(0.005, 0.005, stamp_line(ctx.stamp), fontsize=6.5, color="0.3", ha="left",
              va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.085, 1, 1))
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     log(f"wrote {csv_path}, {md_path}, {png_path}")
@@ -220,8 +228,20 @@ def write(ctx: Context, name: str, result: Result) -> list[Path]:
 
 
 def log_axis(ax: Any, values: Sequence[float], axis: str = "y", decades: float = 1.0) -> None:
-    """Log scale on ``axis`` when the positive ``values`` span more than ``decades`` decades."""
-    positive = [v for v in values if v is not None and math.isfinite(v) and v > 0]
-    if len(positive) == len([v for v in values if v is not None and math.isfinite(v)]) \
-            and positive and max(positive) / min(positive) > 10**decades:
-        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    """Log scale on ``axis`` when the positive ``values`` span more than ``decades`` decades,
+    with plain-number tick labels (minor ticks labelled when the axis spans under 1.5 decades);
+    otherwise a linear axis without an offset."""
+    from matplotlib import ticker
+
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    positive = [v for v in finite if v > 0]
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    if not (positive and len(positive) == len(finite) and max(positive) / min(positive)
+            > 10**decades):
+        if (ax.get_yscale() if axis == "y" else ax.get_xscale()) == "linear":
+            ax.ticklabel_format(axis=axis, useOffset=False)
+        return
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    narrow = max(positive) / min(positive) < 10**1.5
+    target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    target.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if narrow else ""))

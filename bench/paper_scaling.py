@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from bench.paper_output import Context, Result, log, log_axis
+from bench.paper_output import Context, Result, data_ticks, log, log_axis
 
 COLUMNS = ("sweep", "solver", "device", "poses", "batch", "unknowns", "time_s", "iterations",
            "time_per_iter_s", "initial_cost", "final_cost", "peak_mem_mb", "memory_measure",
@@ -299,7 +299,7 @@ def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
             label = solver if solver in PEERS else f"ariadne {solver}"
             ax.plot([r[sweep] for r in line], [float(r[key]) for r in line], label=label,
                     **_STYLE.get(solver, dict(marker="o")))
-        ax.set_xscale("log", base=2)
+        data_ticks(ax, [r[sweep] for r in mine])
         log_axis(ax, [float(r[key]) for r in mine], decades=0.0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
