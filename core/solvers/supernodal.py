@@ -1,0 +1,679 @@
+"""Batched supernodal sparse Cholesky in torch: ``B`` matrices of one pattern, CPU or CUDA alike.
+
+The design follows BaSpaCho (Meta's batched sparse Cholesky behind Theseus; Monti et al.,
+"BaSpaCho: a sparse Cholesky solver", 2023) and the classic supernodal method (Liu, Ng and
+Peyton, "On finding supernodes for sparse matrix computations", 1993; Ashcraft and Grimes,
+"The influence of relaxed supernode partitions on the multifrontal method", 1989).
+
+Symbolic analysis, once per pattern (:func:`analyze`, NumPy on the CPU):
+
+1. Blocks: maximal runs of consecutive unknowns whose columns hold the same rows (a variable
+   element of the objective: 6 unknowns for an SE(3) pose, 3 for a point).
+2. A fill-reducing ordering of the block graph: approximate minimum degree (CHOLMOD's AMD when
+   scikit-sparse is installed, else :func:`minimum_degree`, written here).
+3. The block structure of ``L`` and its elimination tree (``parent(k) = min struct(k)``), then a
+   postorder of the tree.
+4. Supernodes: chains ``k -> parent(k) = k + 1`` merged while the explicit zeros they add stay
+   under the relaxed-amalgamation thresholds (CHOLMOD's ``nrelax`` / ``zrelax`` rule).
+5. Levels: a supernode's level is one more than its children's highest (leaves: 0). All the
+   supernodes of one level are independent: they are factored together.
+
+Numeric factorization of all ``B`` matrices at once (:class:`SupernodalCholesky`): the lower
+triangle of ``L`` is held as dense panels (supernode columns x (supernode columns + rows below)),
+all panels in one flat ``(B, nnz_panels)`` buffer filled from the pattern's values by one gather.
+Per level, its supernodes are grouped by padded panel size (a group is padded to its largest
+member: identity on the padded diagonal, zeros elsewhere); per group, in a fixed number of torch
+calls: gather the panels ``(B, G, W + M, W)``, ``L11 = chol(A11)``, ``L21 = A21 L11^-T``, the
+update ``L21 L21^T`` scattered (subtracted) into the ancestors' panels with one ``index_add_``.
+The number of torch calls grows with the number of (level, size group) pairs, not with the
+number of supernodes. The factor keeps the padded ``L11, L21`` of every group, so any number of
+right-hand sides (the implicit backward) reuse it: forward substitution level by level from the
+leaves, back substitution from the root.
+
+Failed elements: an element whose matrix is not numerically positive definite (or holds a
+non-finite value) gets ``ok = False``; its padded factor blocks are replaced by the identity
+from the failure on, so every other element's factor is exact and nothing is NaN; its solutions
+are zeros. :meth:`SupernodalFactor.failures` names each failed batch element and the unknown at
+which the pivot failed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from core.objective import Pattern
+from core.solvers.base import PlanCache, damped
+
+Ordering = Literal["auto", "amd", "nesdis", "metis", "minimum_degree", "natural"]
+ORDERINGS = ("auto", "amd", "nesdis", "metis", "minimum_degree", "natural")
+LEVEL_FLOPS = 5e5
+"""Multiply-adds a level of the tree is worth (its torch calls' overhead) when ``"auto"`` picks
+the ordering: the one with the least ``flops + LEVEL_FLOPS * depth`` wins."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Symbolic analysis
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Symbolic:
+    """The analysis of one pattern (all indices in the *new* scalar order unless stated).
+
+    ``ordering``: the block ordering used (``"amd"``, ``"nesdis"``, ...);
+    ``perm (n,)``: new index -> original unknown; ``starts (S + 1,)``: the supernodes' first
+    columns (supernode ``s`` holds columns ``starts[s]:starts[s + 1]``); ``below[s] (M_s,)``: its
+    rows under the diagonal block, ascending; ``parent (S,)``: the supernode tree (-1: a root);
+    ``level (S,)``: 0 for leaves, else one more than the highest child; ``block_starts``: the
+    original pattern's blocks (first unknowns, ``(num_blocks + 1,)``); ``nnz_L``: stored lower
+    entries of ``L`` without amalgamation zeros; ``nnz_panels``: lower panel entries (with them);
+    ``flops``: multiply-adds of one factorization (dense-panel count, padding excluded).
+    """
+
+    pattern: Pattern
+    ordering: str
+    perm: np.ndarray
+    starts: np.ndarray
+    below: list[np.ndarray]
+    parent: np.ndarray
+    level: np.ndarray
+    block_starts: np.ndarray
+    nnz_L: int
+    nnz_panels: int
+    flops: float
+
+    @property
+    def num_supernodes(self) -> int:
+        return int(self.parent.shape[0])
+
+    @property
+    def depth(self) -> int:
+        """Number of levels of the supernode tree."""
+        return int(self.level.max()) + 1
+
+
+def pattern_blocks(pattern: Pattern) -> np.ndarray:
+    """First unknowns of the blocks ``(num_blocks + 1,)``: maximal runs of consecutive columns with
+    identical row sets (found in ``O(nnz)``: column ``j`` is compared entry by entry with
+    ``j + 1`` where both hold as many entries)."""
+    indptr = pattern.indptr.cpu().numpy().astype(np.int64)
+    rows = pattern.rows.cpu().numpy().astype(np.int64)
+    n = pattern.n
+    count = np.diff(indptr)
+    cand = np.nonzero(count[:-1] == count[1:])[0]  # columns j with |col j| == |col j + 1|
+    c = count[cand]
+    col = np.repeat(cand, c)
+    entry = np.arange(col.shape[0]) - np.repeat(np.cumsum(c) - c, c) + np.repeat(indptr[cand], c)
+    mismatch = np.bincount(col[rows[entry] != rows[entry + count[col]]], minlength=n)
+    same = np.zeros(max(n - 1, 0), dtype=bool)
+    same[cand] = mismatch[cand] == 0
+    return np.concatenate([[0], np.nonzero(~same)[0] + 1, [n]]).astype(np.int64)
+
+
+def block_graph(pattern: Pattern, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The block adjacency (without self loops) as CSR ``indptr (nb + 1,), indices``."""
+    indptr = pattern.indptr.cpu().numpy().astype(np.int64)
+    rows = pattern.rows.cpu().numpy().astype(np.int64)
+    first = starts[:-1]
+    count = indptr[first + 1] - indptr[first]
+    owner = np.repeat(np.arange(first.shape[0]), count)
+    pos = np.arange(owner.shape[0]) - np.repeat(np.cumsum(count) - count, count)
+    other = np.searchsorted(starts, rows[pos + indptr[first][owner]], side="right") - 1
+    keep = other != owner
+    keep[1:] &= (other[1:] != other[:-1]) | (owner[1:] != owner[:-1])  # rows sorted: dedupe
+    owner, other = owner[keep], other[keep]
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=first.shape[0]))])
+    return ptr.astype(np.int64), other
+
+
+def minimum_degree(indptr: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """A fill-reducing ordering of a symmetric graph (CSR, no self loops): minimum degree on the
+    quotient graph with element absorption and AMD's approximate external degree
+    (Amestoy, Davis and Duff, "An approximate minimum degree ordering algorithm", 1996), without
+    supervariable detection (the graph's nodes are already blocks). Returns ``order (nb,)``:
+    ``order[k]`` is the node eliminated k-th."""
+    nb = indptr.shape[0] - 1
+    var_adj = [set(indices[indptr[k] : indptr[k + 1]].tolist()) for k in range(nb)]
+    elem_adj: list[set[int]] = [set() for _ in range(nb)]
+    members: dict[int, set[int]] = {}  # live element -> its variables
+    degree = [len(a) for a in var_adj]
+    heap = [(d, k) for k, d in enumerate(degree)]
+    heapq.heapify(heap)
+    done = np.zeros(nb, dtype=bool)
+    order: list[int] = []
+    while heap:
+        d, p = heapq.heappop(heap)
+        if done[p] or d != degree[p]:
+            continue
+        done[p] = True
+        order.append(p)
+        absorbed = elem_adj[p]
+        Lp = var_adj[p]
+        for e in absorbed:
+            Lp |= members.pop(e)
+        Lp.discard(p)
+        members[p] = Lp
+        # |Le \ Lp| for the other elements touching Lp (AMD's w(e))
+        outside: dict[int, int] = {}
+        for v in Lp:
+            ev = elem_adj[v]
+            ev -= absorbed
+            ev.add(p)
+            var_adj[v] -= Lp  # edges inside Lp are now implied by element p
+            var_adj[v].discard(p)
+            for e in ev:
+                if e != p:
+                    outside[e] = outside.get(e, len(members[e])) - 1
+        size = len(Lp)
+        for v in Lp:
+            ext = len(var_adj[v]) + size - 1
+            for e in elem_adj[v]:
+                if e != p:
+                    ext += outside[e]
+            new = min(nb - len(order) - 1, ext)
+            if new != degree[v]:
+                degree[v] = new
+                heapq.heappush(heap, (new, v))
+        var_adj[p], elem_adj[p] = set(), set()
+    return np.asarray(order, dtype=np.int64)
+
+
+def _cholmod_order(indptr: np.ndarray, indices: np.ndarray, method: str) -> np.ndarray:
+    """CHOLMOD's ordering ``method`` (``"amd"``, ``"nesdis"``, ``"metis"``) of the graph."""
+    import scipy.sparse as sp
+    from sksparse.cholmod import analyze
+
+    nb = indptr.shape[0] - 1
+    adj = sp.csc_matrix((np.ones(indices.shape[0]), indices, indptr), shape=(nb, nb))
+    spd = (adj + sp.identity(nb) * (nb + 1.0)).tocsc()  # analysis reads the structure only
+    return np.asarray(analyze(spd, mode="simplicial", ordering_method=method).P(), dtype=np.int64)
+
+
+def block_ordering(indptr: np.ndarray, indices: np.ndarray, ordering: str) -> np.ndarray:
+    """``order (nb,)``: the blocks in elimination order for one named ordering (not "auto")."""
+    nb = indptr.shape[0] - 1
+    if ordering == "natural":
+        return np.arange(nb, dtype=np.int64)
+    if ordering == "minimum_degree":
+        return minimum_degree(indptr, indices)
+    if ordering in ("amd", "nesdis", "metis"):
+        if importlib.util.find_spec("sksparse") is None:
+            raise ValueError(f"ordering {ordering!r} needs scikit-sparse (CHOLMOD); use "
+                             "'minimum_degree' or install ariadne-nls[cholmod]")
+        return _cholmod_order(indptr, indices, ordering)
+    raise ValueError(f"unknown ordering {ordering!r}; use one of {ORDERINGS}")
+
+
+def _structure(
+    indptr: np.ndarray, indices: np.ndarray, order: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The block structure of ``L`` for the elimination ``order``: per block ``k`` (new labels)
+    the rows below its diagonal block ``struct[k]`` (sorted), and the elimination tree
+    ``parent[k] = min struct[k]`` (-1: root)."""
+    nb = order.shape[0]
+    inv = np.empty(nb, dtype=np.int64)
+    inv[order] = np.arange(nb)
+    pending: list[set[int]] = [set() for _ in range(nb)]
+    struct: list[np.ndarray] = []
+    parent = np.full(nb, -1, dtype=np.int64)
+    for k in range(nb):
+        old = order[k]
+        nbrs = inv[indices[indptr[old] : indptr[old + 1]]]
+        s = pending[k]
+        s.update(nbrs[nbrs > k].tolist())
+        pending[k] = set()
+        rows = np.fromiter(s, dtype=np.int64, count=len(s))
+        rows.sort()
+        struct.append(rows)
+        if rows.shape[0]:
+            p = int(rows[0])
+            parent[k] = p
+            pending[p].update(rows[1:].tolist())
+    return struct, parent
+
+
+def _postorder(parent: np.ndarray) -> np.ndarray:
+    """A postorder of the forest ``parent`` (children in increasing label order)."""
+    nb = parent.shape[0]
+    children: list[list[int]] = [[] for _ in range(nb)]
+    roots = []
+    for k in range(nb):
+        (children[parent[k]] if parent[k] >= 0 else roots).append(k)
+    post: list[int] = []
+    for r in roots:
+        stack = [(r, 0)]
+        while stack:
+            node, i = stack.pop()
+            if i < len(children[node]):
+                stack.append((node, i + 1))
+                stack.append((children[node][i], 0))
+            else:
+                post.append(node)
+    return np.asarray(post, dtype=np.int64)
+
+
+def _merge_ok(columns: int, zero_fraction: float, relax: tuple[tuple[int, float], ...]) -> bool:
+    """CHOLMOD's relaxed amalgamation rule: merge when the supernode has at most ``columns``
+    scalar columns of a ``(columns, zero fraction)`` threshold and fewer explicit zeros."""
+    return any(columns <= c and zero_fraction <= z for c, z in relax)
+
+
+def analyze(
+    pattern: Pattern,
+    ordering: Ordering = "auto",
+    relax: tuple[tuple[int, float], ...] = ((16, 1.0), (48, 0.8), (96, 0.1), (1 << 30, 0.05)),
+) -> Symbolic:
+    """The symbolic analysis of ``pattern`` (see the module docstring); ``relax``: pairs
+    ``(max scalar columns, max fraction of explicit zeros)`` under which a child supernode is
+    merged into its parent. ``ordering="auto"``: CHOLMOD's AMD and nested dissection when
+    scikit-sparse is installed (the one with the least ``flops + LEVEL_FLOPS * depth``), else
+    :func:`minimum_degree`."""
+    if ordering not in ORDERINGS:
+        raise ValueError(f"unknown ordering {ordering!r}; use one of {ORDERINGS}")
+    bstarts = pattern_blocks(pattern)
+    gptr, gidx = block_graph(pattern, bstarts)
+    if ordering != "auto":
+        return _analyze_order(pattern, bstarts, gptr, gidx, ordering, relax)
+    have_cholmod = importlib.util.find_spec("sksparse") is not None
+    candidates = ("amd", "nesdis") if have_cholmod else ("minimum_degree",)
+    found = [_analyze_order(pattern, bstarts, gptr, gidx, c, relax) for c in candidates]
+    return min(found, key=lambda sym: sym.flops + LEVEL_FLOPS * sym.depth)
+
+
+def _analyze_order(pattern: Pattern, bstarts: np.ndarray, gptr: np.ndarray, gidx: np.ndarray,
+                   ordering: str, relax: tuple[tuple[int, float], ...]) -> Symbolic:
+    """:func:`analyze` for one named ordering of the block graph ``gptr, gidx``."""
+    order = block_ordering(gptr, gidx, ordering)
+    if sorted(order.tolist()) != list(range(bstarts.shape[0] - 1)):
+        raise RuntimeError(f"ordering {ordering!r} did not return a permutation of the blocks")
+    struct, parent = _structure(gptr, gidx, order)
+    post = _postorder(parent)
+    relabel = np.empty_like(post)
+    relabel[post] = np.arange(post.shape[0])
+    order = order[post]
+    struct = [np.sort(relabel[struct[k]]) for k in post]
+    parent = np.where(parent[post] >= 0, relabel[np.maximum(parent[post], 0)], -1)
+    size = np.diff(bstarts)[order]  # scalar width of each (new) block
+    first = np.concatenate([[0], np.cumsum(size)])  # new scalar start of each block
+    below_size = np.array([int(size[s].sum()) for s in struct], dtype=np.int64)
+    true_lower = size * (size + 1) // 2 + size * below_size
+    # supernodes: merge the chain child k - 1 -> k while the zero fraction allows
+    sn_first: list[int] = []
+    for k in range(order.shape[0]):
+        if sn_first and parent[k - 1] == k:
+            a = sn_first[-1]
+            W, M = int(first[k + 1] - first[a]), int(below_size[k])
+            panel = W * (W + 1) // 2 + W * M
+            zeros = panel - int(true_lower[a : k + 1].sum())
+            if _merge_ok(W, zeros / panel, relax):
+                continue
+        sn_first.append(k)
+    sn_first_arr = np.asarray(sn_first + [order.shape[0]], dtype=np.int64)
+    num_sn = len(sn_first)
+    sn_of_block = np.repeat(np.arange(num_sn), np.diff(sn_first_arr))
+    last = sn_first_arr[1:] - 1
+    sn_parent = np.where(parent[last] >= 0, sn_of_block[np.maximum(parent[last], 0)], -1)
+    level = np.zeros(num_sn, dtype=np.int64)
+    for s in range(num_sn):  # children before parents (postorder)
+        if sn_parent[s] >= 0:
+            level[sn_parent[s]] = max(level[sn_parent[s]], level[s] + 1)
+    below = []
+    for s in range(num_sn):
+        blocks = struct[last[s]]
+        below.append(_ranges(first[blocks], size[blocks]))
+    starts = first[sn_first_arr]
+    W = np.diff(starts)
+    M = np.array([b.shape[0] for b in below], dtype=np.int64)
+    perm = _ranges(bstarts[:-1][order], size)
+    flops = float((W**3 / 3 + M * W**2 + M**2 * W).sum())
+    return Symbolic(pattern, ordering, perm, starts, below, sn_parent, level, bstarts,
+                    int(true_lower.sum()), int((W * (W + 1) // 2 + W * M).sum()), flops)
+
+
+def _ranges(begin: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """``concat(arange(b, b + l) for b, l)`` without a Python loop."""
+    total = int(length.sum())
+    offset = np.repeat(np.cumsum(length) - length, length)
+    return np.repeat(begin, length) + np.arange(total, dtype=np.int64) - offset
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule: the index maps of the numeric phase
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Group:
+    """Supernodes of one level padded to one size: ``G`` panels of ``Wp`` columns and ``Mp``
+    rows below, stored as rows ``start : start + G * (Wp + Mp) * Wp`` of the panel buffer
+    ``(T + 1, B)`` in ``(G, Wp + Mp, Wp)`` order (row ``T``: a dump for discarded updates).
+    ``upd_dst (G * Mp * Mp,)``: where each entry of the ``(G, Mp, Mp)`` update is subtracted
+    (``T`` for the upper triangle and the padding). Into the solve vector ``(B, n + 2)``
+    (original unknowns; ``n`` reads 0, ``n + 1`` is written and never read):
+    ``cols_read, cols_write (G * Wp,)``, ``below_read, below_write (G * Mp,)``. ``supernodes
+    (G,)``: which supernodes (for error messages)."""
+
+    G: int
+    Wp: int
+    Mp: int
+    start: int
+    upd_dst: Tensor
+    cols_read: Tensor
+    cols_write: Tensor
+    below_read: Tensor
+    below_write: Tensor
+    supernodes: np.ndarray
+
+    def to(self, device: torch.device) -> Group:
+        moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in vars(self).items()}
+        return Group(**moved)
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """The numeric plan for one pattern, batch size and device: ``l_src (T + 1,)`` fills the panel
+    buffer from the damped values (transposed, ``(nnz, B)``) extended by a row of zeros and a row
+    of ones; ``groups`` in processing order (levels ascending); ``sn_start`` per group member in
+    that order, the original unknown at which its supernode starts."""
+
+    pattern: Pattern
+    symbolic: Symbolic
+    l_src: Tensor
+    groups: tuple[Group, ...]
+    sn_start: Tensor
+
+    _work: dict = field(default_factory=dict, repr=False)
+
+    def to(self, device: torch.device) -> Schedule:
+        return Schedule(self.pattern, self.symbolic, self.l_src.to(device),
+                        tuple(g.to(device) for g in self.groups), self.sn_start.to(device))
+
+    def workspace(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Reused buffers: the transposed values ``(nnz + 2, B)`` (last rows 0 and 1) and the
+        panel buffer ``(T + 1, B)``. Reused because fresh pages of tensors this large (over
+        glibc's mmap threshold) cost a page fault each at every allocation; a factor keeps its
+        own blocks, never these."""
+        if dtype not in self._work:
+            nnz, device = self.pattern.nnz, self.l_src.device
+            At = torch.zeros(nnz + 2, batch, dtype=dtype, device=device)
+            At[nnz + 1] = 1.0
+            buf = torch.empty(self.l_src.shape[0], batch, dtype=dtype, device=device)
+            self._work[dtype] = (At, buf)
+        return self._work[dtype]
+
+
+def _cost(W: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Multiply-adds of a panel: Cholesky, triangular solve, update."""
+    return W**3 / 3 + M * W**2 + M**2 * W
+
+
+def group_level(
+    W: np.ndarray, M: np.ndarray, batch: int, slack: float, call_flops: float
+) -> list[np.ndarray]:
+    """Partition one level's supernodes (widths ``W``, rows below ``M``) into padded groups.
+    Largest first, each supernode joins the first group it fits in whose padded cost is at most
+    ``1 + slack`` times its own, else opens a group; then, while merging two groups (padded to
+    the larger of both sizes) wastes fewer than ``call_flops`` multiply-adds over the batch
+    (about what a group's torch calls cost), the cheapest such pair is merged."""
+    order = np.argsort(-_cost(W, M), kind="stable")
+    members: list[list[int]] = []
+    pads: list[tuple[int, int]] = []
+    for s in order.tolist():
+        own = float(_cost(W[s], M[s]))
+        for g, (wp, mp) in enumerate(pads):
+            if wp >= W[s] and mp >= M[s] and float(_cost(wp, mp)) <= (1 + slack) * own:
+                members[g].append(s)
+                break
+        else:
+            members.append([s])
+            pads.append((int(W[s]), int(M[s])))
+    true = [float(_cost(W[m], M[m]).sum()) for m in members]
+    while len(members) > 1:
+        best, pair = call_flops / batch, None
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                wp, mp = max(pads[a][0], pads[b][0]), max(pads[a][1], pads[b][1])
+                count = len(members[a]) + len(members[b])
+                waste = count * float(_cost(wp, mp)) - true[a] - true[b]
+                waste -= sum(len(members[g]) * float(_cost(*pads[g])) - true[g] for g in (a, b))
+                if waste <= best:
+                    best, pair = waste, (a, b, wp, mp)
+        if pair is None:
+            break
+        a, b, wp, mp = pair
+        members[a] += members.pop(b)
+        true[a] += true.pop(b)
+        pads.pop(b)
+        pads[a] = (wp, mp)
+    return [np.asarray(m, dtype=np.int64) for m in members]
+
+
+def build_schedule(sym: Symbolic, batch: int, slack: float, call_flops: float) -> Schedule:
+    """Index maps for ``sym`` (see :class:`Group`); computed on the CPU."""
+    n, nnz = sym.pattern.n, sym.pattern.nnz
+    starts, below = sym.starts, sym.below
+    W = np.diff(starts)
+    M = np.array([b.shape[0] for b in below], dtype=np.int64)
+    num_sn = W.shape[0]
+    parts = []
+    for lev in range(sym.depth):
+        members = np.nonzero(sym.level == lev)[0]
+        parts += [members[p] for p in group_level(W[members], M[members], batch, slack,
+                                                   call_flops)]
+    # each supernode's place in the buffer: panel origin and padded width
+    base, Wpad = np.zeros(num_sn, dtype=np.int64), np.zeros(num_sn, dtype=np.int64)
+    pads, start = [], 0
+    for sns in parts:
+        Wp, Mp = int(W[sns].max()), int(M[sns].max())
+        base[sns] = start + np.arange(sns.shape[0]) * (Wp + Mp) * Wp
+        Wpad[sns] = Wp
+        pads.append((Wp, Mp, start))
+        start += sns.shape[0] * (Wp + Mp) * Wp
+    total = start
+    # (supernode, new row) -> row within its stored panel, by one sorted key per panel row
+    keys = np.concatenate([s * n + np.concatenate([np.arange(starts[s], starts[s + 1]), below[s]])
+                           for s in range(num_sn)])
+    key_start = np.concatenate([[0], np.cumsum(W + M)])
+
+    def position(t: np.ndarray, row: np.ndarray, col: np.ndarray) -> np.ndarray:
+        local = np.searchsorted(keys, t * n + row) - key_start[t]
+        padded = np.where(local < W[t], local, local - W[t] + Wpad[t])
+        return base[t] + padded * Wpad[t] + (col - starts[t])
+
+    inv = np.empty(n, dtype=np.int64)
+    inv[sym.perm] = np.arange(n)
+    p_rows = inv[sym.pattern.rows.cpu().numpy()]
+    p_cols = inv[sym.pattern.cols.cpu().numpy()]
+    lower = np.nonzero(p_rows >= p_cols)[0]
+    sn_of = np.repeat(np.arange(num_sn), W)  # new column -> supernode
+    l_src = np.full(total + 1, nnz, dtype=np.int64)  # padding, upper triangle, dump: 0
+    l_src[position(sn_of[p_cols[lower]], p_rows[lower], p_cols[lower])] = lower
+    groups = []
+    for sns, (Wp, Mp, start) in zip(parts, pads):
+        a = np.arange(Wp)
+        pad = (a[None, :] >= W[sns][:, None]).nonzero()  # identity on the padded diagonal
+        l_src[base[sns[pad[0]]] + pad[1] * (Wp + 1)] = nnz + 1
+        groups.append(_group(sns, sym, Wp, Mp, start, total, position))
+    sns = np.concatenate(parts + [np.zeros(1, dtype=np.int64)])
+    sn_start = torch.from_numpy(sym.perm[starts[sns]])  # per group member (and a spare)
+    return Schedule(sym.pattern, sym, torch.from_numpy(l_src), tuple(groups), sn_start)
+
+
+def _group(sns: np.ndarray, sym: Symbolic, Wp: int, Mp: int, start: int, dump: int,
+           position) -> Group:
+    """The index maps of one padded group of supernodes ``sns``."""
+    n, G = sym.pattern.n, sns.shape[0]
+    W, M = np.diff(sym.starts)[sns], np.array([sym.below[s].shape[0] for s in sns])
+    upd = np.full((G, Mp, Mp), dump, dtype=np.int64)
+    for g, s in enumerate(sns.tolist()):
+        rows = sym.below[s]
+        if rows.shape[0]:
+            p, q = np.tril_indices(rows.shape[0])
+            tgt = np.searchsorted(sym.starts, rows[q], side="right") - 1
+            upd[g, p, q] = position(tgt, rows[p], rows[q])
+    a, b = np.arange(Wp)[None, :], np.arange(Mp)[None, :]
+    col_ok = a < W[:, None]
+    cols = np.where(col_ok, sym.perm[np.minimum(sym.starts[sns][:, None] + a, n - 1)], n)
+    below = np.full((G, Mp), n, dtype=np.int64)
+    for g, s in enumerate(sns.tolist()):
+        below[g, : M[g]] = sym.perm[sym.below[s]]
+    below_ok = b < M[:, None]
+
+    def t(x: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64).reshape(-1))
+
+    return Group(G, Wp, Mp, start, t(upd), t(cols), t(np.where(col_ok, cols, n + 1)), t(below),
+                 t(np.where(below_ok, below, n + 1)), sns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numeric factorization and solves
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SupernodalFactor:
+    """The factor of ``B`` damped matrices: per group the padded ``L11 (B, G, Wp, Wp)`` and
+    ``L21 (B, G, Mp, Wp)``. ``ok (B,)``: False where the matrix was not numerically positive
+    definite or not finite (its solutions are zeros); ``pivot (B,)``: the original unknown at
+    which the first failed supernode starts (-1 where ok)."""
+
+    schedule: Schedule
+    blocks: list[tuple[Tensor, Tensor]]
+    ok: Tensor
+    pivot: Tensor
+
+    def solve(self, b: Tensor) -> Tensor:
+        """``A^-1 b`` for ``b (B, n)``; returns ``(B, n)`` in ``b``'s dtype."""
+        sched, n = self.schedule, self.schedule.pattern.n
+        if b.ndim != 2 or b.shape[1] != n or b.shape[0] != self.ok.shape[0]:
+            raise ValueError(f"supernodal solve: b has shape {tuple(b.shape)}, expected "
+                             f"({self.ok.shape[0]}, {n})")
+        L0 = self.blocks[0][0] if self.blocks else None
+        dtype = L0.dtype if L0 is not None else b.dtype
+        batch = b.shape[0]
+        y = torch.cat([b.detach().to(dtype), b.new_zeros(batch, 2, dtype=dtype)], dim=1)
+        for g, (L11, L21) in zip(sched.groups, self.blocks):
+            rhs = y[:, g.cols_read].view(batch, g.G, g.Wp, 1)
+            ys = torch.linalg.solve_triangular(L11, rhs, upper=False)
+            y.index_copy_(1, g.cols_write, ys.view(batch, -1))
+            if g.Mp:
+                y.index_add_(1, g.below_write, (L21 @ ys).view(batch, -1), alpha=-1)
+        for g, (L11, L21) in zip(reversed(sched.groups), reversed(self.blocks)):
+            rhs = y[:, g.cols_read].view(batch, g.G, g.Wp, 1)
+            if g.Mp:
+                rhs = rhs - L21.mT @ y[:, g.below_read].view(batch, g.G, g.Mp, 1)
+            xs = torch.linalg.solve_triangular(L11.mT, rhs, upper=True)
+            y.index_copy_(1, g.cols_write, xs.view(batch, -1))
+        x = torch.where(self.ok[:, None], y[:, :n], 0.0)
+        return x.to(b.dtype)
+
+    def failures(self) -> dict[int, str]:
+        """Per failed batch element, why (e.g. ``{2: "batch element 2: not positive definite
+        (pivot in the supernode starting at unknown 37)"}``); empty when all are ok."""
+        bad = torch.nonzero(~self.ok).flatten().tolist()
+        pivots = self.pivot.tolist()
+        out = {}
+        for k in bad:
+            where = (f" (pivot in the supernode starting at unknown {pivots[k]})"
+                     if pivots[k] >= 0 else " (a value is not finite)")
+            out[k] = f"batch element {k}: not positive definite{where}"
+        return out
+
+
+@dataclass
+class SupernodalCholesky:
+    """Batched supernodal sparse Cholesky in torch (any device); see the module docstring.
+
+    Fields:
+        ordering: the block ordering: ``"auto"`` (see :func:`analyze`), CHOLMOD's ``"amd"``,
+            ``"nesdis"`` or ``"metis"`` (scikit-sparse), ``"minimum_degree"`` (written here, no
+            dependency) or ``"natural"``.
+        relax: relaxed amalgamation, pairs (max scalar columns, max zero fraction).
+        slack: a supernode joins a padded group if the padded cost is at most ``1 + slack``
+            times its own (or the waste is under ``call_flops``).
+        call_flops: multiply-adds over the whole batch that a group's torch calls are worth.
+    """
+
+    ordering: Ordering = "auto"
+    relax: tuple[tuple[int, float], ...] = ((16, 1.0), (48, 0.8), (96, 0.1), (1 << 30, 0.05))
+    slack: float = 0.5
+    call_flops: float = 2e6
+    _symbolic: PlanCache = field(default_factory=PlanCache, repr=False)
+    _schedules: PlanCache = field(default_factory=PlanCache, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.ordering not in ORDERINGS:
+            raise ValueError(f"unknown ordering {self.ordering!r}; use one of {ORDERINGS}")
+        if self.slack < 0 or self.call_flops < 0:
+            raise ValueError(f"slack and call_flops must be >= 0, got {self.slack}, "
+                             f"{self.call_flops}")
+
+    def symbolic(self, pattern: Pattern) -> Symbolic:
+        """The symbolic analysis of ``pattern``, computed once and cached."""
+        sym = self._symbolic.lookup((id(pattern),), pattern)
+        if sym is None:
+            sym = self._symbolic.store((id(pattern),), analyze(pattern, self.ordering, self.relax))
+        return sym
+
+    def schedule(self, pattern: Pattern, batch: int, device: torch.device) -> Schedule:
+        """The numeric plan for ``pattern``, ``batch`` and ``device`` (cached)."""
+        key = (id(pattern), batch, device)
+        sched = self._schedules.lookup(key, pattern)
+        if sched is None:
+            sched = build_schedule(self.symbolic(pattern), batch, self.slack, self.call_flops)
+            sched = sched.to(device)
+            self._schedules.store(key, sched)
+        return sched
+
+    def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SupernodalFactor:
+        """Factor ``H (B, nnz) + diag(damping (B, n))`` for all ``B`` elements together."""
+        if H.ndim != 2 or H.shape[1] != pattern.nnz:
+            raise ValueError(f"supernodal: H has shape {tuple(H.shape)}, expected (B, "
+                             f"{pattern.nnz}) for this pattern")
+        if damping.shape != (H.shape[0], pattern.n):
+            raise ValueError(f"supernodal: damping has shape {tuple(damping.shape)}, expected "
+                             f"({H.shape[0]}, {pattern.n})")
+        if H.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"supernodal: dtype {H.dtype} is not supported (float32, float64)")
+        A = damped(H, pattern, damping).detach()
+        batch = A.shape[0]
+        sched = self.schedule(pattern, batch, A.device)
+        finite = torch.isfinite(A.sum(-1))  # a NaN or inf anywhere makes the sum non-finite
+        At, buf = sched.workspace(batch, A.dtype)
+        At[: pattern.nnz].copy_(A.T)
+        # the panel buffer, batch last: gathers and scatters move rows of B values
+        torch.index_select(At, 0, sched.l_src, out=buf)  # the padded panels, then a dump
+        blocks, infos = [], []
+        for g in sched.groups:
+            Hp, size = g.Wp + g.Mp, g.G * (g.Wp + g.Mp) * g.Wp
+            P = buf[g.start : g.start + size].view(g.G, Hp, g.Wp, batch).permute(3, 0, 1, 2)
+            L11, info = torch.linalg.cholesky_ex(P[:, :, : g.Wp])
+            # a failed element's blocks become the identity: its later blocks stay finite
+            L11 = torch.where((info == 0)[..., None, None], L11, _eye(g.Wp, L11))
+            L21 = torch.linalg.solve_triangular(L11.mT, P[:, :, g.Wp :], upper=True, left=False)
+            if g.Mp:
+                U = L21 @ L21.mT  # (B, G, Mp, Mp)
+                minus = U.new_empty(g.G, g.Mp, g.Mp, batch)
+                torch.neg(U.permute(1, 2, 3, 0), out=minus)
+                buf.scatter_add_(0, g.upd_dst[:, None].expand(-1, batch), minus.view(-1, batch))
+            blocks.append((L11, L21))
+            infos.append(info)
+        info = torch.cat(infos, dim=1) if infos else A.new_zeros(batch, 0, dtype=torch.int32)
+        failed = info != 0
+        first = torch.argmax(failed.to(torch.uint8), dim=1)  # first failed supernode, in order
+        start = sched.sn_start[first]
+        ok = finite & ~failed.any(1)
+        pivot = torch.where(ok | ~finite, -1, start)
+        return SupernodalFactor(sched, blocks, ok, pivot)
+
+
+def _eye(k: int, like: Tensor) -> Tensor:
+    return torch.eye(k, dtype=like.dtype, device=like.device)
