@@ -286,12 +286,12 @@ _STYLE = {"gtsam": dict(ls="--", marker="s", color="0.25"),
 
 def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     axes = fig.subplots(2, 2)
+    per = sorted({r["poses"] for r in rows if r["sweep"] == "batch"})
+    batch_label = f"batch size (graphs of {', '.join(map(str, per))} poses)"
     panels = [("poses", "time_s", "poses per graph (batch 1)", "time of one LM solve [s]"),
               ("poses", "peak_mem_mb", "poses per graph (batch 1)", "peak memory [MB]"),
-              ("batch", "time_s", "batch size (graphs of 64 poses)",
-               "time of one batched solve [s]"),
-              ("batch", "peak_mem_mb", "batch size (graphs of 64 poses)",
-               "peak memory [MB]")]
+              ("batch", "time_s", batch_label, "time of the whole batch's solve [s]"),
+              ("batch", "peak_mem_mb", batch_label, "peak memory [MB]")]
     for ax, (sweep, key, xlabel, ylabel) in zip(axes.flat, panels):
         mine = [r for r in rows if r["sweep"] == sweep and r.get(key) not in (None, "")]
         for solver in dict.fromkeys(r["solver"] for r in mine):
