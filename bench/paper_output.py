@@ -241,8 +241,8 @@ def _save_png(fig: Any, path: Path) -> None:
 
 def log_axis(ax: Any, values: Sequence[float], axis: str = "y", decades: float = 1.0) -> None:
     """Log scale on ``axis`` when the positive ``values`` span more than ``decades`` decades,
-    with plain-number tick labels (minor ticks 2 and 5 labelled when the axis spans under 1.5 decades);
-    otherwise a linear axis without an offset."""
+    with plain-number tick labels (minor ticks 2 and 5 labelled when the axis spans under 1.5
+    decades); otherwise a linear axis without an offset."""
     from matplotlib import ticker
 
     finite = [v for v in values if v is not None and math.isfinite(v)]
