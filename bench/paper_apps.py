@@ -99,7 +99,8 @@ def run(ctx: Context) -> Result:
                          "vs_learned": value / learned if learned else None,
                          "run_dir": str(folder), "source": source})
         epochs = doc.get("epochs")
-        notes.append(f"{app}: {source} `{folder}` ({epochs} epochs), metric `{metric}`.")
+        notes.append(f"{app}: {source} `{folder}` (epochs: {epochs}), metric `{metric}` "
+                     f"[{unit(metric)}].")
     if ctx.size != "full" and len(ctx.runs) < len(apps.APPS):
         notes.insert(0, "Apps without --runs ran their smoke preset (seconds of training on a "
                         "few samples): the numbers show the pipeline, not the apps' "
@@ -114,6 +115,15 @@ def run(ctx: Context) -> Result:
                   table_columns=("app", "metric", "method", "value", "vs_learned", "source"))
 
 
+_UNITS = {"deg": "deg", "px": "px", "mm": "mm", "m": "m", "s": "s", "rate": "fraction",
+          "frac": "fraction"}
+
+
+def unit(metric: str) -> str:
+    """The unit a metric's name ends with (``rot_err_deg`` -> ``deg``), else ``data units``."""
+    return _UNITS.get(metric.rsplit("_", 1)[-1], "data units")
+
+
 def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     apps_ = list(dict.fromkeys(r["app"] for r in rows if r.get("value") is not None))
     axes = fig.subplots(1, max(len(apps_), 1), squeeze=False)[0]
@@ -126,14 +136,16 @@ def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
         bars = ax.bar(range(len(values)), values, color=colors)
         ax.bar_label(bars, [f"{v:.3g}" for v in values], fontsize=6.5)
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7.5)
-        ax.set_ylabel(f"held-out {mine[0]['metric']} (lower is better)", fontsize=8)
+        metric = mine[0]["metric"]
+        ax.set_ylabel(f"held-out {metric} [{unit(metric)}] (lower is better)", fontsize=8)
         positive = [v for v in values if v > 0]
         if len(positive) == len(values) and max(values) / min(values) > 30:
             ax.set_yscale("log")
         ax.set_title(app, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
+    sources = ", ".join(sorted({str(r["source"]) for r in rows if r.get("value") is not None}))
     fig.suptitle("Apps: held-out metric of the learned model (green), the untrained network "
-                 "(grey) and the baselines (blue)", fontsize=10)
+                 f"(grey) and the baselines (blue); from: {sources}", fontsize=10)
 
 
 if __name__ == "__main__":

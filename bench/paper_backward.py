@@ -24,6 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bench.paper_apps import unit
 from bench.paper_output import Context, Result, data_ticks, log, log_axis
 
 COLUMNS = ("study", "backward", "iterations", "val_metric", "val_value", "time_s", "memory_mb",
@@ -130,7 +131,8 @@ def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     app = [r for r in rows if r["study"] == APP]
     pg = [r for r in rows if r["study"] == "pose_graph_layer"]
     metric = next((r["val_metric"] for r in app if r.get("val_metric")), "held-out metric")
-    _panel(axes[0, 0], app, "val_value", f"held-out {metric}", "tactile: held-out error")
+    _panel(axes[0, 0], app, "val_value", f"held-out {metric} [{unit(metric)}]",
+           "tactile: held-out error")
     _panel(axes[0, 1], app, "time_s", "time per training step [s]", "tactile: step time")
     _panel(axes[0, 2], app, "memory_mb", "memory kept for backward [MB]",
            "tactile: autograd saved tensors")

@@ -25,8 +25,9 @@ from bench.synthetic import PoseGraphBatch, pose_graph_batch
 
 COLUMNS = ("layout", "device", "poses", "factors", "costs", "iterations", "build_s",
            "time_per_iter_s", "final_cost", "speedup_table")
-POSES = {"tiny": (24, 40), "quick": (32, 128, 512), "full": (32, 64, 128, 256, 512, 1024)}
-PER_FACTOR_MAX_POSES = {"tiny": 40, "quick": 512, "full": 1024}
+POSES = {"tiny": (24, 40), "quick": (32, 128, 512, 2048),
+         "full": (32, 64, 128, 256, 512, 1024, 2048, 4096)}
+PER_FACTOR_MAX_POSES = {"tiny": 40, "quick": 2048, "full": 4096}
 ITERS = {"tiny": 2, "quick": 3, "full": 5}
 REPEATS = {"tiny": 1, "quick": 1, "full": 3}
 NEVER = -1.0  # a tolerance that switches the convergence test off
