@@ -61,7 +61,9 @@ class Cost:
     ``residual_dim``: ``d`` when known before evaluation (library costs), so weights and
     sqrt_info are checked at construction; otherwise at the first evaluation. ``aux_spaces``:
     ``(aux name, space)`` pairs of aux tensors holding group elements (measurements), checked
-    for unit rotations (``core.variable.check_on_group``) whenever they are set.
+    for unit rotations (``core.variable.check_on_group``) whenever they are set. ``kernel``: the
+    name of a compiled kernel computing the same residuals and Jacobians (library costs only;
+    ``core.fused`` says when it is used).
     """
 
     residual: Callable[..., Tensor] | None
@@ -76,6 +78,7 @@ class Cost:
     indexed: bool = True
     residual_dim: int | None = None
     aux_spaces: tuple[tuple[str, Space], ...] = ()
+    kernel: str | None = None
 
     @property
     def num_factors(self) -> int:
@@ -244,6 +247,7 @@ def make_cost(
     analytic: AnalyticFn | None = None,
     residual_dim: int | None = None,
     aux_spaces: Mapping[str, Space] | None = None,
+    kernel: str | None = None,
 ) -> Cost:
     """Build and validate a :class:`Cost` (this is ``core.Cost``'s constructor).
 
@@ -281,7 +285,12 @@ def make_cost(
         indexed,
         residual_dim,
         tuple((aux_spaces or {}).items()),
+        kernel,
     )
+    if kernel is not None:
+        from core import fused  # here: core.fused imports this module
+
+        fused.prepare(kernel)
     return _validated(cost)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from core import fused as _fused
 from core.objective import Objective, Pattern
 
 
@@ -60,8 +61,15 @@ def normal_blocks(J: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
     return JtJ, Jtr
 
 
-def linearize(objective: Objective, values: Mapping[str, Tensor]) -> Linearization:
-    """Evaluate all costs with Jacobians at ``values`` and assemble ``H``, ``g`` and the cost."""
+def linearize(
+    objective: Objective, values: Mapping[str, Tensor], fused: bool = True
+) -> Linearization:
+    """Evaluate all costs with Jacobians at ``values`` and assemble ``H``, ``g`` and the cost.
+
+    ``fused``: costs with a compiled kernel are linearized by it where ``core.fused.applies``
+    (CPU, float64, no gradient needed through them), in one pass each; ``False`` forces the
+    torch path for every cost (the reference the kernels are tested against).
+    """
     first = values[objective.variables[0].name]
     batch, device = first.shape[0], first.device
     pattern = objective.pattern(device)
@@ -69,6 +77,10 @@ def linearize(objective: Objective, values: Mapping[str, Tensor]) -> Linearizati
     g = first.new_zeros(batch, pattern.n)
     cost = first.new_zeros(batch)
     for c, positions, columns in zip(objective.costs, pattern.positions, pattern.columns):
+        if fused and _fused.applies(c, values):
+            with torch.no_grad():
+                _fused.accumulate(c, values, positions, columns, H, g, cost)
+            continue
         num = c.num_factors
         step = num if device.type != "cpu" else max(1, CHUNK // batch)
         for start in range(0, num, step):

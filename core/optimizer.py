@@ -108,6 +108,8 @@ class LevenbergMarquardt:
         check_every: test for "all converged" on the host every this many iterations.
         verbose: log one line per iteration (cost, relative decrease, damping, time).
         adaptive: False gives Gauss-Newton: every finite step is accepted, the best kept.
+        fused: linearize the library costs with their compiled kernels where they apply (CPU,
+            float64, no gradient through the costs; ``core.fused``); False: torch throughout.
     """
 
     max_iters: int = 50
@@ -124,6 +126,7 @@ class LevenbergMarquardt:
     check_every: int = 1
     verbose: bool = False
     adaptive: bool = True
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.max_iters < 0:
@@ -151,7 +154,7 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
     objective = objective.to(first.device)  # indices and aux next to the values, once per solve
     batch = objective.check_values(values)
     solver = make_solver(opts.solver, objective.dim, first.device)
-    lin = linearize(objective, values)
+    lin = linearize(objective, values, opts.fused)
     status = torch.where(torch.isfinite(lin.cost), RUNNING, FAILED).to(first.device)
     lam = torch.full((batch,), opts.damping_init, dtype=first.dtype, device=first.device)
     nu = torch.full_like(lam, 2.0)
@@ -226,7 +229,7 @@ def _trial(
     factor = solver.factor(lin.H.detach(), lin.pattern, damping.detach())
     delta = solve(factor, A, lin.pattern, rhs)
     cand = objective.retract(values, delta)
-    new = linearize(objective, cand)
+    new = linearize(objective, cand, opts.fused)
     predicted = 0.5 * (delta * (damping * delta - lin.g)).sum(-1)
     gain = (lin.cost - new.cost) / predicted.clamp_min(torch.finfo(predicted.dtype).tiny)
     return delta, cand, gain.detach(), new, factor.ok

@@ -19,6 +19,12 @@ from core.cost import Cost, make_cost
 from core.loss import RobustLoss
 from core.variable import Variable
 
+# compiled kernels computing the same residuals and Jacobians (core.fused, core._kernels)
+_KERNELS = {
+    "SE3": {"between": "between_se3", "prior": "prior_se3"},
+    "SE2": {"between": "between_se2", "prior": "prior_se2"},
+}
+
 
 def _per_factor(t: Tensor, storage: int, num: int, what: str) -> Tensor:
     """``(S,)``, ``(E, S)`` or ``(B, E, S)`` -> ``(B|1, E, S)`` (a view where possible)."""
@@ -80,6 +86,7 @@ def Prior(  # noqa: N802 (a Cost constructor)
         analytic=prior,
         residual_dim=space.dof,
         aux_spaces={"target": space},
+        kernel=_KERNELS.get(str(space), {}).get("prior"),
     )
 
 
@@ -129,4 +136,5 @@ def Between(  # noqa: N802 (a Cost constructor)
         analytic=between,
         residual_dim=space.dof,
         aux_spaces={"measured": space},
+        kernel=_KERNELS.get(str(space), {}).get("between"),
     )

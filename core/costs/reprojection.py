@@ -121,7 +121,7 @@ def Reprojection(  # noqa: N802 (a Cost constructor)
     return make_cost(None, [cameras, intrinsics, points], {"observed": observed},
                      index=[camera_index, k_index, point_index], weight=weight,
                      sqrt_info=sqrt_info, loss=loss, name=name, analytic=reprojection,
-                     residual_dim=2)
+                     residual_dim=2, kernel="reprojection_bal")
 
 
 def bal_to_variables(problem: BALProblem) -> tuple[BALVariables, dict[str, Tensor]]:

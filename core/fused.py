@@ -1,0 +1,131 @@
+"""When and how a cost is linearized by a compiled kernel (``core._kernels``) instead of torch.
+
+A library cost names its kernel (``Cost.kernel``: ``"between_se3"``, ``"prior_se3"``,
+``"between_se2"``, ``"prior_se2"``, ``"reprojection_bal"``). ``linearize`` uses the kernel when
+:func:`applies`: Numba is installed, every tensor the cost reads is a float64 CPU tensor, the
+cost has no robust loss, and autograd needs no gradient through it (grad mode off, or nothing it
+reads requires grad). Everywhere else (GPU, float32, unroll/implicit backward, custom costs) the
+torch path runs: it is the reference, and the kernels compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from core import _kernels
+from core.cost import Cost
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("between_se3", "prior_se3", "between_se2", "prior_se2", "reprojection_bal")
+_NO_U = np.zeros((1, 1, 1, 1))
+# (storage size, tangent size) of each slot's variable, per kernel
+_SLOTS = {
+    "between_se3": ((7, 6), (7, 6)),
+    "prior_se3": ((7, 6),),
+    "between_se2": ((4, 3), (4, 3)),
+    "prior_se2": ((4, 3),),
+    "reprojection_bal": ((7, 6), (3, 3), (3, 3)),
+}
+
+
+def _tensors(cost: Cost, values: Mapping[str, Tensor]) -> list[Tensor]:
+    out = [values[v.name] for v in cost.optimized] + list(cost.aux.values())
+    return out + [t for t in (cost.weight, cost.sqrt_info) if t is not None]
+
+
+def applies(cost: Cost, values: Mapping[str, Tensor]) -> bool:
+    """Whether ``cost`` can be linearized by its kernel at ``values`` (see the module doc)."""
+    if cost.kernel is None or cost.loss is not None or not _kernels.AVAILABLE:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in _tensors(cost, values):
+        if t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+        if t.dtype != torch.float64 and not (t.ndim == 0 and t.is_floating_point()):
+            return False
+    return True
+
+
+def _array(t: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().numpy())
+
+
+def _lead(t: Tensor, ndim: int) -> np.ndarray:
+    """``t`` with leading singleton dimensions up to ``ndim``, as a float64 array."""
+    t = t.detach().to(torch.float64)
+    return _array(t.reshape((1,) * (ndim - t.ndim) + tuple(t.shape)))
+
+
+@functools.cache
+def prepare(kind: str) -> float:
+    """Load kernel ``kind``'s compiled code (from Numba's disk cache, or compile it: seconds, once
+    per installation) by running it on a one-factor problem; returns the seconds it took.
+
+    Cost constructors call this, once per kernel and process, so the first solve pays nothing
+    for it (``bench`` reports it as part of the set-up; loading from the cache takes 0.3-0.9 s
+    in a fresh process, most of it Numba importing its own registries)."""
+    if not _kernels.AVAILABLE:
+        return 0.0
+    if kind not in _SLOTS:
+        raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
+    start = time.perf_counter()
+    D = sum(dof for _, dof in _SLOTS[kind])
+    xs = [np.zeros((1, 2, storage)) for storage, _ in _SLOTS[kind]]
+    for x in xs:  # identities (unit rotation parts), points in front of the camera
+        x[..., -1] = 1.0
+        if x.shape[-1] == 4:
+            x[..., 2], x[..., 3] = 1.0, 0.0
+    index = [np.array([0], np.int64), np.array([1], np.int64), np.array([0], np.int64)]
+    aux = np.ones((1, 1, 2)) if kind == "reprojection_bal" else xs[0][:, :1].copy()
+    pos = np.zeros((1, D, D), np.int64)
+    col = np.zeros((1, D), np.int64)
+    tail = (_NO_U, False, np.ones((1, 1, 1)), pos, col, np.zeros((1, 1)), np.zeros((1, 1)),
+            np.zeros(1))
+    _call(kind, xs, index[: len(xs)], aux, tail)
+    seconds = time.perf_counter() - start
+    log.debug("kernel %s ready in %.3f s", kind, seconds)
+    return seconds
+
+
+def _call(kind: str | None, xs: list[np.ndarray], index: list[np.ndarray], aux: np.ndarray,
+          tail: tuple) -> None:
+    if kind in ("between_se3", "between_se2"):
+        fn = _kernels.se3_between if kind == "between_se3" else _kernels.se2_between
+        fn(xs[0], xs[1], index[0], index[1], aux, *tail)
+    elif kind in ("prior_se3", "prior_se2"):
+        fn = _kernels.se3_prior if kind == "prior_se3" else _kernels.se2_prior
+        fn(xs[0], index[0], aux, *tail)
+    elif kind == "reprojection_bal":
+        _kernels.bal_reprojection(*xs, *index, aux, *tail)
+    else:
+        raise ValueError(f"unknown kernel {kind!r}; known: {KERNELS}")
+
+
+def accumulate(
+    cost: Cost,
+    values: Mapping[str, Tensor],
+    positions: Tensor,
+    columns: Tensor,
+    H: Tensor,
+    g: Tensor,
+    total: Tensor,
+) -> None:
+    """Add ``cost``'s ``J^T J`` into ``H (B, nnz)``, ``J^T r`` into ``g (B, n)`` and its cost into
+    ``total (B,)`` in place (CPU float64 tensors; ``positions (E, D, D)``, ``columns (E, D)`` the
+    pattern's maps for this cost)."""
+    xs = [_array(values[v.name]) for v in cost.optimized]
+    index = [_array(i) for i in cost.index]
+    aux = _array(next(iter(cost.aux.values())))
+    U = _NO_U if cost.sqrt_info is None else _lead(cost.sqrt_info, 4)
+    w = _lead(cost.weight if cost.weight is not None else torch.ones(()), 3)
+    tail = (U, cost.sqrt_info is not None, w, _array(positions), _array(columns), H.numpy(),
+            g.numpy(), total.numpy())
+    _call(cost.kernel, xs, index, aux, tail)
