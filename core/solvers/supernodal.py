@@ -268,7 +268,7 @@ def _merge_ok(columns: int, zero_fraction: float, relax: tuple[tuple[int, float]
 def analyze(
     pattern: Pattern,
     ordering: Ordering = "auto",
-    relax: tuple[tuple[int, float], ...] = ((16, 1.0), (48, 0.8), (96, 0.1), (1 << 30, 0.05)),
+    relax: tuple[tuple[int, float], ...] = ((4, 1.0), (16, 0.8), (48, 0.1), (1 << 30, 0.05)),
 ) -> Symbolic:
     """The symbolic analysis of ``pattern`` (see the module docstring); ``relax``: pairs
     ``(max scalar columns, max fraction of explicit zeros)`` under which a child supernode is
@@ -603,9 +603,9 @@ class SupernodalCholesky:
     """
 
     ordering: Ordering = "auto"
-    relax: tuple[tuple[int, float], ...] = ((16, 1.0), (48, 0.8), (96, 0.1), (1 << 30, 0.05))
-    slack: float = 0.5
-    call_flops: float = 2e6
+    relax: tuple[tuple[int, float], ...] = ((4, 1.0), (16, 0.8), (48, 0.1), (1 << 30, 0.05))
+    slack: float = 0.1
+    call_flops: float = 5e5
     _symbolic: PlanCache = field(default_factory=PlanCache, repr=False)
     _schedules: PlanCache = field(default_factory=PlanCache, repr=False)
 
@@ -652,18 +652,22 @@ class SupernodalCholesky:
         # the panel buffer, batch last: gathers and scatters move rows of B values
         torch.index_select(At, 0, sched.l_src, out=buf)  # the padded panels, then a dump
         blocks, infos = [], []
+        on_cpu = A.device.type == "cpu"
         for g in sched.groups:
             Hp, size = g.Wp + g.Mp, g.G * (g.Wp + g.Mp) * g.Wp
-            P = buf[g.start : g.start + size].view(g.G, Hp, g.Wp, batch).permute(3, 0, 1, 2)
+            # one blocked transpose to batch-first: the linear algebra then reads contiguous
+            # matrices (reading the batch-last panels directly gathers across cache lines)
+            P = buf[g.start : g.start + size].T.contiguous().view(batch, g.G, Hp, g.Wp)
             L11, info = torch.linalg.cholesky_ex(P[:, :, : g.Wp])
-            # a failed element's blocks become the identity: its later blocks stay finite
-            L11 = torch.where((info == 0)[..., None, None], L11, _eye(g.Wp, L11))
+            # a failed element's blocks become the identity: its later blocks stay finite (on
+            # the CPU only when one failed: there the check costs no device synchronization)
+            if not on_cpu or bool(info.any()):
+                L11 = torch.where((info == 0)[..., None, None], L11, _eye(g.Wp, L11))
             L21 = torch.linalg.solve_triangular(L11.mT, P[:, :, g.Wp :], upper=True, left=False)
             if g.Mp:
-                U = L21 @ L21.mT  # (B, G, Mp, Mp)
-                minus = U.new_empty(g.G, g.Mp, g.Mp, batch)
-                torch.neg(U.permute(1, 2, 3, 0), out=minus)
-                buf.scatter_add_(0, g.upd_dst[:, None].expand(-1, batch), minus.view(-1, batch))
+                minus = L21 @ L21.neg().mT  # -L21 L21^T, (B, G, Mp, Mp)
+                minus = minus.view(batch, -1).T.contiguous()  # blocked 2-D transpose: batch last
+                buf.scatter_add_(0, g.upd_dst[:, None].expand(-1, batch), minus)
             blocks.append((L11, L21))
             infos.append(info)
         info = torch.cat(infos, dim=1) if infos else A.new_zeros(batch, 0, dtype=torch.int32)
