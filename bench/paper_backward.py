@@ -8,8 +8,9 @@ Two studies, one figure (a row each), one CSV and one table:
   the app's held-out metric (``val_metric`` / ``val_value``), the mean wall time of one training
   step (``time_s``) and the most memory a step kept for its backward (``memory_mb``, measure
   ``autograd_saved``: the tensors autograd saved, ``apps.common.saved_bytes``). Sizes: ``--quick``
-  the app's smoke preset; the full run ``epochs=4 num_train=64 num_val=24`` (the setting of
-  ``bench/RESULTS.md``).
+  ``epochs=2 num_train=16 num_val=8``; the full run ``epochs=4 num_train=64 num_val=24`` (the
+  setting of ``bench/RESULTS.md``); ``--tiny`` the app's smoke preset. The runs share one
+  dataset cache (``cache_dir``), so the episodes are simulated once.
 - ``pose_graph_layer``: ``bench.backward`` on a batch of synthetic SE(3) pose graphs: forward +
   backward time through ``core.OptimizationLayer`` (``time_s``, median), the process's
   resident-set high-water mark above its level before the forward (``memory_mb``, measure
@@ -30,10 +31,11 @@ from bench.paper_output import Context, Result, data_ticks, log, log_axis
 COLUMNS = ("study", "backward", "iterations", "val_metric", "val_value", "time_s", "memory_mb",
            "memory_measure", "grad_rel_err", "grad_rel_err_exact", "note")
 APP = "tactile"
-TACTILE = {  # (modes, iterations, overrides beyond the size)
-    "tiny": (("unroll", "implicit"), (2, 4), []),
-    "quick": (("unroll", "truncated", "implicit", "dlm"), (2, 5, 10, 20), []),
-    "full": (("unroll", "truncated", "implicit", "dlm"), (2, 5, 10, 20),
+TACTILE = {  # (modes, iterations, the app's smoke preset?, overrides)
+    "tiny": (("unroll", "implicit"), (2, 4), True, []),
+    "quick": (("unroll", "truncated", "implicit", "dlm"), (2, 5, 10, 20), False,
+              ["epochs=2", "num_train=16", "num_val=8"]),
+    "full": (("unroll", "truncated", "implicit", "dlm"), (2, 5, 10, 20), False,
              ["epochs=4", "num_train=64", "num_val=24"]),
 }
 LAYER = {  # (batch, poses, iterations, repeats)
@@ -48,12 +50,12 @@ def tactile(ctx: Context) -> tuple[list[dict[str, Any]], list[str]]:
     import apps
     from apps import study
 
-    modes, iters, overrides = TACTILE[ctx.size]
-    out = ctx.out / "backward_tactile"
+    modes, iters, smoke, overrides = TACTILE[ctx.size]
+    out = (ctx.out / "backward_tactile").resolve()
     device = "cuda" if ctx.gpu else "cpu"
     argv = [APP, "--out", str(out), "--modes", ",".join(modes), "--iters",
-            ",".join(map(str, iters)), *(["--quick"] if ctx.size != "full" else []),
-            f"device={device}", "viz=false", *overrides]
+            ",".join(map(str, iters)), *(["--quick"] if smoke else []), f"device={device}",
+            "viz=false", f"cache_dir={out / 'cache'}", *overrides]
     log(f"backward: python -m apps.study {' '.join(argv)}")
     try:
         found = study.main(argv)
