@@ -672,7 +672,7 @@ class SupernodalCholesky:
             infos.append(info)
         info = torch.cat(infos, dim=1) if infos else A.new_zeros(batch, 0, dtype=torch.int32)
         failed = info != 0
-        first = torch.argmax(failed.to(torch.uint8), dim=1)  # first failed supernode, in order
+        first = torch.argmax(failed.to(torch.int32), dim=1)  # first failed supernode, in order
         start = sched.sn_start[first]
         ok = finite & ~failed.any(1)
         pivot = torch.where(ok | ~finite, -1, start)

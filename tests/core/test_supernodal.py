@@ -319,3 +319,20 @@ def test_cuda_non_spd_element_is_flagged(gen: torch.Generator) -> None:
     factor = SupernodalCholesky().factor(values.cuda(), pattern,
                                          torch.zeros(3, pattern.n, dtype=F64, device="cuda"))
     assert factor.ok.tolist() == [True, False, True] and sorted(factor.failures()) == [1]
+
+
+@cuda
+def test_cuda_factor_and_solve_do_not_synchronize(gen: torch.Generator) -> None:
+    """After the first call (analysis and index maps), factor + solve stay on the device."""
+    objective, _ = pose_graph_objective(pose_graph_batch(128, 1, seed=0))
+    pattern = objective.pattern("cuda")
+    values = random_spd(objective.pattern(), 4, gen).cuda()
+    zero = torch.zeros(4, pattern.n, dtype=F64, device="cuda")
+    b = torch.randn(4, pattern.n, generator=gen, dtype=F64).cuda()
+    solver = SupernodalCholesky()
+    solver.factor(values, pattern, zero).solve(b)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        solver.factor(values, pattern, zero).solve(b)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
