@@ -175,6 +175,27 @@ def test_supernodes_and_levels_are_consistent() -> None:
     assert np.diff(sym.starts).sum() == pattern.n and sym.nnz_panels >= sym.nnz_L
 
 
+def test_torch_calls_follow_levels_not_supernodes(gen: torch.Generator) -> None:
+    """4x the poses: about 4x the supernodes, a similar depth, and far fewer than 4x the torch
+    calls of one factorization (counted through ``__torch_function__``)."""
+    from bench.supernodal import CallCounter
+
+    found = {}
+    for poses in (1000, 4000):
+        pattern = helix_pattern(poses)
+        solver = SupernodalCholesky()
+        values, zero = random_spd(pattern, 2, gen), torch.zeros(2, pattern.n, dtype=F64)
+        solver.factor(values, pattern, zero)  # analysis and index maps
+        counter = CallCounter()
+        with counter:
+            solver.factor(values, pattern, zero)
+        found[poses] = (counter.calls, solver.symbolic(pattern))
+    (calls_1k, sym_1k), (calls_4k, sym_4k) = found[1000], found[4000]
+    assert sym_4k.num_supernodes > 3.5 * sym_1k.num_supernodes
+    assert sym_4k.depth < 1.5 * sym_1k.depth
+    assert calls_4k < 2.5 * calls_1k and calls_4k < sym_4k.num_supernodes
+
+
 def test_symbolic_analysis_is_cached_per_pattern(monkeypatch, gen: torch.Generator) -> None:
     calls = []
     real = sn.analyze
