@@ -57,6 +57,8 @@ SE3_Q_LAST = np.array(_util.SE3_Q_LAST, _F64)
 JL_INV_COEFF = np.array(_util.JL_INV_COEFF, _F64)
 HALF_T_COT_HALF_T = np.array(_util.HALF_T_COT_HALF_T, _F64)
 ATAN_OVER_X = np.array(_util.ATAN_OVER_X, _F64)
+SIN_HALF_OVER_T = np.array(_util.SIN_HALF_OVER_T, _F64)
+COS_HALF = np.array(_util.COS_HALF, _F64)
 SMALL2 = 0.5 * 0.5  # small_angle_threshold(float64) ** 2
 LOG_SMALL2 = 0.1 * 0.1  # so3._log_threshold(float64) ** 2
 
@@ -483,3 +485,46 @@ def bal_reprojection(
                 J[a, 7] = f * r2 * pp[a]
                 J[a, 8] = f * (r2 * r2) * pp[a]
             _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, rw, Jw)
+
+
+@_jit
+def se3_retract(X: np.ndarray, delta: np.ndarray, out: np.ndarray) -> None:
+    """``out = X * exp(delta)`` (``se3.retract``): ``exp(rho, phi) = (Jl(phi) rho, so3.exp(phi))``;
+    ``X, out (B, F, 7)``, ``delta (B, F, 6)``."""
+    e7, tmp = np.empty(7), np.empty(3)
+    for b in range(X.shape[0]):
+        for f in range(X.shape[1]):
+            d = delta[b, f]
+            rx, ry, rz, px, py, pz = d[0], d[1], d[2], d[3], d[4], d[5]
+            theta2 = px * px + py * py + pz * pz
+            if theta2 < SMALL2:
+                cb = _horner(ONE_MINUS_COS_OVER_T2, theta2)
+                ca = _horner(T_MINUS_SIN_OVER_T3, theta2)
+                k = _horner(SIN_HALF_OVER_T, theta2)
+                w = _horner(COS_HALF, theta2)
+            else:
+                t = math.sqrt(theta2)
+                cb = 2 * (math.sin(t / 2) / t) ** 2
+                ca = (t - math.sin(t)) / t**3
+                k = math.sin(t / 2) / t
+                w = math.cos(t / 2)
+            ax, ay, az = py * rz - pz * ry, pz * rx - px * rz, px * ry - py * rx  # phi x rho
+            bx, by, bz = py * az - pz * ay, pz * ax - px * az, px * ay - py * ax
+            e7[0], e7[1], e7[2] = rx + cb * ax + ca * bx, ry + cb * ay + ca * by, \
+                rz + cb * az + ca * bz
+            e7[3], e7[4], e7[5], e7[6] = k * px, k * py, k * pz, w
+            _se3_compose(X[b, f], e7, out[b, f], tmp)
+
+
+@_jit
+def se2_retract(X: np.ndarray, delta: np.ndarray, out: np.ndarray) -> None:
+    """``out = X * exp(delta)`` (``se2.retract``); ``X, out (B, F, 4)``, ``delta (B, F, 3)``."""
+    e4 = np.empty(4)
+    for b in range(X.shape[0]):
+        for f in range(X.shape[1]):
+            r1, r2, th = delta[b, f, 0], delta[b, f, 1], delta[b, f, 2]
+            a, cb, _ = _se2_coeffs(th)
+            bt = cb * th
+            e4[0], e4[1] = a * r1 - bt * r2, bt * r1 + a * r2
+            e4[2], e4[3] = math.cos(th), math.sin(th)
+            _se2_compose(X[b, f], e4, out[b, f])

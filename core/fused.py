@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 from collections.abc import Mapping
 
 import numpy as np
@@ -90,6 +91,8 @@ def prepare(kind: str) -> float:
     tail = (_NO_U, False, np.ones((1, 1, 1)), pos, col, np.zeros((1, 1)), np.zeros((1, 1)),
             np.zeros(1))
     _call(kind, xs, index[: len(xs)], aux, tail)
+    retract = _kernels.se2_retract if xs[0].shape[-1] == 4 else _kernels.se3_retract
+    retract(xs[0], np.zeros((1, 2, _SLOTS[kind][0][1])), np.empty_like(xs[0]))
     seconds = time.perf_counter() - start
     log.debug("kernel %s ready in %.3f s", kind, seconds)
     return seconds
@@ -122,10 +125,49 @@ def accumulate(
     ``total (B,)`` in place (CPU float64 tensors; ``positions (E, D, D)``, ``columns (E, D)`` the
     pattern's maps for this cost)."""
     xs = [_array(values[v.name]) for v in cost.optimized]
+    index, aux, static = _static(cost, positions, columns)
+    _call(cost.kernel, xs, index, aux, (*static, H.numpy(), g.numpy(), total.numpy()))
+
+
+_STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _static(cost: Cost, positions: Tensor, columns: Tensor) -> tuple[list, np.ndarray, tuple]:
+    """The arrays of ``cost`` that do not change between iterations: indices, measurements,
+    weights and the pattern maps. Kept per cost (weakly) when every one of them is a view of its
+    tensor (so an in-place change of a tensor is seen), else rebuilt at every call."""
+    weight = cost.weight
+    scalar = weight is not None and weight.ndim == 0  # a copy: its value is checked at each hit
+    hit = _STATIC.get(cost)
+    if hit is not None and hit[0] is positions and (not scalar or hit[1][2][2][0, 0, 0] == weight):
+        return hit[1]
     index = [_array(i) for i in cost.index]
-    aux = _array(next(iter(cost.aux.values())))
+    aux_t = next(iter(cost.aux.values()))
     U = _NO_U if cost.sqrt_info is None else _lead(cost.sqrt_info, 4)
-    w = _lead(cost.weight if cost.weight is not None else torch.ones(()), 3)
-    tail = (U, cost.sqrt_info is not None, w, _array(positions), _array(columns), H.numpy(),
-            g.numpy(), total.numpy())
-    _call(cost.kernel, xs, index, aux, tail)
+    w = _lead(weight if weight is not None else torch.ones(()), 3)
+    out = (index, _array(aux_t), (U, cost.sqrt_info is not None, w, _array(positions),
+                                  _array(columns)))
+    pairs = [*zip(cost.index, index), (aux_t, out[1]), (positions, out[2][3]),
+             (columns, out[2][4])]
+    if cost.sqrt_info is not None:
+        pairs.append((cost.sqrt_info, U))
+    if weight is not None and not scalar:
+        pairs.append((weight, w))
+    if all(a.ctypes.data == t.data_ptr() for t, a in pairs):
+        _STATIC[cost] = (positions, out)
+    return out
+
+
+def retract(space: object, x: Tensor, delta: Tensor) -> Tensor | None:
+    """``x * Exp(delta)`` for ``x (B, F, S)``, ``delta (B, F, dof)`` by the SE3/SE2 kernel, or
+    None where no kernel applies (another space, not CPU float64, or autograd needs the graph)."""
+    kernel = {"SE3": _kernels.se3_retract, "SE2": _kernels.se2_retract}.get(str(space))
+    if kernel is None or not _kernels.AVAILABLE:
+        return None
+    grad = torch.is_grad_enabled()
+    for t in (x, delta):
+        if t.device.type != "cpu" or t.dtype != torch.float64 or (grad and t.requires_grad):
+            return None
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    kernel(_array(x), _array(delta), out.numpy())
+    return out

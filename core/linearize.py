@@ -78,8 +78,7 @@ def linearize(
     cost = first.new_zeros(batch)
     for c, positions, columns in zip(objective.costs, pattern.positions, pattern.columns):
         if fused and _fused.applies(c, values):
-            with torch.no_grad():
-                _fused.accumulate(c, values, positions, columns, H, g, cost)
+            _fused.accumulate(c, values, positions, columns, H, g, cost)  # outside autograd
             continue
         num = c.num_factors
         step = num if device.type != "cpu" else max(1, CHUNK // batch)

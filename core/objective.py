@@ -16,6 +16,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from core import fused as _fused
 from core.cost import Cost
 from core.variable import Variable
 
@@ -194,12 +195,18 @@ class Objective:
         """Total cost per batch element, ``(B,)``."""
         return sum(c.evaluate(values, jacobians=False).cost for c in self.costs)
 
-    def retract(self, values: Mapping[str, Tensor], delta: Tensor) -> dict[str, Tensor]:
-        """``x_v * Exp(delta_v)`` for every variable; ``delta (B, n)`` in the objective's order."""
+    def retract(
+        self, values: Mapping[str, Tensor], delta: Tensor, fused: bool = True
+    ) -> dict[str, Tensor]:
+        """``x_v * Exp(delta_v)`` for every variable; ``delta (B, n)`` in the objective's order.
+        ``fused``: SE3/SE2 variables by a compiled kernel where it applies (``core.fused``)."""
         out = {}
         for v in self.variables:
             d = delta[:, self.offsets[v.name] : self.offsets[v.name] + v.dof]
-            out[v.name] = v.space.retract(values[v.name], d.reshape(d.shape[0], v.count, -1))
+            d = d.reshape(d.shape[0], v.count, -1)
+            x = values[v.name]
+            new = _fused.retract(v.space, x, d) if fused else None
+            out[v.name] = v.space.retract(x, d) if new is None else new
         return out
 
     def pattern(self, device: torch.device | str = "cpu") -> Pattern:

@@ -224,11 +224,15 @@ def _trial(
         diag = torch.ones_like(lin.g)
     damping = lam[:, None] * diag
     # A and -g before factor(): no torch work between the factorization and the solve (on a
-    # small CPU, torch's OpenMP threads spinning after such work halved CHOLMOD's solve speed)
-    A, rhs = damped(lin.H, lin.pattern, damping), -lin.g
+    # small CPU, torch's OpenMP threads spinning after such work halved CHOLMOD's solve speed);
+    # A (a copy of H) only where autograd differentiates through the solve
+    rhs = -lin.g
+    through = torch.is_grad_enabled() and (lin.H.requires_grad or rhs.requires_grad or
+                                           damping.requires_grad)
+    A = damped(lin.H, lin.pattern, damping) if through else lin.H
     factor = solver.factor(lin.H.detach(), lin.pattern, damping.detach())
     delta = solve(factor, A, lin.pattern, rhs)
-    cand = objective.retract(values, delta)
+    cand = objective.retract(values, delta, opts.fused)
     new = linearize(objective, cand, opts.fused)
     predicted = 0.5 * (delta * (damping * delta - lin.g)).sum(-1)
     gain = (lin.cost - new.cost) / predicted.clamp_min(torch.finfo(predicted.dtype).tiny)

@@ -71,12 +71,22 @@ class _Plan:
     mode: str
     numeric: Any = None
     generation: int = 0
+    _matrix: Any = None
 
     def matrix(self, values: np.ndarray) -> Any:
-        import scipy.sparse as sp
+        """The CSC matrix with ``values (B, nnz)``: built (and its structure checked by SciPy)
+        once, then only its data array is swapped."""
+        data = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        if self._matrix is None:
+            import scipy.sparse as sp
 
-        n = self.indptr.shape[0] - 1
-        return sp.csc_matrix((values.reshape(-1), self.rows, self.indptr), shape=(n, n))
+            n = self.indptr.shape[0] - 1
+            self._matrix = sp.csc_matrix((data, self.rows, self.indptr), shape=(n, n))
+        elif data.shape != self._matrix.data.shape:
+            raise ValueError(f"sparse Cholesky: {data.shape[0]} values for a pattern of "
+                             f"{self._matrix.data.shape[0]} entries")
+        self._matrix.data = data
+        return self._matrix
 
     def refactor(self, values: np.ndarray) -> bool:
         """Factor ``values (B, nnz)`` in place; False if not positive definite."""

@@ -205,3 +205,40 @@ def test_kernels_work_without_a_writable_cache(tmp_path) -> None:
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.split()[-1]) <= 1e-12
+
+
+@pytest.mark.parametrize("G", [core.SE3, core.SE2], ids=repr)
+def test_retract_kernel_equals_torch(G: LieGroup) -> None:
+    gen = torch.Generator().manual_seed(21)
+    B, F = 3, 4 * len(ANGLES)
+    x = G.random(B, F, generator=gen, dtype=DT)
+    delta = residual_tangent(G, gen, B, F)
+    fast = fused.retract(G, x, delta)
+    assert fast is not None
+    ref = G.retract(x, delta)
+    assert_equal(fast, ref, "retract", ref.abs().amax(-1, keepdim=True))
+    var = core.Variable("x", G, F)
+    objective = core.Objective([core.costs.Prior(var, x[0])])
+    flat = delta.reshape(B, -1)
+    assert torch.equal(objective.retract({"x": x}, flat)["x"], fast)
+    assert torch.equal(objective.retract({"x": x}, flat, fused=False)["x"], ref)
+    assert fused.retract(G, x.float(), delta.float()) is None
+    assert fused.retract(core.SO3, x, delta) is None
+    assert fused.retract(G, x, delta.clone().requires_grad_()) is None
+
+
+def test_in_place_change_of_an_input_is_seen() -> None:
+    """The kernels keep views of a cost's tensors between calls: changing a measurement or a
+    weight in place changes the next linearization exactly as on the torch path."""
+    gen = torch.Generator().manual_seed(4)
+    objective, values = pose_graph(core.SE3, gen, batch=1, num=5, weights="sqrt_info")
+    both(objective, values)
+    between = objective.costs[0]
+    between.aux["measured"][0, 0] = core.SE3.random(generator=gen, dtype=DT)
+    between.sqrt_info.mul_(1.5)
+    both(objective, values)
+    scalar, values = pose_graph(core.SE3, gen, batch=1, num=5, weights="scalar")
+    both(scalar, values)
+    scalar.costs[0].weight.fill_(0.25)
+    scalar.costs[1].weight.fill_(7.0)
+    both(scalar, values)
