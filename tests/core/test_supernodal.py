@@ -196,6 +196,31 @@ def test_torch_calls_follow_levels_not_supernodes(gen: torch.Generator) -> None:
     assert calls_4k < 2.5 * calls_1k and calls_4k < sym_4k.num_supernodes
 
 
+@pytest.mark.parametrize("kind", ["forest", "dense", "mixed"])
+def test_edge_structures(kind: str, gen: torch.Generator) -> None:
+    """A forest (priors only: every block its own root), one dense block, and SE(2) poses with
+    R^5 landmarks (blocks of 3 and 5)."""
+    poses = core.Variable("x", core.SE3, count=7)
+    if kind == "forest":
+        costs = [core.costs.Prior(poses, core.SE3.identity(7, dtype=F64), index=torch.arange(7))]
+    elif kind == "dense":
+        one = core.Variable("y", core.SE3, count=1)
+        costs = [core.costs.Prior(one, core.SE3.identity(1, dtype=F64), index=torch.tensor([0]))]
+    else:
+        x = core.Variable("x", core.SE2, count=5)
+        m = core.Variable("m", core.Vector(5), count=3)
+        between = core.costs.Between(x, torch.arange(4), torch.arange(1, 5),
+                                     core.SE2.identity(4, dtype=F64))
+        link = core.Cost(lambda x, m: m[..., :2] - x[..., :2], optimized=(x, m),
+                         index=(torch.tensor([0, 2, 4, 1]), torch.tensor([0, 1, 2, 2])))
+        costs = [between, link]
+    pattern = core.Objective(costs).pattern()
+    values = random_spd(pattern, 3, gen)
+    b = torch.randn(3, pattern.n, generator=gen, dtype=F64)
+    x = SupernodalCholesky().factor(values, pattern, torch.zeros(3, pattern.n, dtype=F64)).solve(b)
+    assert relative_error(x, cholmod_solve(pattern, values, b)) < 1e-10
+
+
 def test_symbolic_analysis_is_cached_per_pattern(monkeypatch, gen: torch.Generator) -> None:
     calls = []
     real = sn.analyze
