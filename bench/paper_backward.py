@@ -22,6 +22,7 @@ Two studies, one figure (a row each), one CSV and one table:
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,6 +57,9 @@ def tactile(ctx: Context) -> tuple[list[dict[str, Any]], list[str]]:
     argv = [APP, "--out", str(out), "--modes", ",".join(modes), "--iters",
             ",".join(map(str, iters)), *(["--quick"] if smoke else []), f"device={device}",
             "viz=false", f"cache_dir={out / 'cache'}", *overrides]
+    if (out / "runs").is_dir():  # an earlier sweep's run folders would be collected too
+        log(f"backward: removing the earlier sweep {out / 'runs'}")
+        shutil.rmtree(out / "runs")
     log(f"backward: python -m apps.study {' '.join(argv)}")
     try:
         found = study.main(argv)
