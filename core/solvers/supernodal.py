@@ -244,8 +244,8 @@ def _postorder(parent: np.ndarray) -> np.ndarray:
     nb = parent.shape[0]
     children: list[list[int]] = [[] for _ in range(nb)]
     roots = []
-    for k in range(nb):
-        (children[parent[k]] if parent[k] >= 0 else roots).append(k)
+    for k, p in enumerate(parent.tolist()):
+        (children[p] if p >= 0 else roots).append(k)
     post: list[int] = []
     for r in roots:
         stack = [(r, 0)]
@@ -302,16 +302,21 @@ def _analyze_order(pattern: Pattern, bstarts: np.ndarray, gptr: np.ndarray, gidx
     parent = np.where(parent[post] >= 0, relabel[np.maximum(parent[post], 0)], -1)
     size = np.diff(bstarts)[order]  # scalar width of each (new) block
     first = np.concatenate([[0], np.cumsum(size)])  # new scalar start of each block
-    below_size = np.array([int(size[s].sum()) for s in struct], dtype=np.int64)
+    counts = np.array([s.shape[0] for s in struct], dtype=np.int64)
+    owner = np.repeat(np.arange(len(struct)), counts)
+    flat = np.concatenate(struct) if struct else np.zeros(0, dtype=np.int64)
+    below_size = np.bincount(owner, weights=size[flat], minlength=len(struct)).astype(np.int64)
     true_lower = size * (size + 1) // 2 + size * below_size
     # supernodes: merge the chain child k - 1 -> k while the zero fraction allows
     sn_first: list[int] = []
+    first_l, below_l, parent_l = first.tolist(), below_size.tolist(), parent.tolist()
+    true_sum = np.concatenate([[0], np.cumsum(true_lower)]).tolist()
     for k in range(order.shape[0]):
-        if sn_first and parent[k - 1] == k:
+        if sn_first and parent_l[k - 1] == k:
             a = sn_first[-1]
-            W, M = int(first[k + 1] - first[a]), int(below_size[k])
+            W, M = first_l[k + 1] - first_l[a], below_l[k]
             panel = W * (W + 1) // 2 + W * M
-            zeros = panel - int(true_lower[a : k + 1].sum())
+            zeros = panel - (true_sum[k + 1] - true_sum[a])
             if _merge_ok(W, zeros / panel, relax):
                 continue
         sn_first.append(k)
@@ -320,10 +325,11 @@ def _analyze_order(pattern: Pattern, bstarts: np.ndarray, gptr: np.ndarray, gidx
     sn_of_block = np.repeat(np.arange(num_sn), np.diff(sn_first_arr))
     last = sn_first_arr[1:] - 1
     sn_parent = np.where(parent[last] >= 0, sn_of_block[np.maximum(parent[last], 0)], -1)
-    level = np.zeros(num_sn, dtype=np.int64)
-    for s in range(num_sn):  # children before parents (postorder)
-        if sn_parent[s] >= 0:
-            level[sn_parent[s]] = max(level[sn_parent[s]], level[s] + 1)
+    level_l = [0] * num_sn
+    for s, p in enumerate(sn_parent.tolist()):  # children before parents (postorder)
+        if p >= 0:
+            level_l[p] = max(level_l[p], level_l[s] + 1)
+    level = np.asarray(level_l, dtype=np.int64)
     below = []
     for s in range(num_sn):
         blocks = struct[last[s]]
@@ -409,11 +415,6 @@ class Schedule:
         return self._work[dtype]
 
 
-def _cost(W: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """Multiply-adds of a panel: Cholesky, triangular solve, update."""
-    return W**3 / 3 + M * W**2 + M**2 * W
-
-
 def group_level(
     W: np.ndarray, M: np.ndarray, batch: int, slack: float, call_flops: float
 ) -> list[np.ndarray]:
@@ -422,34 +423,37 @@ def group_level(
     ``1 + slack`` times its own, else opens a group; then, while merging two groups (padded to
     the larger of both sizes) wastes fewer than ``call_flops`` multiply-adds over the batch
     (about what a group's torch calls cost), the cheapest such pair is merged."""
-    order = np.argsort(-_cost(W, M), kind="stable")
+
+    def cost(w: int, m: int) -> float:
+        return w**3 / 3 + m * w * w + m * m * w
+
+    Ws, Ms = W.tolist(), M.tolist()
+    order = sorted(range(len(Ws)), key=lambda s: -cost(Ws[s], Ms[s]))
     members: list[list[int]] = []
     pads: list[tuple[int, int]] = []
-    for s in order.tolist():
-        own = float(_cost(W[s], M[s]))
+    for s in order:
+        w, m = Ws[s], Ms[s]
+        own = cost(w, m)
         for g, (wp, mp) in enumerate(pads):
-            if wp >= W[s] and mp >= M[s] and float(_cost(wp, mp)) <= (1 + slack) * own:
+            if wp >= w and mp >= m and cost(wp, mp) <= (1 + slack) * own:
                 members[g].append(s)
                 break
         else:
             members.append([s])
-            pads.append((int(W[s]), int(M[s])))
-    true = [float(_cost(W[m], M[m]).sum()) for m in members]
+            pads.append((w, m))
     while len(members) > 1:
         best, pair = call_flops / batch, None
         for a in range(len(members)):
             for b in range(a + 1, len(members)):
                 wp, mp = max(pads[a][0], pads[b][0]), max(pads[a][1], pads[b][1])
-                count = len(members[a]) + len(members[b])
-                waste = count * float(_cost(wp, mp)) - true[a] - true[b]
-                waste -= sum(len(members[g]) * float(_cost(*pads[g])) - true[g] for g in (a, b))
+                waste = (len(members[a]) + len(members[b])) * cost(wp, mp)
+                waste -= len(members[a]) * cost(*pads[a]) + len(members[b]) * cost(*pads[b])
                 if waste <= best:
                     best, pair = waste, (a, b, wp, mp)
         if pair is None:
             break
         a, b, wp, mp = pair
         members[a] += members.pop(b)
-        true[a] += true.pop(b)
         pads.pop(b)
         pads[a] = (wp, mp)
     return [np.asarray(m, dtype=np.int64) for m in members]
@@ -512,12 +516,18 @@ def _group(sns: np.ndarray, sym: Symbolic, Wp: int, Mp: int, start: int, dump: i
     n, G = sym.pattern.n, sns.shape[0]
     W, M = np.diff(sym.starts)[sns], np.array([sym.below[s].shape[0] for s in sns])
     upd = np.full((G, Mp, Mp), dump, dtype=np.int64)
-    for g, s in enumerate(sns.tolist()):
-        rows = sym.below[s]
-        if rows.shape[0]:
-            p, q = np.tril_indices(rows.shape[0])
-            tgt = np.searchsorted(sym.starts, rows[q], side="right") - 1
-            upd[g, p, q] = position(tgt, rows[p], rows[q])
+    # the lower entries (p >= q) of every member's update, all members at once
+    tril = {m: np.tril_indices(m) for m in set(M.tolist()) if m}
+    parts = [(g, tril[m], sym.below[s]) for g, (s, m) in enumerate(zip(sns.tolist(), M.tolist()))
+             if m]
+    if parts:
+        gi = np.concatenate([np.full(t[0].shape[0], g) for g, t, _ in parts])
+        p = np.concatenate([t[0] for _, t, _ in parts])
+        q = np.concatenate([t[1] for _, t, _ in parts])
+        row_p = np.concatenate([rows[t[0]] for _, t, rows in parts])
+        row_q = np.concatenate([rows[t[1]] for _, t, rows in parts])
+        tgt = np.searchsorted(sym.starts, row_q, side="right") - 1
+        upd[gi, p, q] = position(tgt, row_p, row_q)
     a, b = np.arange(Wp)[None, :], np.arange(Mp)[None, :]
     col_ok = a < W[:, None]
     cols = np.where(col_ok, sym.perm[np.minimum(sym.starts[sns][:, None] + a, n - 1)], n)
