@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="the smallest sizes (smoke tests)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: also the GPU rows (when a GPU is present)")
-    parser.add_argument("--out", type=Path, default=Path("paper"),
-                        help="output folder (default: ./paper)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/paper"),
+                        help="output folder (default: outputs/paper)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op and Ceres threads of the timed solves (default 1)")
     parser.add_argument("--runs", nargs="+", default=[], metavar="APP=DIR",

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -44,9 +45,9 @@ COLUMNS = ("sweep", "solver", "device", "poses", "batch", "unknowns", "time_s", 
            "time_per_iter_s", "initial_cost", "final_cost", "peak_mem_mb", "memory_measure",
            "note")
 BATCH_POSES = {"tiny": 24, "quick": 64, "full": 64}
-POSES = {"tiny": (24, 32), "quick": (64, 256, 1024, 4096),
+POSES = {"tiny": (32,), "quick": (64, 256, 1024, 4096),
          "full": (64, 128, 256, 512, 1024, 2048, 4096)}
-BATCHES = {"tiny": (1, 2), "quick": (1, 16, 256), "full": (1, 4, 16, 64, 256)}
+BATCHES = {"tiny": (2,), "quick": (1, 16, 256), "full": (1, 4, 16, 64, 256)}
 REPEATS = {"tiny": 1, "quick": 1, "full": 3}
 MAX_ITERS = 100
 WORKER_TIMEOUT_S = 1800
@@ -204,11 +205,19 @@ def _point(solver: str, point: Mapping[str, Any], repeats: int, threads: int) ->
 
 
 def worker(spec: Mapping[str, Any]) -> None:
-    """Run ``spec['solver']`` on ``spec['points']``; one JSON line per point on stdout. An
-    exception ends the worker (the parent records it on the remaining points)."""
+    """Run ``spec['solver']`` on ``spec['points']``; one JSON line per point on stdout. A point
+    that raises is a row whose note is ``error: ...`` (its traceback on stderr); the parent
+    makes the command's exit status 1."""
     torch.set_num_threads(int(spec["threads"]))
+    solver = spec["solver"]
     for point in spec["points"]:
-        row = _point(spec["solver"], point, int(spec["repeats"]), int(spec["threads"]))
+        try:
+            row = _point(solver, point, int(spec["repeats"]), int(spec["threads"]))
+        except Exception as e:  # this point failed; the next may not
+            traceback.print_exc()
+            row = {**point, "solver": solver, "device": "cuda" if "gpu" in solver else "cpu",
+                   "unknowns": 6 * point["poses"] * point["batch"],
+                   "note": f"error: {type(e).__name__}: {e}"}
         print("ROW " + json.dumps(row), flush=True)
 
 
@@ -229,13 +238,18 @@ def _run_worker(solver: str, todo: list[dict[str, Any]], ctx: Context) -> list[d
         stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
         stderr, failed = f"timed out after {WORKER_TIMEOUT_S} s", True
     rows = [json.loads(line[4:]) for line in stdout.splitlines() if line.startswith("ROW ")]
+    errors = [f"scaling {solver} at {r['poses']} poses x batch {r['batch']}: {r['note']}"
+              for r in rows if str(r.get("note", "")).startswith("error:")]
     if failed:
         reason = (stderr.strip().splitlines() or ["no output"])[-1]
         for point in todo[len(rows):]:
             rows.append({**point, "solver": solver, "device": "cuda" if "gpu" in solver
                          else "cpu", "unknowns": 6 * point["poses"] * point["batch"],
                          "note": f"error: {reason}"})
-        ctx.errors.append(f"scaling {solver}: {reason}")
+        errors.append(f"scaling {solver}: the worker failed: {reason}")
+    if errors:
+        log(f"scaling: {solver}'s worker reported errors; its stderr:\n{stderr[-4000:]}")
+        ctx.errors += errors
     return rows
 
 

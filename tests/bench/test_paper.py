@@ -12,7 +12,7 @@ import torch
 
 import apps
 from bench import paper, paper_apps, paper_scaling, paper_vectorization
-from bench.paper_output import read_csv
+from bench.paper_output import Context, read_csv
 
 STAMP_KEYS = ("command", "commit", "cpu", "gpu", "torch", "cuda", "blas")
 
@@ -103,3 +103,11 @@ def test_bad_arguments_name_the_value(tmp_path: Path) -> None:
         paper.main(["apps", "--out", str(tmp_path), "--runs", "tactile"])
     with pytest.raises(SystemExit, match="-3"):
         paper.main(["scaling", "--out", str(tmp_path), "--threads", "-3"])
+
+
+def test_scaling_worker_error_is_a_row_and_fails_the_command(tmp_path: Path) -> None:
+    ctx = Context(out=tmp_path, tiny=True)
+    point = paper_scaling.points("tiny")[0]
+    rows = paper_scaling._run_worker("no-such-solver", [point], ctx)
+    assert len(rows) == 1 and rows[0]["note"].startswith("error: KeyError")
+    assert ctx.errors and "no-such-solver" in ctx.errors[0]
