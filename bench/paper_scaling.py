@@ -270,7 +270,13 @@ def run(ctx: Context) -> Result:
         todo = [p for p in points(ctx.size) if applies(solver, p["poses"], p["batch"])]
         if todo:
             rows += _run_worker(solver, todo, ctx)
-    notes = ["Memory measures: `rss` = resident-set high-water mark of the worker process "
+    from bench.__main__ import machine_info
+
+    info = machine_info()
+    versions = ", ".join(f"{k}: {info[k]}" for k in ("gtsam", "ceres", "scikit-sparse (CHOLMOD)",
+                                                     "sparse backends") if k in info)
+    notes = [f"Peers and sparse libraries: {versions}.",
+             "Memory measures: `rss` = resident-set high-water mark of the worker process "
              "during the solve above its level just before it; `runner_rss` = peak resident set "
              "of the whole Ceres runner process; `cuda_allocated` = torch's CUDA allocator "
              "peak above its level before the solve."]
