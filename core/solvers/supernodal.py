@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from core.objective import Pattern
-from core.solvers.base import PlanCache, damped
+from core.solvers.base import PlanCache
 
 Ordering = Literal["auto", "amd", "nesdis", "metis", "minimum_degree", "natural"]
 ORDERINGS = ("auto", "amd", "nesdis", "metis", "minimum_degree", "natural")
@@ -653,16 +653,18 @@ class SupernodalCholesky:
                              f"({H.shape[0]}, {pattern.n})")
         if H.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"supernodal: dtype {H.dtype} is not supported (float32, float64)")
-        A = damped(H, pattern, damping).detach()
-        batch = A.shape[0]
-        sched = self.schedule(pattern, batch, A.device)
-        finite = torch.isfinite(A.sum(-1))  # a NaN or inf anywhere makes the sum non-finite
-        At, buf = sched.workspace(batch, A.dtype)
-        At[: pattern.nnz].copy_(A.T)
+        H, damping = H.detach(), damping.detach().to(H.dtype)
+        batch = H.shape[0]
+        sched = self.schedule(pattern, batch, H.device)
+        # a NaN or inf anywhere makes a sum non-finite
+        finite = torch.isfinite(H.sum(-1) + damping.sum(-1))
+        At, buf = sched.workspace(batch, H.dtype)
+        At[: pattern.nnz].copy_(H.T)  # H + diag(damping), transposed: batch last
+        At.index_add_(0, pattern.diag, damping.T)
         # the panel buffer, batch last: gathers and scatters move rows of B values
         torch.index_select(At, 0, sched.l_src, out=buf)  # the padded panels, then a dump
         blocks, infos = [], []
-        on_cpu = A.device.type == "cpu"
+        on_cpu = H.device.type == "cpu"
         for g in sched.groups:
             Hp, size = g.Wp + g.Mp, g.G * (g.Wp + g.Mp) * g.Wp
             # one blocked transpose to batch-first: the linear algebra then reads contiguous
@@ -680,7 +682,7 @@ class SupernodalCholesky:
                 buf.scatter_add_(0, g.upd_dst[:, None].expand(-1, batch), minus)
             blocks.append((L11, L21))
             infos.append(info)
-        info = torch.cat(infos, dim=1) if infos else A.new_zeros(batch, 0, dtype=torch.int32)
+        info = torch.cat(infos, dim=1) if infos else H.new_zeros(batch, 0, dtype=torch.int32)
         failed = info != 0
         first = torch.argmax(failed.to(torch.int32), dim=1)  # first failed supernode, in order
         start = sched.sn_start[first]
