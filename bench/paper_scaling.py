@@ -41,9 +41,9 @@ import torch
 
 from bench.paper_output import Context, Result, data_ticks, log, log_axis
 
-COLUMNS = ("sweep", "solver", "device", "poses", "batch", "unknowns", "time_s", "iterations",
-           "time_per_iter_s", "initial_cost", "final_cost", "peak_mem_mb", "memory_measure",
-           "note")
+COLUMNS = ("sweep", "solver", "device", "poses", "batch", "unknowns", "time_s", "vs_best_peer",
+           "iterations", "time_per_iter_s", "initial_cost", "final_cost", "peak_mem_mb",
+           "memory_measure", "note")
 BATCH_POSES = {"tiny": 24, "quick": 64, "full": 64}
 POSES = {"tiny": (32,), "quick": (64, 256, 1024, 4096),
          "full": (64, 128, 256, 512, 1024, 2048, 4096)}
@@ -270,6 +270,7 @@ def run(ctx: Context) -> Result:
         todo = [p for p in points(ctx.size) if applies(solver, p["poses"], p["batch"])]
         if todo:
             rows += _run_worker(solver, todo, ctx)
+    _ratios(rows)
     from bench.__main__ import machine_info
 
     info = machine_info()
@@ -293,11 +294,21 @@ def run(ctx: Context) -> Result:
             "tolerances) of synthetic SE(3) helix pose graphs, per linear solver; the peers "
             "solve the batch's graphs one after another on the CPU. `time_s`: wall time of the "
             f"whole batch (median of {REPEATS[ctx.size]}), solver set-up included; "
+            "`vs_best_peer`: time over the faster of GTSAM and Ceres at the same point; "
             f"`peak_mem_mb`: see the measures below. Torch and Ceres threads: {ctx.threads}; "
             "GTSAM's TBB is not limited. Dense runs where n <= 2000 and batch n^3 <= 2e10, PCG "
             "where batch n <= 2000 (the rules of `python -m bench`).")
     return Result("Scaling: one LM solve against problem size and batch size", what, COLUMNS,
                   rows, _figure, figsize=(11.0, 8.5), notes=notes)
+
+
+def _ratios(rows: list[dict[str, Any]]) -> None:
+    """``vs_best_peer``: a row's time over the faster peer's at the same point."""
+    for r in rows:
+        peers = [p["time_s"] for p in rows if p["solver"] in PEERS and p.get("time_s")
+                 and (p["sweep"], p["poses"], p["batch"]) == (r["sweep"], r["poses"], r["batch"])]
+        if r.get("time_s") and peers:
+            r["vs_best_peer"] = r["time_s"] / min(peers)
 
 
 _STYLE = {"gtsam": dict(ls="--", marker="s", color="0.25"),
