@@ -53,6 +53,9 @@ from core.solvers.base import PlanCache
 
 Ordering = Literal["auto", "amd", "nesdis", "metis", "minimum_degree", "natural"]
 ORDERINGS = ("auto", "amd", "nesdis", "metis", "minimum_degree", "natural")
+SPLIT_FROM = 24
+"""Updates of supernodes with at least this many rows below are formed as two products (a
+quarter of the ``Mp x Mp`` product, the strictly upper block, is skipped)."""
 LEVEL_FLOPS = 5e5
 """Multiply-adds a level of the tree is worth (its torch calls' overhead) when ``"auto"`` picks
 the ordering: the one with the least ``flops + LEVEL_FLOPS * depth`` wins."""
@@ -360,15 +363,18 @@ class Group:
     """Supernodes of one level padded to one size: ``G`` panels of ``Wp`` columns and ``Mp``
     rows below, stored as rows ``start : start + G * (Wp + Mp) * Wp`` of the panel buffer
     ``(T + 1, B)`` in ``(G, Wp + Mp, Wp)`` order (row ``T``: a dump for discarded updates).
-    ``upd_dst (G * Mp * Mp,)``: where each entry of the ``(G, Mp, Mp)`` update is subtracted
-    (``T`` for the upper triangle and the padding). Into the solve vector ``(B, n + 2)``
-    (original unknowns; ``n`` reads 0, ``n + 1`` is written and never read):
+    ``upd_dst (G * (top^2 + (Mp - top) * Mp),)``: where each entry of the update is subtracted
+    (``T`` for the upper triangle and the padding), the update being computed as the products
+    ``(G, top, top)`` (rows ``[0, top)`` against themselves) and ``(G, Mp - top, Mp)``. Into the
+    solve vector ``(B, n + 2)`` (original unknowns; ``n`` reads 0, ``n + 1`` is written and never
+    read):
     ``cols_read, cols_write (G * Wp,)``, ``below_read, below_write (G * Mp,)``. ``supernodes
     (G,)``: which supernodes (for error messages)."""
 
     G: int
     Wp: int
     Mp: int
+    top: int
     start: int
     upd_dst: Tensor
     cols_read: Tensor
@@ -528,6 +534,10 @@ def _group(sns: np.ndarray, sym: Symbolic, Wp: int, Mp: int, start: int, dump: i
         row_q = np.concatenate([rows[t[1]] for _, t, rows in parts])
         tgt = np.searchsorted(sym.starts, row_q, side="right") - 1
         upd[gi, p, q] = position(tgt, row_p, row_q)
+    # the update is computed as two products, rows [0, top) against themselves and rows
+    # [top, Mp) against all: the strictly upper block of [0, top) x [top, Mp) is never formed
+    top = Mp // 2 if Mp >= SPLIT_FROM else 0
+    upd = np.concatenate([upd[:, :top, :top].reshape(-1), upd[:, top:, :].reshape(-1)])
     a, b = np.arange(Wp)[None, :], np.arange(Mp)[None, :]
     col_ok = a < W[:, None]
     cols = np.where(col_ok, sym.perm[np.minimum(sym.starts[sns][:, None] + a, n - 1)], n)
@@ -539,7 +549,7 @@ def _group(sns: np.ndarray, sym: Symbolic, Wp: int, Mp: int, start: int, dump: i
     def t(x: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64).reshape(-1))
 
-    return Group(G, Wp, Mp, start, t(upd), t(cols), t(np.where(col_ok, cols, n + 1)), t(below),
+    return Group(G, Wp, Mp, top, start, t(upd), t(cols), t(np.where(col_ok, cols, n + 1)), t(below),
                  t(np.where(below_ok, below, n + 1)), sns)
 
 
@@ -677,9 +687,7 @@ class SupernodalCholesky:
                 L11 = torch.where((info == 0)[..., None, None], L11, _eye(g.Wp, L11))
             L21 = torch.linalg.solve_triangular(L11.mT, P[:, :, g.Wp :], upper=True, left=False)
             if g.Mp:
-                minus = L21 @ L21.neg().mT  # -L21 L21^T, (B, G, Mp, Mp)
-                minus = minus.view(batch, -1).T.contiguous()  # blocked 2-D transpose: batch last
-                buf.scatter_add_(0, g.upd_dst[:, None].expand(-1, batch), minus)
+                buf.scatter_add_(0, g.upd_dst[:, None].expand(-1, batch), _update(L21, g.top))
             blocks.append((L11, L21))
             infos.append(info)
         info = torch.cat(infos, dim=1) if infos else H.new_zeros(batch, 0, dtype=torch.int32)
@@ -689,6 +697,22 @@ class SupernodalCholesky:
         ok = finite & ~failed.any(1)
         pivot = torch.where(ok | ~finite, -1, start)
         return SupernodalFactor(sched, blocks, ok, pivot)
+
+
+def _update(L21: Tensor, top: int) -> Tensor:
+    """``-L21 L21^T`` of ``L21 (B, G, Mp, Wp)``, batch last: ``(G * top * top + G * (Mp - top) *
+    Mp, B)``, the rows ``[0, top)`` against themselves, then the others against all (the upper
+    block ``[0, top) x [top, Mp)`` is not needed: the factor takes the lower triangle)."""
+    batch, G, Mp, _ = L21.shape
+    minus = L21.neg()
+    low = L21[:, :, top:] @ minus.mT  # (B, G, Mp - top, Mp)
+    if top == 0:
+        return low.view(batch, -1).T.contiguous()  # a blocked 2-D transpose
+    out = L21.new_empty(G * (top * top + (Mp - top) * Mp), batch)
+    k = G * top * top
+    out[:k].copy_((L21[:, :, :top] @ minus[:, :, :top].mT).view(batch, -1).T)
+    out[k:].copy_(low.view(batch, -1).T)
+    return out
 
 
 def _eye(k: int, like: Tensor) -> Tensor:
