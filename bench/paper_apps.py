@@ -56,6 +56,18 @@ def methods(doc: Mapping[str, Any], metric: str) -> dict[str, float]:
     return out
 
 
+def _overrides(folder: Path) -> str:
+    """``"; overrides: ..."`` from the run's ``.hydra/overrides.yaml`` (without the run folder),
+    or ``""`` when the folder has none."""
+    import yaml
+
+    path = folder / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    items = [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith("hydra.")]
+    return f"; overrides: {' '.join(items) or 'none'}"
+
+
 def _fresh_run(app: str, ctx: Context) -> Path:
     """Run the app (smoke preset unless full) into ``ctx.out/apps_runs/app``."""
     folder = (ctx.out / "apps_runs" / app).resolve()
@@ -93,6 +105,7 @@ def run(ctx: Context) -> Result:
             ctx.errors.append(f"apps {app}: {e}")
             rows.append({"app": app, "metric": metric, "method": "error", "source": str(e)})
             continue
+        source += _overrides(folder)
         learned = found["learned"]
         for method, value in found.items():
             rows.append({"app": app, "metric": metric, "method": method, "value": value,
@@ -125,10 +138,17 @@ def unit(metric: str) -> str:
 
 
 def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-    apps_ = list(dict.fromkeys(r["app"] for r in rows if r.get("value") is not None))
+    apps_ = list(dict.fromkeys(r["app"] for r in rows))
     axes = fig.subplots(1, max(len(apps_), 1), squeeze=False)[0]
     for ax, app in zip(axes, apps_):
         mine = [r for r in rows if r["app"] == app and r.get("value") is not None]
+        if not mine:  # the run failed: say so where its bars would be
+            ax.text(0.5, 0.5, "no numbers:\nthe run failed\n(see apps.md)", ha="center",
+                    va="center", transform=ax.transAxes, color="C3")
+            ax.set_title(app, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         names = [r["method"] for r in mine]
         values = [float(r["value"]) for r in mine]
         colors = ["C2" if n == "learned" else "0.6" if n == "untrained" else "C0"

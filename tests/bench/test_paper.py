@@ -111,3 +111,17 @@ def test_scaling_worker_error_is_a_row_and_fails_the_command(tmp_path: Path) -> 
     rows = paper_scaling._run_worker("no-such-solver", [point], ctx)
     assert len(rows) == 1 and rows[0]["note"].startswith("error: KeyError")
     assert ctx.errors and "no-such-solver" in ctx.errors[0]
+
+
+def test_apps_failed_run_is_a_row_and_fails_the_command(tmp_path: Path) -> None:
+    runs = []
+    for app in apps.APPS:
+        _fake_run(tmp_path / "runs" / app, app, 1.0)
+        runs.append(f"{app}={tmp_path / 'runs' / app}")
+    broken = tmp_path / "runs" / apps.APPS[0] / "metrics.json"
+    broken.write_text(json.dumps({"app": apps.APPS[0], "val": {}}))
+    with pytest.raises(SystemExit, match=f"apps {apps.APPS[0]}"):
+        paper.main(["apps", "--out", str(tmp_path / "out"), "--runs", *runs])
+    rows = _check_files(tmp_path / "out", "apps", paper_apps.COLUMNS)
+    assert [r["method"] for r in rows if r["app"] == apps.APPS[0]] == ["error"]
+    assert {r["app"] for r in rows if r["method"] == "learned"} == set(apps.APPS[1:])
