@@ -21,7 +21,7 @@ import core
 from apps.config import make_layer, make_optimizer, value
 from apps.motion_planning import problem
 from apps.motion_planning.data import Sample
-from apps.motion_planning.model import chosen
+from apps.motion_planning.model import augment, chosen, restore
 from apps.motion_planning.problem import Scores
 from apps.motion_planning.spec import MapSpec
 
@@ -129,9 +129,22 @@ def score(scores: Scores, maps: Maps, idx: Tensor, plans: Plans) -> list[bool]:
 
 def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> Tensor:
     """``(B, N, 4)``: the network's initial trajectories for maps ``idx``: of its hypotheses,
-    the one of lowest planner objective (``model.select=cost``) or of best score (``score``)."""
+    the one of lowest planner objective (``model.select=cost``) or of best score (``score``).
+    With ``model.symmetries`` the network also reads each map in the square's other seven
+    symmetries (``model.augment``), its plans mapped back: ``8 Hy`` candidates."""
     sdf, start, goal = maps.sdf[idx], maps.start[idx], maps.goal[idx]
-    trajs, scores = net(sdf, start, goal)  # (B, Hy, N, 4), (B, Hy)
+    if cfg.model.symmetries:
+        B, codes = len(idx), torch.arange(8, device=sdf.device)
+        code = codes.repeat_interleave(B)
+        rep8 = lambda t: t.repeat(8, *([1] * (t.ndim - 1)))  # noqa: E731
+        dummy = sdf.new_zeros(8 * B, 1, 4)
+        s8, a8, b8, _ = augment(rep8(sdf), rep8(start), rep8(goal), dummy, code)
+        trajs, scores = net(s8, a8, b8)  # (8 B, Hy, N, 4), (8 B, Hy)
+        trajs = restore(trajs, code)
+        trajs = trajs.view(8, B, *trajs.shape[1:]).transpose(0, 1).flatten(1, 2)
+        scores = scores.view(8, B, -1).transpose(0, 1).flatten(1, 2)
+    else:
+        trajs, scores = net(sdf, start, goal)  # (B, Hy, N, 4), (B, Hy)
     if str(value(cfg.model.select)) == "score":
         return chosen(trajs, scores)
     B, Hy = scores.shape

@@ -1,5 +1,5 @@
-"""The network: a small CNN that looks at the map along the straight line from start to goal and
-proposes the planner's initial trajectory (:class:`InitNet`).
+"""The network: a small fully convolutional net that looks at the map along the straight line from
+start to goal and proposes the planner's initial trajectories (:class:`InitNet`).
 
 :func:`augment` draws one of the eight symmetries of the square map per sample (flips and the
 transpose; exact on the grid, whose cell centres are symmetric about the origin).
@@ -23,65 +23,73 @@ class InitNet(nn.Module):
     start-goal frame.
 
     The SDF is resampled (``core.costs.sdf_lookup``, so beyond the map's edge it keeps falling)
-    on a corridor grid aligned with the straight line: ``M = 4 K + 1`` points along it (progress
-    ``s`` in ``[0, 1]``) by ``L`` lateral offsets ``u`` in ``[-width, width]``. Channels: the
-    clipped SDF, ``u`` and ``s``. A 2D CNN over the corridor (pooling across it), then dilated 1D
-    convolutions along it give each point an offset (across and along the line); rotated back to
-    the world frame, the least-squares fit of the ``K`` sine offsets of
-    ``apps.motion_planning.problem.curve`` to them (a fixed linear map) gives the trajectory,
-    which therefore starts at ``start`` and ends at ``goal``. Working in the line's frame makes
-    the network invariant to where the query sits on the map and how it is turned: what it
-    learns on one map transfers to others. The last layer starts at zero: the untrained network
-    proposes the straight line (the baseline's initialization).
+    on a corridor grid aligned with the straight line: ``M = 4 K + 1`` columns along it (progress
+    ``s`` in ``[0, 1]``) by ``L`` lanes, lateral offsets ``u`` in ``[-width, width]``. Channels:
+    the clipped SDF, ``u`` and ``s``. Working in the line's frame makes the network invariant to
+    where the query sits on the map and how it is turned.
 
-    Multiple hypotheses (Guzman-Rivera et al., "Multiple choice learning", NeurIPS 2012; as in
-    trajectory prediction, e.g. Cui et al., ICRA 2019): going left or right of an obstacle are
-    both plans, and a single regression would average them into a collision. The network gives
-    ``Hy`` trajectories and a score for each; training imitates the expert with the closest
-    hypothesis (winner takes all) and teaches the scores to name it (cross-entropy); the
-    planner starts from the best-scored one (:func:`chosen`). Hypothesis 0 starts as the straight
-    line, the others start off to alternating sides, and the scores start equal, so the
-    untrained network proposes the straight line.
+    The output is spatially grounded: a small fully convolutional U-Net (Ronneberger et al.,
+    MICCAI 2015; dilated convolutions at the coarsest level see the whole corridor) gives, per
+    hypothesis, a logit for each lane of each column, "the plan is in this lane at time ``s``",
+    computed from the map around that lane, and an along-line offset there. Decoding: per column,
+    the expectation of ``u`` under the softmax restricted to ``window`` lanes either side of the
+    best lane (so two separated modes are never averaged into a collision), and the along offset
+    read with the same weights (:meth:`decode`). Rotated back to the world frame, the
+    least-squares fit of the ``K`` sine offsets of ``apps.motion_planning.problem.curve`` to
+    these ``M`` points gives the trajectory, which therefore starts at ``start`` and ends at
+    ``goal``. Training (``apps.motion_planning.train``): the lane logits by cross-entropy to the
+    expert's lane, the whole trajectory by imitation.
+
+    Multiple hypotheses (Guzman-Rivera et al., "Multiple choice learning", NeurIPS 2012): going
+    left or right of an obstacle are both plans, and a single regression would average them.
+    Training imitates the expert with the closest hypothesis only (winner takes all) and teaches
+    the scores to name it. The untrained network's logits are a fixed prior per hypothesis, a
+    shallow parabola over the lanes centred on the line for hypothesis 0 and off to alternating
+    sides for the others; the scores start equal, so the untrained network proposes the straight
+    line.
 
     Args:
-        spec: the maps and planner; channels: widths of the 2D convolutions (each followed by a
-        2x pooling across the corridor); hidden: width of the 1D convolutions; basis: ``K``;
-        lanes: ``L``; width: the corridor's half-width (metres); hypotheses: ``Hy``.
+        spec: the maps and planner; channels: widths of the U-Net's levels (each level halves
+        the grid); basis: ``K``; lanes: ``L``; width: the corridor's half-width (metres);
+        hypotheses: ``Hy``; window: lanes either side of the best one in the decoding.
     """
 
-    def __init__(self, spec: MapSpec, channels: tuple[int, ...] = (16, 32, 32),
-                 hidden: int = 128, basis: int = 8, lanes: int = 33, width: float = 4.0,
-                 hypotheses: int = 4) -> None:
+    def __init__(self, spec: MapSpec, channels: tuple[int, ...] = (32, 48, 64),
+                 basis: int = 12, lanes: int = 49, width: float = 6.0, hypotheses: int = 8,
+                 window: int = 3) -> None:
         super().__init__()
-        if len(channels) < 1 or min(basis, hidden, hypotheses) < 1 or lanes < 2 or width <= 0:
-            raise ValueError(f"model: needs channels, basis, hidden, hypotheses >= 1, lanes >= 2, "
-                             f"width > 0; got {channels}, {basis}, {hidden}, {hypotheses}, "
-                             f"{lanes}, {width}")
+        if (len(channels) < 1 or min(channels) < 1 or min(basis, hypotheses) < 1 or lanes < 2
+                or width <= 0 or window < 0):
+            raise ValueError(f"model: needs channels >= 1, basis, hypotheses >= 1, lanes >= 2, "
+                             f"width > 0, window >= 0; got {channels}, {basis}, {hypotheses}, "
+                             f"{lanes}, {width}, {window}")
         self.spec, self.basis, self.points = spec, basis, 4 * basis + 1
-        self.lanes, self.width = lanes, width
-        layers: list[nn.Module] = []
-        c_in, rows = 3, lanes
-        for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(),
-                       nn.MaxPool2d((2, 1), ceil_mode=True)]
-            c_in, rows = c, -(-rows // 2)
-        self.corridor = nn.Sequential(*layers)
-        convs: list[nn.Module] = []
-        inner = c_in * rows
-        for d in (1, 2, 4, 8):
-            convs += [nn.Conv1d(inner, hidden, 5, padding=2 * d, dilation=d), nn.ReLU()]
-            inner = hidden
-        self.hypotheses = hypotheses
-        self.along = nn.Sequential(*convs)
-        self.offsets = nn.Conv1d(hidden, 2 * hypotheses, 1)
-        nn.init.zeros_(self.offsets.weight)
-        with torch.no_grad():  # hypothesis 0: the line; the others start off to either side
-            side = torch.arange(hypotheses, dtype=torch.float32)
-            side = torch.where(side % 2 == 1, (side + 1) / 2, -side / 2) * 0.25
-            self.offsets.bias.copy_(torch.stack([side, torch.zeros_like(side)], 1).flatten())
-        self.score = nn.Linear(hidden, hypotheses)
+        self.lanes, self.width, self.hypotheses, self.window = lanes, width, hypotheses, window
+        self.down = nn.ModuleList()
+        c_in = 3
+        for level, c in enumerate(channels):
+            last = level == len(channels) - 1
+            dil = (2, 4) if last else (1, 1)
+            self.down.append(nn.Sequential(
+                nn.Conv2d(c_in, c, 3, padding=dil[0], dilation=dil[0]), nn.ReLU(),
+                nn.Conv2d(c, c, 3, padding=dil[1], dilation=dil[1]), nn.ReLU()))
+            c_in = c
+        self.up = nn.ModuleList()
+        for c_skip in reversed(channels[:-1]):
+            self.up.append(nn.Sequential(nn.Conv2d(c_in + c_skip, c_skip, 3, padding=1),
+                                         nn.ReLU()))
+            c_in = c_skip
+        self.head = nn.Conv2d(c_in, 2 * hypotheses, 1)  # lane logits and along offsets
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.score = nn.Linear(channels[-1], hypotheses)
         nn.init.zeros_(self.score.weight)
         nn.init.zeros_(self.score.bias)
+        u = torch.linspace(-1, 1, lanes)
+        side = torch.arange(hypotheses, dtype=torch.float32)
+        side = torch.where(side % 2 == 1, (side + 1) / 2, -side / 2) * 0.25
+        self.register_buffer("prior", -2.0 * (u[None] - side[:, None].clamp(-1, 1)) ** 2,
+                             persistent=False)  # (Hy, L)
         s = torch.linspace(0, 1, self.points, dtype=torch.float64)
         k = torch.arange(1, basis + 1, dtype=torch.float64) * math.pi
         self.register_buffer("fit", torch.linalg.pinv(torch.sin(s[:, None] * k)).float(),
@@ -109,18 +117,76 @@ class InitNet(nn.Module):
         ss = s[None, None].expand(B, self.lanes, self.points)
         return torch.stack([d, uu, ss], 1)
 
-    def forward(self, sdf: Tensor, start: Tensor, goal: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, Hy, N, 4)`` the hypotheses and ``(B, Hy)`` their scores (logits)."""
-        h = self.along(self.corridor(self.image(sdf, start, goal)).flatten(1, 2))  # (B, C, M)
-        B, Hy, M = h.shape[0], self.hypotheses, self.points
-        offsets = self.offsets(h).view(B, Hy, 2, M) * self.width  # across, along
+    def maps(self, sdf: Tensor, start: Tensor, goal: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(B, Hy, L, M)`` lane logits, ``(B, Hy, L, M)`` along offsets (metres) and
+        ``(B, Hy)`` scores."""
+        x, skips = self.image(sdf, start, goal), []
+        for level, block in enumerate(self.down):
+            if level:
+                skips.append(x)
+                x = nn.functional.max_pool2d(x, 2, ceil_mode=True)
+            x = block(x)
+        scores = self.score(x.mean((-1, -2)))
+        for block, skip in zip(self.up, reversed(skips)):
+            x = nn.functional.interpolate(x, size=skip.shape[-2:], mode="nearest")
+            x = block(torch.cat([x, skip], 1))
+        out = self.head(x)
+        Hy = self.hypotheses
+        logits = out[:, :Hy] + self.prior[None, :, :, None]
+        return logits, out[:, Hy:] * (self.width / 4), scores
+
+    def decode(self, logits: Tensor, along: Tensor) -> tuple[Tensor, Tensor]:
+        """``u (B, Hy, M)`` and along offsets ``(B, Hy, M)``: per column, the expectation
+        under the softmax over the ``window`` lanes either side of the best lane."""
+        lane = torch.arange(self.lanes, device=logits.device)[:, None]
+        best = logits.argmax(-2, keepdim=True)  # (B, Hy, 1, M)
+        near = (lane - best).abs() <= self.window
+        w = torch.softmax(logits.masked_fill(~near, float("-inf")), -2)
+        u = torch.linspace(-self.width, self.width, self.lanes, device=logits.device)
+        return (w * u[:, None]).sum(-2), (w * along).sum(-2)
+
+    def trajectories(self, start: Tensor, goal: Tensor, u: Tensor, along: Tensor) -> Tensor:
+        """``(B, Hy, N, 4)`` float64 from offsets ``u``, ``along (B, Hy, M)`` at the columns."""
+        B, Hy = u.shape[:2]
         e1, e2 = self.frame(start.float(), goal.float())
-        world = (offsets[:, :, :1] * e2[:, None, :, None]
-                 + offsets[:, :, 1:] * e1[:, None, :, None])  # (B, Hy, 2, M)
+        world = (u[:, :, None] * e2[:, None, :, None]
+                 + along[:, :, None] * e1[:, None, :, None])  # (B, Hy, 2, M)
         coeffs = (world @ self.fit.mT).flatten(0, 1)  # (B Hy, 2, K)
         rep = lambda t: t.double().repeat_interleave(Hy, 0)  # noqa: E731
         trajs = problem.curve(rep(start), rep(goal), coeffs.double(), self.spec)
-        return trajs.view(B, Hy, *trajs.shape[1:]), self.score(h.mean(-1))
+        return trajs.view(B, Hy, *trajs.shape[1:])
+
+    def targets(self, start: Tensor, goal: Tensor, expert: Tensor) -> Tensor:
+        """``(B, L, M)`` the expert's lane at each column as a two-hot distribution (linear
+        between the two nearest lanes; clamped to the corridor), ``expert (B, N, 4)``."""
+        e1, e2 = self.frame(start.float(), goal.float())
+        n = expert.shape[1]
+        t = torch.linspace(0, n - 1, self.points, device=expert.device)
+        lo = t.floor().long().clamp(max=n - 2)
+        f = (t - lo)[None, :, None]
+        p = expert[..., :2].float()
+        at = p[:, lo] * (1 - f) + p[:, lo + 1] * f  # (B, M, 2)
+        u = ((at - start.float()[:, None]) * e2[:, None]).sum(-1)
+        g = ((u / self.width).clamp(-1, 1) + 1) / 2 * (self.lanes - 1)  # fractional lane
+        g0 = g.floor().clamp(max=self.lanes - 2)
+        frac = g - g0
+        lane = torch.arange(self.lanes, device=expert.device)[None, :, None]
+        return ((lane == g0[:, None]).float() * (1 - frac[:, None])
+                + (lane == g0[:, None] + 1).float() * frac[:, None])
+
+    def forward(self, sdf: Tensor, start: Tensor, goal: Tensor, lanes: bool = False
+                ) -> tuple[Tensor, ...]:
+        """``(B, Hy, N, 4)`` the hypotheses and ``(B, Hy)`` their scores (logits); with
+        ``lanes`` also the ``(B, Hy, L, M)`` lane logits (for the training loss)."""
+        logits, along, scores = self.maps(sdf, start, goal)
+        trajs = self.trajectories(start, goal, *self.decode(logits, along))
+        return (trajs, scores, logits) if lanes else (trajs, scores)
+
+
+def lane_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """``(B, Hy)`` cross-entropy of lane logits ``(B, Hy, L, M)`` to ``target (B, L, M)``,
+    averaged over the columns."""
+    return -(target[:, None] * torch.log_softmax(logits, -2)).sum(-2).mean(-1)
 
 
 def chosen(trajs: Tensor, scores: Tensor) -> Tensor:
@@ -148,3 +214,17 @@ def augment(sdf: Tensor, start: Tensor, goal: Tensor, expert: Tensor, code: Tens
 
     traj = torch.cat([points(expert[..., :2]), points(expert[..., 2:])], -1)
     return sdf, points(start), points(goal), traj
+
+
+def restore(traj: Tensor, code: Tensor) -> Tensor:
+    """Undo :func:`augment`'s symmetry ``code (B,)`` on trajectories ``traj (B, ..., N, 4)``
+    planned on the transformed maps: first the swap, then the flips (each its own inverse)."""
+    fx, fy, sw = (code & 1).bool(), (code & 2).bool(), (code & 4).bool()
+    shape = (-1,) + (1,) * (traj.ndim - 2)
+    sign = torch.stack([1 - 2 * fx.to(traj.dtype), 1 - 2 * fy.to(traj.dtype)], -1).view(
+        *shape, 2)
+
+    def points(p: Tensor) -> Tensor:
+        return torch.where(sw.view(*shape, 1), p.flip(-1), p) * sign
+
+    return torch.cat([points(traj[..., :2]), points(traj[..., 2:])], -1)

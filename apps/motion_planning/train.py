@@ -47,7 +47,7 @@ from apps.harness import Run, Task, fit, main_for, reduce_scores
 from apps.motion_planning import evaluation
 from apps.motion_planning.data import Sample, make_dataset
 from apps.motion_planning.evaluation import Maps, prepare_maps
-from apps.motion_planning.model import InitNet, augment
+from apps.motion_planning.model import InitNet, augment, lane_loss
 from apps.motion_planning.spec import MapSpec
 
 APP = "motion_planning"
@@ -60,27 +60,30 @@ class ModelConfig:
     """The initialization network (``apps.motion_planning.model.InitNet``).
 
     Fields:
-        channels: widths of the 2D convolutions over the corridor along the straight line.
-        hidden: width of the 1D convolutions along it.
-        basis: sine offsets per axis of the predicted trajectory (``4 basis + 1`` points along
-            the line).
-        lanes: samples across the corridor.
+        channels: widths of the U-Net's levels over the corridor along the straight line.
+        basis: sine offsets per axis of the predicted trajectory (``4 basis + 1`` columns
+            along the line).
+        lanes: lanes across the corridor (the classes of the lane logits).
         width: the corridor's half-width (metres).
         hypotheses: candidate trajectories the network proposes.
+        window: lanes either side of a column's best lane that its decoded offset averages.
         select: which one the planner starts from: ``cost``, the lowest planner objective at
             the candidates (one cost evaluation each, no solve), or ``score``, the network's
             best-scored one.
         augment: train on randomly flipped/transposed maps (the square's 8 symmetries).
+        symmetries: at evaluation, also read each map in its 7 other symmetries: ``8 *
+            hypotheses`` candidates for the selection (8 network passes, no solve).
     """
 
-    channels: list[int] = field(default_factory=lambda: [16, 32, 32])
-    hidden: int = 128
-    basis: int = 8
-    lanes: int = 33
-    width: float = 4.0
+    channels: list[int] = field(default_factory=lambda: [32, 48, 64])
+    basis: int = 12
+    lanes: int = 49
+    width: float = 6.0
     hypotheses: int = 8
+    window: int = 3
     select: Select = Select.cost  # type: ignore[attr-defined,valid-type]
     augment: bool = True
+    symmetries: bool = True
 
 
 @dataclass
@@ -88,19 +91,25 @@ class LossConfig:
     """Weights of the outer loss's terms (``apps.motion_planning.train``'s docstring).
 
     Fields:
-        initial: imitation of the expert by the closest hypothesis (winner takes all).
-        score: cross-entropy teaching the scores to name that hypothesis.
+        lanes: cross-entropy of the winning hypothesis's lane logits to the expert's lanes.
+        initial: imitation of the expert by the winning hypothesis's trajectory.
+        score: cross-entropy teaching the scores to name the winner.
         solution: imitation of the expert by the K-iteration solution.
         objective: the planner's objective at the K-iteration solution (per state).
+        solve_maps: maps of each batch (the first ones) that are also solved by the layer for
+            the two solution terms (0: none; the unrolled solve costs far more than the
+            network, so the imitation terms see more maps per second).
         clip: the gradient that the solution terms send back through the K iterations to the
             initial trajectory is clipped to this norm per map (0: not clipped); unrolled
             Levenberg-Marquardt steps on hinge costs can amplify it by orders of magnitude.
     """
 
+    lanes: float = 1.0
     initial: float = 1.0
     score: float = 0.1
     solution: float = 1.0
     objective: float = 1e-3
+    solve_maps: int = 2
     clip: float = 1.0
 
 
@@ -141,8 +150,9 @@ def check(cfg: Any) -> None:
         (cfg.viz_maps >= 0, f"viz_maps must be >= 0, got {cfg.viz_maps}"),
         (cfg.optimizer.max_iters >= 1,
          f"optimizer.max_iters (K) must be >= 1, got {cfg.optimizer.max_iters}"),
-        (min(cfg.loss.initial, cfg.loss.score, cfg.loss.solution, cfg.loss.objective) >= 0,
-         f"loss weights must be >= 0, got {dict(cfg.loss)}"),
+        (min(cfg.loss.lanes, cfg.loss.initial, cfg.loss.score, cfg.loss.solution,
+             cfg.loss.objective, cfg.loss.solve_maps) >= 0,
+         f"loss weights and loss.solve_maps must be >= 0, got {dict(cfg.loss)}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -161,8 +171,8 @@ def prepare(cfg: Any, samples: Sequence[Sample], device: torch.device) -> Maps:
 
 def model(cfg: Any, train: Maps) -> InitNet:
     m = cfg.model
-    return InitNet(train.spec, tuple(m.channels), m.hidden, m.basis, m.lanes, m.width,
-                   m.hypotheses).to(train.sdf.device)
+    return InitNet(train.spec, tuple(m.channels), m.basis, m.lanes, m.width, m.hypotheses,
+                   m.window).to(train.sdf.device)
 
 
 def loss(cfg: Any, net: torch.nn.Module, maps: Maps, batch: Sequence[int]
@@ -174,19 +184,25 @@ def loss(cfg: Any, net: torch.nn.Module, maps: Maps, batch: Sequence[int]
     if cfg.model.augment:
         code = torch.randint(0, 8, (len(batch),)).to(idx.device)
         sdf, start, goal, expert = augment(sdf, start, goal, expert, code)
-    trajs, scores = net(sdf, start, goal)
+    trajs, scores, logits = net(sdf, start, goal, lanes=True)  # (B, Hy, N, 4), ...
     if not len(batch):
         return []
     w = cfg.loss
-    errors = evaluation.imitation(trajs, expert[:, None])  # (B, Hy)
-    best = errors.argmin(-1)  # the winner takes all
-    init = trajs[torch.arange(len(best), device=best.device), best]
-    solver_init = clip_gradient(init, w.clip) if w.clip > 0 else init
-    final, _ = maps.layer(evaluation.layer_inputs(solver_init, sdf, start, goal))
-    total = (w.initial * errors.min(-1).values
-             + w.score * torch.nn.functional.cross_entropy(scores, best, reduction="none")
-             + w.solution * evaluation.imitation(final["states"], expert)
-             + w.objective * maps.cost(final["states"], sdf, start, goal) / maps.spec.num_states)
+    target = getattr(net, "module", net).targets(start, goal, expert)  # DDP wraps the net
+    per_hypothesis = (w.lanes * lane_loss(logits, target)
+                      + w.initial * evaluation.imitation(trajs, expert[:, None]))  # (B, Hy)
+    best = per_hypothesis.detach().argmin(-1)  # the winner takes all
+    total = (per_hypothesis.gather(1, best[:, None])[:, 0]
+             + w.score * torch.nn.functional.cross_entropy(scores, best, reduction="none"))
+    n = min(int(w.solve_maps), len(batch))
+    if n and (w.solution > 0 or w.objective > 0):  # the solve only when its terms count
+        init = trajs[torch.arange(n, device=best.device), best[:n]]
+        solver_init = clip_gradient(init, w.clip) if w.clip > 0 else init
+        final, _ = maps.layer(evaluation.layer_inputs(solver_init, sdf[:n], start[:n], goal[:n]))
+        solved = (w.solution * evaluation.imitation(final["states"], expert[:n])
+                  + w.objective * maps.cost(final["states"], sdf[:n], start[:n], goal[:n])
+                  / maps.spec.num_states)
+        total = torch.cat([total[:n] + solved, total[n:]])
     return list(total)
 
 

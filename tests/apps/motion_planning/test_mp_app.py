@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from apps.motion_planning import data, problem, train
+from apps.motion_planning import data, evaluation, problem, train
 from apps.motion_planning.data import make_dataset, make_samples, signed_distance
-from apps.motion_planning.model import InitNet, augment, chosen
+from apps.motion_planning.model import InitNet, augment, chosen, lane_loss
 from apps.motion_planning.planner import check_map, plan
 from apps.motion_planning.spec import MapSpec
 
@@ -100,11 +100,35 @@ def test_symmetries_map_plans_to_plans(samples: list[data.Sample]) -> None:
 def test_untrained_network_proposes_the_straight_line(samples: list[data.Sample]) -> None:
     sdf, start, goal, _ = stacked(samples)
     torch.manual_seed(0)
-    net = InitNet(SMALL, (4, 8), 16, 3, lanes=9, hypotheses=3)
+    net = InitNet(SMALL, (4, 8), 3, lanes=9, width=3.0, hypotheses=3)
     trajs, scores = net(sdf, start, goal)
     assert trajs.shape == (6, 3, SMALL.num_states, 4) and scores.shape == (6, 3)
     assert torch.allclose(chosen(trajs, scores), problem.straight_line(start, goal, SMALL))
     assert not torch.allclose(trajs[:, 1], trajs[:, 2])  # the others start off to either side
+
+
+def test_lane_targets_decode_to_the_expert(samples: list[data.Sample]) -> None:
+    """The expert's two-hot lane targets, read as logits, decode to its lateral offsets, and
+    rebuilt with its along offsets the expert's path is recovered up to the sine fit."""
+    sdf, start, goal, expert = stacked(samples)
+    net = InitNet(SMALL, (4, 8), 8, lanes=81, width=8.0, hypotheses=1, window=2)
+    target = net.targets(start, goal, expert)  # (B, L, M)
+    assert torch.allclose(target.sum(1), torch.ones(len(samples), net.points))
+    u, _ = net.decode(target[:, None].clamp(min=1e-12).log(), torch.zeros_like(target)[:, None])
+    e1, e2 = net.frame(start.float(), goal.float())
+    t = torch.linspace(0, SMALL.num_states - 1, net.points, dtype=torch.float64)
+    at = torch.stack([torch.from_numpy(np.stack([np.interp(t, np.arange(SMALL.num_states),
+                                                           e[:, k]) for k in range(2)], -1))
+                      for e in expert.numpy()])  # the expert at the columns' times
+    rel = at.float() - start.float()[:, None]
+    assert torch.allclose(u[:, 0], (rel * e2[:, None]).sum(-1), atol=0.02)
+    s = torch.linspace(0, 1, net.points)
+    along = (rel * e1[:, None]).sum(-1) - s * (goal - start).norm(dim=-1).float()[:, None]
+    rebuilt = net.trajectories(start, goal, u, along[:, None])[:, 0]
+    assert float(evaluation.imitation(rebuilt, expert).max()) < 0.05
+    loss_true = lane_loss(target[:, None].clamp(min=1e-12).log() * 10, target)
+    loss_flat = lane_loss(torch.zeros_like(target)[:, None], target)
+    assert bool((loss_true < loss_flat).all())
 
 
 def test_unrolled_planner_trains_the_network(tmp_path: Path, app_config) -> None:
@@ -116,17 +140,17 @@ def test_unrolled_planner_trains_the_network(tmp_path: Path, app_config) -> None
     maps = train.prepare(cfg, samples, torch.device("cpu"))
     torch.manual_seed(0)
     net = train.model(cfg, maps)
-    torch.nn.init.normal_(net.offsets.weight, std=0.01)  # off the straight line
+    torch.nn.init.normal_(net.head.weight, std=0.01)  # off the straight line
 
     def grad(**weights: float) -> torch.Tensor:
         for k, v in weights.items():
             cfg.loss[k] = v
         net.zero_grad()
         sum(train.loss(cfg, net, maps, [0, 1])).backward()
-        return net.offsets.weight.grad.clone()
+        return net.head.weight.grad.clone()
 
-    full = grad(initial=1.0, solution=1.0, objective=1e-3)
-    alone = grad(initial=1.0, solution=0.0, objective=0.0)
+    full = grad(lanes=1.0, initial=1.0, solution=1.0, objective=1e-3)
+    alone = grad(lanes=1.0, initial=1.0, solution=0.0, objective=0.0)
     assert torch.isfinite(alone).all() and bool((alone != 0).any())
     assert torch.isfinite(full).all() and not torch.allclose(full, alone)
 
