@@ -13,13 +13,16 @@ A scene has ``C`` BAL cameras (angle-axis ``R``, ``t``, ``f``, ``k1``, ``k2``; c
 Each point is seen by a random subset of the cameras that see it (in front of the camera, inside
 the ``image`` bounds): a track of ``track = (min, max)`` observations (~8). Observations are the
 true projections plus ``pixel_noise`` Gaussian noise (pixels, per axis); exactly
-``round(outlier_ratio * O)`` of them are outliers (wrong matches), displaced by ``outlier_px =
-(min, max)`` pixels (tens of pixels). ``outliers="aliased"`` (default) models matches on repeated
-structure: each image has its own outlier rate (mean ``outlier_ratio``, up to
-``(rate_power + 1) outlier_ratio``) and its outliers share one displacement (the pattern's period
-in that image) up to ``alias_jitter``, so they bias the camera consistently instead of averaging
-out; ``"random"`` displaces a uniform random subset in independent directions (against which a
-robust loss alone already does about as well as knowing the outliers). Initial values are the
+``round(outlier_ratio * O)`` of them (20% by default) are outliers (wrong matches), displaced by
+``outlier_px = (min, max)`` pixels (3 to 30: from mismatches a few pixels off, which no robust loss
+can tell from the noise's tail, to tens of pixels). ``outliers="aliased"`` (default) models
+matches on repeated structure: each image has its own outlier rate (mean ``outlier_ratio``, up to
+``(rate_power + 1) outlier_ratio``: the worst images have a majority of wrong matches) and its
+outliers share one displacement (the pattern's period in that image) up to ``alias_jitter``, so
+they bias the camera consistently instead of averaging out, and in the worst images they outvote
+the inliers: a fixed robust loss keeps the larger consistent group, right or wrong. ``"random"``
+displaces a uniform random subset in independent directions (against which a robust loss alone
+already does about as well as knowing the outliers). Initial values are the
 truth perturbed (rotation, translation, point and focal noise; ``k1 = k2 = 0``), as an
 incremental SfM front end leaves them.
 
@@ -98,9 +101,9 @@ class SceneSpec:
     focal: float = 500.0
     image: tuple[float, float] = (400.0, 300.0)
     pixel_noise: float = 1.0
-    outlier_ratio: float = 0.1
+    outlier_ratio: float = 0.2
     outliers: str = "aliased"
-    outlier_px: tuple[float, float] = (10.0, 40.0)
+    outlier_px: tuple[float, float] = (3.0, 30.0)
     alias_jitter: float = 3.0
     rate_power: float = 3.0
     rotation_noise: float = 0.01

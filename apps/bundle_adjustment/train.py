@@ -7,7 +7,10 @@ observation's matcher features to a weight ``w_o`` and gives a robust-loss scale
 the weighted, robust bundle adjustment (``apps.bundle_adjustment.problem``) from the scene's
 initial values with Levenberg-Marquardt and the Schur solver (points eliminated); the loss is
 ``rotation error (deg) + center_weight * centre error`` of the cameras after a similarity
-alignment to the ground truth, back-propagated through the solve (``optimizer.backward``).
+alignment to the ground truth, back-propagated through the solve (``optimizer.backward``), plus
+``model.supervised`` times the binary cross-entropy of the weights against the training scenes'
+outlier labels (it gives the weights a direct signal from the first step; the end-to-end term,
+whose per-observation gradients are small and noisy, alone left them near their initial value).
 
 Evaluation on held-out scenes: camera rotation error (degrees), camera centre error (scene units)
 and the inlier reprojection RMSE (pixels) of the learned layer; the ROC AUC of the matcher features
@@ -67,15 +70,20 @@ class ModelConfig:
         learn_scale: train the robust-loss scale too.
         weight_mode: ``scale`` (the weight narrows the robust loss of a suspicious observation)
             or ``residual`` (the weight scales the residual).
+        supervised: weight of the auxiliary term ``supervised * BCE(w, inlier)`` of the
+            training loss, the binary cross-entropy of the weights against the training scenes'
+            inlier labels (deg per nat; 0: end to end only). It shapes the weights from the
+            first step; the end-to-end term then sets how they enter the solve.
     """
 
     hidden: int = 32
     layers: int = 2
-    loss: Loss = Loss.cauchy  # type: ignore[attr-defined,valid-type]
-    init_scale: float = 2.0
-    init_bias: float = 2.0
+    loss: Loss = Loss.geman_mcclure  # type: ignore[attr-defined,valid-type]
+    init_scale: float = 6.0
+    init_bias: float = 0.0
     learn_scale: bool = True
     weight_mode: WeightMode = WeightMode.scale  # type: ignore[valid-type,attr-defined]
+    supervised: float = 0.3
 
 
 @dataclass
@@ -122,7 +130,7 @@ class BundleAdjustmentConfig(TrainConfig):
     epochs: int = 8
     num_train: int = 24
     num_val: int = 12
-    lr: float = 0.02
+    lr: float = 0.005
     data: SceneSpec = field(default_factory=SceneSpec)
     model: ModelConfig = field(default_factory=ModelConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
@@ -142,6 +150,8 @@ def check(cfg: Any) -> None:
          f"baseline.scales must be positive, got {list(cfg.baseline.scales)}"),
         (cfg.gauge_weight > 0, f"gauge_weight must be > 0, got {cfg.gauge_weight}"),
         (cfg.center_weight >= 0, f"center_weight must be >= 0, got {cfg.center_weight}"),
+        (cfg.model.supervised >= 0,
+         f"model.supervised must be >= 0, got {cfg.model.supervised}"),
         (cfg.aim is None or cfg.aim > 0, f"aim must be > 0 or null, got {cfg.aim}"),
         (0 <= cfg.viz_scene < cfg.num_val,
          f"viz_scene must be in [0, num_val), got {cfg.viz_scene}"),
@@ -170,14 +180,20 @@ def model(cfg: Any, train: Prepared) -> ObservationWeightNet:
 
 def loss(cfg: Any, net: torch.nn.Module, prepared: Prepared, batch: Sequence[int]
          ) -> list[torch.Tensor]:
-    """``rot_err_deg + center_weight * center_err`` of each scene of ``batch``."""
+    """``rot_err_deg + center_weight * center_err`` of each scene of ``batch`` (plus
+    ``model.supervised`` times the weights' binary cross-entropy against the inlier labels)."""
     weights, scale = common.weights_per_item(net, [prepared.scenes[k].features for k in batch])
     losses = []
     for w, k in zip(weights, batch):
         s, p, layer = prepared.scenes[k], prepared.problems[k], prepared.layers[k]
         sol, _ = layer(p.inputs(w, scale, mode=str(value(cfg.model.weight_mode))))
         e = pose_errors(sol, s, aim_of(cfg))
-        losses.append(e.rot_deg.mean() + cfg.center_weight * e.center.mean())
+        total = e.rot_deg.mean() + cfg.center_weight * e.center.mean()
+        if cfg.model.supervised:
+            inlier = (~s.is_outlier).to(w.dtype)
+            total = total + cfg.model.supervised * torch.nn.functional.binary_cross_entropy(
+                w.clamp(1e-12, 1 - 1e-12), inlier)
+        losses.append(total)
     return losses
 
 

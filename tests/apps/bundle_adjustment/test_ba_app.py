@@ -70,7 +70,7 @@ def _truth_values(scene: Scene) -> dict[str, torch.Tensor]:
 def test_smoke_with_picture_and_residual_weights(tmp_path: Path, app_config) -> None:
     doc = train.run(app_config("bundle_adjustment", tmp_path, "viz=true",
                                "model.weight_mode=residual", "baseline.oracle=false",
-                               "solver.reduced=dense"))
+                               "solver.reduced=dense", "model.supervised=0.0"))
     assert VAL_KEYS <= set(doc["val"]) and math.isfinite(doc["val"]["rot_err_deg"])
     assert "rot_err_deg_oracle" not in doc["val"]
     assert (tmp_path / "reconstruction.png").stat().st_size > 0
@@ -320,6 +320,8 @@ def test_bad_app_config_raises(tmp_path: Path, app_config) -> None:
         train.run(app_config("bundle_adjustment", tmp_path, "data.outlier_ratio=1.5"))
     with pytest.raises(ValueError, match="viz_scene"):
         train.run(app_config("bundle_adjustment", tmp_path, "viz_scene=3"))
+    with pytest.raises(ValueError, match="model.supervised"):
+        train.run(app_config("bundle_adjustment", tmp_path, "model.supervised=-1.0"))
 
 
 def _run_solve(*args: str) -> subprocess.CompletedProcess[str]:
