@@ -56,6 +56,55 @@ def graduated(solve: Solve, values: dict[str, Tensor], target: Tensor, start: fl
     return values
 
 
+#: ``values -> (B, L)``: the squared whitened residual of each robust item
+SquaredResiduals = Callable[[dict[str, Tensor]], Tensor]
+
+
+def tls_weights(s: Tensor, c2: Tensor, mu: Tensor) -> Tensor:
+    """GNC-TLS weights (Yang et al. 2020, Proposition 6; GTSAM's ``GncOptimizer``): 1 for
+    ``s <= mu / (mu + 1) c^2``, 0 for ``s >= (mu + 1) / mu c^2``, else
+    ``sqrt(c^2 mu (mu + 1) / s) - mu``.
+
+    Args:
+        s: ``(B, L)`` squared whitened residuals.
+        c2: ``(B, 1)`` the truncation thresholds ``c^2``.
+        mu: ``(B, 1)`` the continuation parameter (small: nearly least squares; large: TLS).
+    """
+    lower, upper = mu / (mu + 1) * c2, (mu + 1) / mu * c2
+    mid = torch.sqrt(c2 * mu * (mu + 1) / s.clamp_min(torch.finfo(s.dtype).tiny)) - mu
+    one = torch.ones_like(s)
+    return torch.where(s <= lower, one, torch.where(s >= upper, 0 * one, mid.clamp(0, 1)))
+
+
+def graduated_tls(solve: Callable[[Tensor, dict[str, Tensor], int], dict[str, Tensor]],
+                  squared: SquaredResiduals, values: dict[str, Tensor], target: Tensor,
+                  step: float = 1.4, stages: int = 30, stage_iters: int = 5,
+                  final_iters: int = 30) -> dict[str, Tensor]:
+    """GNC with truncated least squares (Yang et al. 2020; GTSAM's ``GncLossType.TLS``):
+    alternate a weighted least-squares solve (``stage_iters`` LM iterations, warm-started) and
+    the closed-form weights :func:`tls_weights`, ``mu`` starting at ``c^2 / (2 max s - c^2)``
+    (GTSAM's start; nearly least squares) and multiplied by ``step`` per stage, until every
+    weight is 0 or 1 (or ``stages``); then ``final_iters`` iterations with the final weights.
+    Batched: one batch element per truncation scale ``target (B,)`` (whitened residual norm).
+    An element whose largest residual is within its threshold keeps unit weights."""
+    if step <= 1 or stages < 1:
+        raise ValueError(f"GNC-TLS: step must be > 1 and stages >= 1, got {step}, {stages}")
+    if not bool((target > 0).all()):
+        raise ValueError(f"GNC-TLS scales must be positive, got {target}")
+    c2 = (target * target)[:, None]
+    s = squared(values)
+    excess = 2 * s.max(-1, keepdim=True).values - c2
+    mu = torch.where(excess > 0, c2 / excess.clamp_min(torch.finfo(s.dtype).tiny), 1e12)
+    weight = tls_weights(s, c2, mu)
+    for _ in range(stages):
+        values = solve(weight, values, stage_iters)
+        mu = mu * step
+        weight = tls_weights(squared(values), c2, mu)
+        if bool(((weight == 0) | (weight == 1)).all()):
+            break
+    return solve(weight, values, final_iters)
+
+
 @dataclass
 class GncConfig:
     """The GNC baselines (``apps.gnc``; GTSAM's ``GncLMOptimizer`` where an app has it).

@@ -46,3 +46,43 @@ def test_config_check_names_the_bad_value() -> None:
         gnc.check_config(gnc.GncConfig(gtsam=["huber"]))
     with pytest.raises(ValueError, match="scales"):
         gnc.check_config(gnc.GncConfig(scales=[0.0]))
+
+
+def test_tls_weights_are_continuous_and_truncate() -> None:
+    c2, mu = torch.tensor([[4.0]]), torch.tensor([[2.0]])
+    lower, upper = 2.0 / 3.0 * 4.0, 1.5 * 4.0
+    s = torch.tensor([[0.0, lower, 0.5 * (lower + upper), upper, 100.0]])
+    w = gnc.tls_weights(s, c2, mu)
+    assert w[0, 0] == 1.0 and w[0, -1] == 0.0
+    assert float(w[0, 1]) == pytest.approx(1.0) and float(w[0, 3]) == pytest.approx(0.0)
+    assert 0.0 < float(w[0, 2]) < 1.0
+    # as mu grows the weights become the truncation s <= c^2
+    w = gnc.tls_weights(torch.tensor([[3.9, 4.1]]), c2, torch.tensor([[1e6]]))
+    assert w.tolist() == [[1.0, 0.0]]
+
+
+def test_graduated_tls_rejects_a_consistent_group_of_outliers() -> None:
+    """A robust mean: 30 inliers ~N(0, 1) and 10 outliers at 8 (one consistent group, far enough
+    to bias least squares by 2 but not so far that a plain truncation from the least-squares
+    start would see them): GNC-TLS with c = 3 recovers the inliers' mean."""
+    gen = torch.Generator().manual_seed(0)
+    data = torch.cat([torch.randn(30, generator=gen, dtype=torch.float64),
+                      8.0 + 0.1 * torch.randn(10, generator=gen, dtype=torch.float64)])
+    calls = []
+
+    def solve(weight: torch.Tensor, values: dict[str, torch.Tensor], iters: int
+              ) -> dict[str, torch.Tensor]:
+        calls.append(iters)
+        return {"x": (weight * data).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True)}
+
+    def squared(values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (data[None] - values["x"]) ** 2
+
+    start = {"x": data.mean().reshape(1, 1)}
+    out = gnc.graduated_tls(solve, squared, start, torch.tensor([3.0]), stage_iters=4,
+                            final_iters=20)
+    assert float(start["x"]) > 1.5  # least squares is pulled towards the group
+    assert abs(float(out["x"]) - float(data[:30].mean())) < 1e-9
+    assert calls[0] == 4 and calls[-1] == 20 and len(calls) < 30
+    with pytest.raises(ValueError, match="GNC-TLS"):
+        gnc.graduated_tls(solve, squared, start, torch.tensor([0.0]))
