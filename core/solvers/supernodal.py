@@ -54,8 +54,9 @@ from core.solvers.base import PlanCache
 Ordering = Literal["auto", "amd", "nesdis", "metis", "minimum_degree", "natural"]
 ORDERINGS = ("auto", "amd", "nesdis", "metis", "minimum_degree", "natural")
 SPLIT_FROM = 24
-"""Updates of supernodes with at least this many rows below are formed as two products (a
-quarter of the ``Mp x Mp`` product, the strictly upper block, is skipped)."""
+"""Updates of groups with at least this many rows below are formed as two products (a quarter
+of the ``Mp x Mp`` product, the strictly upper block, is skipped) when that quarter is worth
+more than ``call_flops`` (see :class:`SupernodalCholesky`)."""
 LEVEL_FLOPS = 5e5
 """Multiply-adds a level of the tree is worth (its torch calls' overhead) when ``"auto"`` picks
 the ordering: the one with the least ``flops + LEVEL_FLOPS * depth`` wins."""
@@ -510,14 +511,16 @@ def build_schedule(sym: Symbolic, batch: int, slack: float, call_flops: float) -
         a = np.arange(Wp)
         pad = (a[None, :] >= W[sns][:, None]).nonzero()  # identity on the padded diagonal
         l_src[base[sns[pad[0]]] + pad[1] * (Wp + 1)] = nnz + 1
-        groups.append(_group(sns, sym, Wp, Mp, start, total, position))
+        # split the update where the skipped quarter of its product outweighs the extra calls
+        split = Mp >= SPLIT_FROM and batch * sns.shape[0] * Mp * Mp * Wp / 4 >= call_flops
+        groups.append(_group(sns, sym, Wp, Mp, start, total, position, split))
     sns = np.concatenate(parts + [np.zeros(1, dtype=np.int64)])
     sn_start = torch.from_numpy(sym.perm[starts[sns]])  # per group member (and a spare)
     return Schedule(sym.pattern, sym, torch.from_numpy(l_src), tuple(groups), sn_start)
 
 
 def _group(sns: np.ndarray, sym: Symbolic, Wp: int, Mp: int, start: int, dump: int,
-           position) -> Group:
+           position, split: bool) -> Group:
     """The index maps of one padded group of supernodes ``sns``."""
     n, G = sym.pattern.n, sns.shape[0]
     W, M = np.diff(sym.starts)[sns], np.array([sym.below[s].shape[0] for s in sns])
@@ -536,7 +539,7 @@ def _group(sns: np.ndarray, sym: Symbolic, Wp: int, Mp: int, start: int, dump: i
         upd[gi, p, q] = position(tgt, row_p, row_q)
     # the update is computed as two products, rows [0, top) against themselves and rows
     # [top, Mp) against all: the strictly upper block of [0, top) x [top, Mp) is never formed
-    top = Mp // 2 if Mp >= SPLIT_FROM else 0
+    top = Mp // 2 if split else 0
     upd = np.concatenate([upd[:, :top, :top].reshape(-1), upd[:, top:, :].reshape(-1)])
     a, b = np.arange(Wp)[None, :], np.arange(Mp)[None, :]
     col_ok = a < W[:, None]
