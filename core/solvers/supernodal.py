@@ -1,16 +1,18 @@
 """Batched supernodal sparse Cholesky in torch: ``B`` matrices of one pattern, CPU or CUDA alike.
 
-The design follows BaSpaCho (Meta's batched sparse Cholesky behind Theseus; Monti et al.,
-"BaSpaCho: a sparse Cholesky solver", 2023) and the classic supernodal method (Liu, Ng and
-Peyton, "On finding supernodes for sparse matrix computations", 1993; Ashcraft and Grimes,
-"The influence of relaxed supernode partitions on the multifrontal method", 1989).
+The design follows BaSpaCho (Meta's batched sparse Cholesky behind Theseus,
+github.com/facebookresearch/baspacho) and the classic supernodal method (Liu, Ng and Peyton,
+"On finding supernodes for sparse matrix computations", 1993; Ashcraft and Grimes, "The
+influence of relaxed supernode partitions on the multifrontal method", 1989).
 
 Symbolic analysis, once per pattern (:func:`analyze`, NumPy on the CPU):
 
 1. Blocks: maximal runs of consecutive unknowns whose columns hold the same rows (a variable
    element of the objective: 6 unknowns for an SE(3) pose, 3 for a point).
-2. A fill-reducing ordering of the block graph: approximate minimum degree (CHOLMOD's AMD when
-   scikit-sparse is installed, else :func:`minimum_degree`, written here).
+2. A fill-reducing ordering of the block graph: with scikit-sparse, CHOLMOD's AMD and nested
+   dissection, keeping the one with the least ``flops + LEVEL_FLOPS * depth`` (a long helix:
+   AMD's tree is 428 levels deep at 10k poses, nested dissection's 17); else
+   :func:`minimum_degree`, written here.
 3. The block structure of ``L`` and its elimination tree (``parent(k) = min struct(k)``), then a
    postorder of the tree.
 4. Supernodes: chains ``k -> parent(k) = k + 1`` merged while the explicit zeros they add stay
@@ -18,23 +20,31 @@ Symbolic analysis, once per pattern (:func:`analyze`, NumPy on the CPU):
 5. Levels: a supernode's level is one more than its children's highest (leaves: 0). All the
    supernodes of one level are independent: they are factored together.
 
-Numeric factorization of all ``B`` matrices at once (:class:`SupernodalCholesky`): the lower
-triangle of ``L`` is held as dense panels (supernode columns x (supernode columns + rows below)),
-all panels in one flat ``(B, nnz_panels)`` buffer filled from the pattern's values by one gather.
-Per level, its supernodes are grouped by padded panel size (a group is padded to its largest
-member: identity on the padded diagonal, zeros elsewhere); per group, in a fixed number of torch
-calls: gather the panels ``(B, G, W + M, W)``, ``L11 = chol(A11)``, ``L21 = A21 L11^-T``, the
-update ``L21 L21^T`` scattered (subtracted) into the ancestors' panels with one ``index_add_``.
-The number of torch calls grows with the number of (level, size group) pairs, not with the
-number of supernodes. The factor keeps the padded ``L11, L21`` of every group, so any number of
-right-hand sides (the implicit backward) reuse it: forward substitution level by level from the
-leaves, back substitution from the root.
+Numeric factorization of all ``B`` matrices at once (:class:`SupernodalCholesky`). Per level, the
+supernodes are grouped by padded panel size (:func:`group_level`; a group is padded to its
+largest member: identity on the padded diagonal, zeros elsewhere). All panels (supernode columns
+x (supernode columns + rows below), lower triangle meaningful) live in one buffer ``(T + 1, B)``,
+batch last, group after group: one gather from the damped values fills it, and the updates of
+every group are subtracted with one ``scatter_add_`` whose rows are ``B`` contiguous values. Per
+group, in a fixed number of torch calls: a blocked transpose of its panels to batch-first
+``(B, G, Wp + Mp, Wp)``, ``L11 = chol(A11)``, ``L21 = A21 L11^-T``, ``-L21 L21^T`` (as two
+products for large groups: the strictly upper quarter is skipped), transposed back and scattered
+into the ancestors' panels. The number of torch calls grows with the number of (level, size
+group) pairs, not with the number of supernodes. The factor keeps the padded ``L11, L21`` of
+every group, so any number of right-hand sides (the implicit backward) reuse it: forward
+substitution level by level from the leaves, back substitution from the root.
 
 Failed elements: an element whose matrix is not numerically positive definite (or holds a
-non-finite value) gets ``ok = False``; its padded factor blocks are replaced by the identity
-from the failure on, so every other element's factor is exact and nothing is NaN; its solutions
-are zeros. :meth:`SupernodalFactor.failures` names each failed batch element and the unknown at
-which the pivot failed.
+non-finite value) gets ``ok = False``; its failed diagonal blocks are replaced by the identity
+(so an indefinite element's factor stays finite); batch elements never mix, so the others'
+factors are exact; its solutions are zeros. :meth:`SupernodalFactor.failures` names each failed
+batch element and the unknown at which its first failed supernode starts.
+
+Measured (``python -m bench.supernodal``, 2-core shared CPU, 1 thread): on par with CHOLMOD on
+the block-diagonal batch at B = 64 x 256 poses, slower at B = 1 (torch call overhead); the CPU
+time goes to per-matrix LAPACK calls on small diagonal blocks, the layout transposes and the
+update scatter. It is meant for GPUs and for CPUs without CHOLMOD (1.5-2.7x faster than cholespy
+and SciPy at B = 16).
 """
 
 from __future__ import annotations
@@ -366,11 +376,11 @@ class Group:
     ``(T + 1, B)`` in ``(G, Wp + Mp, Wp)`` order (row ``T``: a dump for discarded updates).
     ``upd_dst (G * (top^2 + (Mp - top) * Mp),)``: where each entry of the update is subtracted
     (``T`` for the upper triangle and the padding), the update being computed as the products
-    ``(G, top, top)`` (rows ``[0, top)`` against themselves) and ``(G, Mp - top, Mp)``. Into the
-    solve vector ``(B, n + 2)`` (original unknowns; ``n`` reads 0, ``n + 1`` is written and never
-    read):
-    ``cols_read, cols_write (G * Wp,)``, ``below_read, below_write (G * Mp,)``. ``supernodes
-    (G,)``: which supernodes (for error messages)."""
+    ``(G, top, top)`` (rows ``[0, top)`` against themselves) and ``(G, Mp - top, Mp)``
+    (``top = 0``: one product). Into the solve vector ``(B, n + 2)`` (original unknowns; ``n``
+    reads 0, ``n + 1`` is written and never read): ``cols_read, cols_write (G * Wp,)``,
+    ``below_read, below_write (G * Mp,)``. ``supernodes (G,)``: which supernodes (for error
+    messages)."""
 
     G: int
     Wp: int
@@ -392,9 +402,9 @@ class Group:
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """The numeric plan for one pattern, batch size and device: ``l_src (T + 1,)`` fills the panel
-    buffer from the damped values (transposed, ``(nnz, B)``) extended by a row of zeros and a row
-    of ones; ``groups`` in processing order (levels ascending); ``sn_start`` per group member in
-    that order, the original unknown at which its supernode starts."""
+    buffer from the damped values, transposed and extended by a row of zeros and a row of ones
+    (``(nnz + 2, B)``); ``groups`` in processing order (levels ascending); ``sn_start`` per group
+    member in that order, the original unknown at which its supernode starts."""
 
     pattern: Pattern
     symbolic: Symbolic
