@@ -212,10 +212,11 @@ def write(ctx: Context, name: str, result: Result) -> list[Path]:
     md = [f"# {result.title}", "", result.what, ""]
     md += [f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}"
            for key, value in ctx.stamp.items()]
-    md += ["", *(f"> {n}" for n in result.notes), "" if result.notes else "",
-           markdown_table(result.rows, result.table_columns or result.columns), "",
+    if result.notes:
+        md += ["", "Notes:", "", *(f"- {n}" for n in result.notes)]
+    md += ["", markdown_table(result.rows, result.table_columns or result.columns), "",
            f"Raw numbers: `{csv_path.name}`; figure: `{png_path.name}`."]
-    md_path.write_text("\n".join(md).replace("\n\n\n", "\n\n") + "\n")
+    md_path.write_text("\n".join(md) + "\n")
     fig = plt.figure(figsize=result.figsize)
     result.figure(fig, result.rows)
     fig.text(0.005, 0.005, stamp_line(ctx.stamp), fontsize=6.5, color="0.3", ha="left",
