@@ -77,7 +77,9 @@ def linearize(
     g = first.new_zeros(batch, pattern.n)
     cost = first.new_zeros(batch)
     for c, positions, columns in zip(objective.costs, pattern.positions, pattern.columns):
-        if fused and _fused.applies(c, values):
+        # (not once a torch-path cost before it has made H, g or the cost part of a graph)
+        graph = H.requires_grad or g.requires_grad or cost.requires_grad
+        if fused and not graph and _fused.applies(c, values):
             _fused.accumulate(c, values, positions, columns, H, g, cost)  # outside autograd
             continue
         num = c.num_factors

@@ -3,7 +3,8 @@
 One iteration (GTSAM's three lines, batched): linearize, solve the damped normal equations,
 retract; then per batch element accept or reject by the gain ratio
 ``rho = (F(x) - F(x + delta)) / (m(0) - m(delta))`` (Madsen, Nielsen & Tingleff, *Methods for
-non-linear least squares problems*, 2004, sec. 3.2) and update the damping with Nielsen's rule.
+non-linear least squares problems*, 2004, sec. 3.2) and update the damping (``damping_update``:
+GTSAM's factor 10 with ``lambda I``, Nielsen's rule with ``lambda diag(H)``, by default).
 Every element has its own damping, acceptance and convergence; converged elements stop moving.
 The candidate's linearization is computed once and kept where the step is accepted, so each
 iteration costs one linearization and one factorization.
@@ -108,6 +109,16 @@ class LevenbergMarquardt:
         check_every: test for "all converged" on the host every this many iterations.
         verbose: log one line per iteration (cost, relative decrease, damping, time).
         adaptive: False gives Gauss-Newton: every finite step is accepted, the best kept.
+        damping_update: how lambda moves after a step: ``"nielsen"`` (Madsen, Nielsen &
+            Tingleff 2004, eq. 3.16: ``lambda *= max(1/3, 1 - (2 rho - 1)^3)`` after a good step,
+            ``lambda *= nu, nu *= 2`` after a rejected one; Ceres's rule), ``"fixed"``
+            (``lambda /= damping_factor`` after a good step, ``lambda *= damping_factor`` after
+            a rejected one; GTSAM's default, factor 10), or ``"auto"``: each reference's pairing,
+            fixed with ``"levenberg"`` damping (GTSAM) and Nielsen with ``"marquardt"`` (Ceres).
+            Measured in bench/RESULTS.md: with ``lambda I`` the fixed factor took the fewest
+            steps on every shared g2o file and synthetic helix (as many linear solves as
+            GTSAM's LM); with ``diag(H)`` it stalled on dubrovnik-3-7 where Nielsen's converged.
+        damping_factor: the factor of ``"fixed"``.
         fused: linearize the library costs with their compiled kernels where they apply (CPU,
             float64, no gradient through the costs; ``core.fused``); False: torch throughout.
     """
@@ -126,6 +137,8 @@ class LevenbergMarquardt:
     check_every: int = 1
     verbose: bool = False
     adaptive: bool = True
+    damping_update: Literal["auto", "nielsen", "fixed"] = "auto"
+    damping_factor: float = 10.0
     fused: bool = True
 
     def __post_init__(self) -> None:
@@ -133,6 +146,11 @@ class LevenbergMarquardt:
             raise ValueError(f"max_iters must be >= 0, got {self.max_iters}")
         if self.damping_mode not in ("marquardt", "levenberg"):
             raise ValueError(f"unknown damping_mode {self.damping_mode!r}")
+        if self.damping_update not in ("auto", "nielsen", "fixed"):
+            raise ValueError(f"unknown damping_update {self.damping_update!r}; use 'auto', "
+                             "'nielsen' or 'fixed'")
+        if not self.damping_factor > 1:
+            raise ValueError(f"damping_factor must be > 1, got {self.damping_factor}")
         if self.check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {self.check_every}")
 
@@ -258,9 +276,16 @@ def _update_damping(
     reject: Tensor,
     opts: LevenbergMarquardt,
 ) -> tuple[Tensor, Tensor]:
-    """Nielsen's rule: after a good step ``lambda *= max(1/3, 1 - (2 rho - 1)^3)``, after a
-    rejected one ``lambda *= nu, nu *= 2``."""
+    """``opts.damping_update``: Nielsen's rule (after a good step ``lambda *= max(1/3, 1 - (2 rho
+    - 1)^3)``, after a rejected one ``lambda *= nu, nu *= 2``) or the fixed factor."""
     if not opts.adaptive:
+        return lam, nu
+    fixed = opts.damping_update == "fixed" or (
+        opts.damping_update == "auto" and opts.damping_mode == "levenberg"
+    )
+    if fixed:
+        lam = torch.where(accept, (lam / opts.damping_factor).clamp_min(opts.damping_min), lam)
+        lam = torch.where(reject, (lam * opts.damping_factor).clamp_max(2 * opts.damping_max), lam)
         return lam, nu
     shrink = torch.clamp(1 - (2 * gain - 1) ** 3, min=1 / 3, max=2.0)
     lam = torch.where(accept, (lam * shrink).clamp_min(opts.damping_min), lam)

@@ -242,3 +242,18 @@ def test_in_place_change_of_an_input_is_seen() -> None:
     scalar.costs[0].weight.fill_(0.25)
     scalar.costs[1].weight.fill_(7.0)
     both(scalar, values)
+
+
+def test_mixed_fused_and_differentiable_costs() -> None:
+    """A cost that needs autograd (its measurement requires grad) before one that could be
+    fused: the sums stay differentiable and equal to the torch path's."""
+    gen = torch.Generator().manual_seed(8)
+    objective, values = pose_graph(core.SE3, gen, batch=1, num=4, weights="sqrt_info")
+    z = objective.costs[0].aux["measured"].clone().requires_grad_()
+    objective = objective.with_inputs({"between.measured": z})
+    fast, ref = linearize(objective, values), linearize(objective, values, fused=False)
+    assert fast.H.requires_grad
+    assert_equal(fast.H, ref.H, "H", ref.H.abs().max().expand_as(ref.H))
+    (dz,) = torch.autograd.grad(fast.cost.sum(), z)
+    (dz_ref,) = torch.autograd.grad(ref.cost.sum(), z)
+    assert_equal(dz, dz_ref, "d cost / d measured", dz_ref.abs().max().expand_as(dz_ref))
