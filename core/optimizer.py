@@ -24,6 +24,7 @@ from torch import Tensor
 from core.linearize import Linearization, linearize
 from core.objective import Objective
 from core.solvers import LinearSolver, SolverName, damped, make_solver, solve
+from core.threads import solve_threads
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ class LevenbergMarquardt:
             steps on every shared g2o file and synthetic helix (as many linear solves as
             GTSAM's LM); with ``diag(H)`` it stalled on dubrovnik-3-7 where Nielsen's converged.
         damping_factor: the factor of ``"fixed"``.
+        threads: torch's and OpenBLAS's threads during a CPU solve; None: chosen by the
+            measured rule of ``core.threads.choose`` (torch 1, OpenBLAS the free cores for large
+            problems); the caller's settings are restored afterwards.
         fused: linearize the library costs with their compiled kernels where they apply (CPU,
             float64, no gradient through the costs; ``core.fused``); False: torch throughout.
     """
@@ -140,6 +144,7 @@ class LevenbergMarquardt:
     damping_update: Literal["auto", "nielsen", "fixed"] = "auto"
     damping_factor: float = 10.0
     fused: bool = True
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_iters < 0:
@@ -151,6 +156,8 @@ class LevenbergMarquardt:
                              "'nielsen' or 'fixed'")
         if not self.damping_factor > 1:
             raise ValueError(f"damping_factor must be > 1, got {self.damping_factor}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None (automatic), got {self.threads}")
         if self.check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {self.check_every}")
 
@@ -165,9 +172,20 @@ def GaussNewton(**options: object) -> LevenbergMarquardt:  # noqa: N802 (a const
 
 
 def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMarquardt) -> Solution:
-    """The batched loop shared by LM and GN; see the module docstring."""
+    """The batched loop shared by LM and GN; see the module docstring. On the CPU it runs with
+    the thread counts of ``core.threads.solve_threads``."""
     start = time.perf_counter()
     objective.check_names(values)  # before any lookup: a misspelt name is a clear error
+    first = values[objective.variables[0].name]
+    if first.device.type != "cpu":
+        return _optimize(objective, values, opts, start)
+    with solve_threads(objective.dim, opts.threads):
+        return _optimize(objective, values, opts, start)
+
+
+def _optimize(
+    objective: Objective, values: dict[str, Tensor], opts: LevenbergMarquardt, start: float
+) -> Solution:
     first = values[objective.variables[0].name]
     objective = objective.to(first.device)  # indices and aux next to the values, once per solve
     batch = objective.check_values(values)
