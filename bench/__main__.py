@@ -28,11 +28,12 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -272,7 +273,7 @@ def ariadne_solvers(case: Case, problem: Problem, everywhere: bool = False) -> l
     ]
 
 
-def ariadne_runner(problem: Problem, spec: SolverSpec) -> Runner:
+def ariadne_runner(problem: Problem, spec: SolverSpec, threads: int = 0) -> Runner:
     """Solve with ``core.LevenbergMarquardt(solver=spec.make(objective))``; the objective is built
     per call outside the timer (like the peers' graphs), its pattern and symbolic analysis (and
     the solver's index maps) inside."""
@@ -288,7 +289,9 @@ def ariadne_runner(problem: Problem, spec: SolverSpec) -> Runner:
             torch.cuda.synchronize(spec.device)
         start = time.perf_counter()
         solver = spec.make(objective)
-        optimizer = core.LevenbergMarquardt(max_iters=max_iters, solver=solver)  # type: ignore[arg-type]
+        optimizer = core.LevenbergMarquardt(  # threads: core's automatic rule unless --threads
+            max_iters=max_iters, solver=solver, threads=threads or None  # type: ignore[arg-type]
+        )
         info = optimizer.solve(objective, init).info
         final = float(info.final_cost.sum())  # reading it waits for the device
         elapsed = time.perf_counter() - start
@@ -306,6 +309,46 @@ def ariadne_runner(problem: Problem, spec: SolverSpec) -> Runner:
 # ---------------------------------------------------------------------------------------------
 # Peers (prepared once per case: graphs built, files written; each call only solves)
 # ---------------------------------------------------------------------------------------------
+
+
+COLD_SCRIPT = """
+import json, sys, time
+import torch
+from bench.__main__ import pose_graph_objective
+from bench.synthetic import PoseGraphBatch
+from core import LevenbergMarquardt, io
+graph = PoseGraphBatch.from_graph(io.read_g2o(sys.argv[1]))
+objective, init = pose_graph_objective(graph)
+lm = LevenbergMarquardt(max_iters=int(sys.argv[2]), solver="sparse")
+out = []
+for _ in range(2):  # the first solve of this process, then a warm one
+    start = time.perf_counter()
+    info = lm.solve(objective, {k: v.clone() for k, v in init.items()}).info
+    out.append([time.perf_counter() - start, int(info.iterations.max()),
+                float(info.initial_cost.sum()), float(info.final_cost.sum())])
+print(json.dumps(out))
+"""
+
+
+def cold_runner(path: Path) -> Runner:
+    """``ariadne-sparse-cold``: the first solve in a fresh Python process (imports and reading
+    the file outside the timer, everything a first solve pays inside: pattern, symbolic
+    analysis, first calls of the compiled kernels); the note gives the warm second solve."""
+    warm: list[float] = []
+
+    def run(max_iters: int) -> PeerResult:
+        out = subprocess.run(
+            [sys.executable, "-c", COLD_SCRIPT, str(path), str(max_iters)],
+            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"cold solve failed: {out.stderr.strip().splitlines()[-1:]}")
+        (cold, iters, initial, final), second = json.loads(out.stdout.strip().splitlines()[-1])
+        warm.append(second[0])
+        return PeerResult("ariadne-sparse-cold", cold, iters, initial, final)
+
+    run.warm = warm  # type: ignore[attr-defined]
+    return run
 
 
 def _lazy(prepare: Callable[[], object], solve: Callable[[object, int], PeerResult]) -> Runner:
@@ -393,9 +436,11 @@ def run_case(
         return [Row(case.name, "-", case.batch, note=f"skipped: {e}")]
     with contextlib.ExitStack() as stack:
         runners = {
-            f"ariadne-{spec.name}": ariadne_runner(problem, spec)
+            f"ariadne-{spec.name}": ariadne_runner(problem, spec, threads)
             for spec in ariadne_solvers(case, problem, all_solvers)
         }
+        if case.name == "sphere2500" and _matches("ariadne-sparse-cold", solvers):
+            runners["ariadne-sparse-cold"] = cold_runner(DATA_DIR / "sphere2500.g2o")
         runners.update(peer_runners(problem, stack, threads))
         runners = {n: r for n, r in runners.items() if _matches(n, solvers)}
         results: dict[str, list[PeerResult]] = {n: [] for n in runners}
@@ -418,6 +463,11 @@ def run_case(
                     continue
                 if rnd > 0:
                     results[name].append(result)
+    for name, run in runners.items():
+        warm = getattr(run, "warm", None)
+        if warm and name not in notes:  # the cold row's own warm solve, same processes
+            notes[name] = (f"cold first solve; warm second solve in the same process "
+                           f"{statistics.median(warm[1:] or warm):.3f} s")
     rows = [_median_row(case, n, results[n], notes.get(n, "")) for n in runners]
     return _with_ratios(rows)
 
@@ -600,6 +650,20 @@ def _row_json(r: Row) -> dict:
     return d
 
 
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[list[subprocess.Popen]]:
+    """``n`` processes spinning a Python loop for the duration (``--load``); ended (by their own
+    ids) on exit, also when the bench fails."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     """Run the benchmark; returns the rows (also printed)."""
     parser = argparse.ArgumentParser(
@@ -627,6 +691,13 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         help="torch intra-op threads and Ceres threads (default: all cores); "
         "set OPENBLAS_NUM_THREADS for CHOLMOD, GTSAM's TBB is not limited",
     )
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        help="run N busy processes (one spinning Python loop each) beside the bench, as another "
+        "job or a data loader would",
+    )
     parser.add_argument("--tiny", action="store_true", help="small sizes (smoke tests)")
     parser.add_argument("--repeats", type=int, help="timed runs per row (default 3, quick 1)")
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
@@ -642,11 +713,15 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     solvers = [s for item in args.solvers or [] for s in item.split(",") if s]
     info = machine_info()
     info["threads"] += f", Ceres {args.threads or 'all cores'}, GTSAM TBB default"
+    if args.load < 0:
+        parser.error(f"--load must be >= 0, got {args.load}")
+    info["extra load"] = f"{args.load} busy process(es) beside the bench"
     print("\n".join(f"{k}: {v}" for k, v in info.items()))
     rows: list[Row] = []
-    for case in cases:
-        _log(f"{case.name} (batch {case.batch})")
-        rows += run_case(case, repeats, solvers, args.all_solvers, args.threads)
+    with busy_processes(args.load):
+        for case in cases:
+            _log(f"{case.name} (batch {case.batch})")
+            rows += run_case(case, repeats, solvers, args.all_solvers, args.threads)
     print(format_table(rows))
     info["load average at end (1, 5, 15 min)"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     if args.markdown:

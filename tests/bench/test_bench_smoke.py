@@ -203,3 +203,24 @@ def test_missing_ceres_is_a_clear_skip(
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rows and all(r["time_s"] is None for r in rows)
     assert all(r["note"].startswith("skipped: Ceres is not installed") for r in rows)
+
+
+def test_busy_processes_run_and_end() -> None:
+    from bench.__main__ import busy_processes
+
+    with busy_processes(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--load", "-1", "--cases", "synthetic_pg"])
+
+
+@pytest.mark.skipif(not SPHERE.is_file(), reason="sphere2500.g2o not available")
+def test_cold_runner_reports_a_fresh_process_first_solve() -> None:
+    from bench.__main__ import cold_runner
+
+    run = cold_runner(SPHERE)
+    result = run(2)
+    assert result.solver == "ariadne-sparse-cold" and result.iterations == 2
+    assert result.initial_cost == pytest.approx(1287028.398, rel=1e-6)
+    assert result.time_s > 0 and len(run.warm) == 1 and run.warm[0] > 0  # type: ignore[attr-defined]
