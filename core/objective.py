@@ -79,6 +79,9 @@ class Objective:
         self.offsets: dict[str, int] = offsets
         self.dim: int = n
         self._patterns: dict[torch.device, Pattern] = {}
+        # solvers made from a name, per (name, device), shared by every copy of this objective
+        # (to, with_inputs, select): their symbolic analyses are made once per structure
+        self.solvers: dict[tuple[str, str], object] = {}
         self._check_aux()
 
     def _check_aux(self) -> None:

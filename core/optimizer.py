@@ -189,7 +189,7 @@ def _optimize(
     first = values[objective.variables[0].name]
     objective = objective.to(first.device)  # indices and aux next to the values, once per solve
     batch = objective.check_values(values)
-    solver = make_solver(opts.solver, objective.dim, first.device)
+    solver = _solver(objective, opts.solver, first.device)
     lin = linearize(objective, values, opts.fused)
     status = torch.where(torch.isfinite(lin.cost), RUNNING, FAILED).to(first.device)
     lam = torch.full((batch,), opts.damping_init, dtype=first.dtype, device=first.device)
@@ -238,6 +238,23 @@ def _optimize(
         failures,
     )
     return Solution(values, info, lin)
+
+
+def _solver(
+    objective: Objective, spec: SolverName | LinearSolver, device: torch.device
+) -> LinearSolver:
+    """``spec`` itself, or the solver of that name made once per objective structure and device
+    (kept in ``objective.solvers``): a re-solve of the same structure reuses its symbolic
+    analysis and index maps."""
+    if not isinstance(spec, str):
+        return spec
+    solvers = getattr(objective, "solvers", None)
+    if solvers is None:  # an objective made without __init__ (a subclass, a copy)
+        return make_solver(spec, objective.dim, device)
+    key = (spec, str(device))
+    if key not in solvers:
+        solvers[key] = make_solver(spec, objective.dim, device)
+    return solvers[key]  # type: ignore[return-value]
 
 
 def _trial(

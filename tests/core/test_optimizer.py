@@ -306,3 +306,24 @@ def test_no_work_after_every_element_converged(monkeypatch, gen: torch.Generator
     assert solution.info.iterations.tolist() == [1, 1]  # one exact step, then gradient ~ 0
     assert len(calls) == 2  # the start and the one trial
     assert solution.info.cost_history.shape[0] == 2
+
+
+def test_named_solver_made_once_per_structure() -> None:
+    """Solving the same objective (or a copy with new inputs) again reuses the sparse solver and
+    its symbolic analysis; the results are the same as with a fresh solver."""
+    x = core.Variable("x", core.SE3, 6)
+    gen = torch.Generator().manual_seed(0)
+    z = core.SE3.random(5, generator=gen, dtype=torch.float64)
+    between = core.costs.Between(x, torch.arange(5), torch.arange(1, 6), z)
+    prior = core.costs.Prior(x, core.SE3.identity(dtype=torch.float64), index=0)
+    objective = core.Objective([between, prior])
+    init = {"x": core.SE3.random(1, 6, generator=gen, dtype=torch.float64)}
+    lm = core.LevenbergMarquardt(solver="sparse")
+    first = lm.solve(objective, init)
+    (solver,) = objective.solvers.values()
+    plans = dict(solver._symbolic)
+    again = lm.solve(objective.with_inputs({between.name + ".measured": z[None]}), init)
+    assert list(objective.solvers.values()) == [solver] and dict(solver._symbolic) == plans
+    torch.testing.assert_close(again.values["x"], first.values["x"], rtol=0, atol=0)
+    fresh = core.LevenbergMarquardt(solver=core.solvers.SparseCholesky()).solve(objective, init)
+    torch.testing.assert_close(fresh.values["x"], first.values["x"], rtol=0, atol=0)
