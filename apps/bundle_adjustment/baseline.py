@@ -266,12 +266,17 @@ def strongest_solution(run: Any, s: Any) -> tuple[dict[str, torch.Tensor], str]:
 
 def curve_lines(ref: dict[str, Any]) -> list[tuple[str, str, float]]:
     """Reference lines of the curves: each tuned baseline (the first of ``tuned`` is the
-    ``*_baseline`` one) and the oracle."""
+    ``*_baseline`` one), the best fixed loss, GNC-GM and the oracle (those that were run)."""
     lines = []
     for m in ("rot_err_deg", "center_err"):
         for n, kind in enumerate(ref["tuned"]):
             suffix = "_baseline" if n == 0 else f"_baseline_{kind}"
             lines.append((f"val_{m}", f"baseline ({kind})", ref[f"{m}{suffix}"]))
+        if f"{m}_best_fixed" in ref:
+            best = ref["strongest"]["best_fixed"]["loss"]
+            lines.append((f"val_{m}", f"best fixed ({best})", ref[f"{m}_best_fixed"]))
+        if f"{m}_gnc" in ref:
+            lines.append((f"val_{m}", "GNC-GM", ref[f"{m}_gnc"]))
         if f"{m}_oracle" in ref:
             lines.append((f"val_{m}", "oracle (outliers known)", ref[f"{m}_oracle"]))
     return lines
