@@ -9,6 +9,7 @@ iterations it takes to converge by the optimizer's tolerances; ``eval_iters`` wh
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -150,6 +151,10 @@ def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> T
     B, Hy = scores.shape
     rep = lambda t: t.repeat_interleave(Hy, 0)  # noqa: E731
     cost = maps.cost(trajs.flatten(0, 1), rep(sdf), rep(start), rep(goal)).view(B, Hy)
+    # A candidate that leaves the map is cheap where the map's edge is far from obstacles (the
+    # SDF falls only by the distance travelled out), yet not a plan: the others come first.
+    outside = (trajs[..., :2].abs() > maps.spec.extent).any(-1).any(-1)  # (B, Hy)
+    cost = torch.where(outside & ~outside.all(-1, keepdim=True), math.inf, cost)
     return chosen(trajs, -cost)
 
 

@@ -54,7 +54,7 @@ class InitNet(nn.Module):
         hypotheses: ``Hy``; window: lanes either side of the best one in the decoding.
     """
 
-    def __init__(self, spec: MapSpec, channels: tuple[int, ...] = (32, 48, 64),
+    def __init__(self, spec: MapSpec, channels: tuple[int, ...] = (16, 32, 64),
                  basis: int = 12, lanes: int = 49, width: float = 6.0, hypotheses: int = 8,
                  window: int = 3) -> None:
         super().__init__()

@@ -2,22 +2,23 @@
 
 ``python -m apps.motion_planning [overrides]`` (Hydra, ``conf/motion_planning.yaml``;
 ``preset=smoke`` for a run of seconds); the loop, checkpoints and metrics files are
-``apps.harness.fit``'s. Per step, for a batch of maps (each randomly flipped/transposed): the CNN
-(``apps.motion_planning.model.InitNet``) reads SDF, start and goal and proposes ``Hy`` candidate
-trajectories with scores; the candidate closest to the expert (winner takes all) is handed to the
-layer, which runs ``optimizer.max_iters`` (K, default 10) Levenberg-Marquardt iterations of the
-planner (``apps.motion_planning.problem``) on the whole batch as one batched problem; the loss is
-
-``loss.initial * |p_win - p_expert|^2 + loss.score * CE(scores, win)
-+ loss.solution * |p_K - p_expert|^2 + loss.objective * F(x_K) / N``
-
+``apps.harness.fit``'s. Per step, for a batch of maps (each randomly flipped/transposed): the
+network (``apps.motion_planning.model.InitNet``, a U-Net over the map seen along the start-goal
+line) gives, per hypothesis, lane logits per column, the trajectory decoded from them and a
+score; each hypothesis is rated against the expert by ``loss.lanes * CE(lanes, expert's lanes) +
+loss.initial * |p_h - p_expert|^2``, and the best one (winner takes all) is trained, the scores
+learn to name it (``loss.score * CE(scores, win)``). For the first ``loss.solve_maps`` maps of the
+batch the winner is also handed to the layer, which runs ``optimizer.max_iters`` (K, default 10)
+Levenberg-Marquardt iterations of the planner (``apps.motion_planning.problem``) on them as one
+batched problem, adding ``loss.solution * |p_K - p_expert|^2 + loss.objective * F(x_K) / N``
 (mean squared position errors over the states; ``F`` the planner's objective at the K-iteration
 solution). The solution terms reach the network through the iterations (``optimizer.backward``:
 ``unroll``, the default, or ``truncated``; their gradient is clipped per map, ``loss.clip``);
 with ``implicit`` they carry no gradient to the initialization (the optimum does not depend on
 where the solver starts) and only the imitation terms train the network. At evaluation the
-planner starts from the candidate of lowest planner objective (``model.select=cost``: ``Hy``
-cost evaluations, no solve) or of best score (``score``).
+planner starts from the candidate of lowest planner objective (``model.select=cost``: one cost
+evaluation per candidate, no solve) or of best score (``score``); with ``model.symmetries`` the
+candidates are the network's hypotheses on the map in each of its 8 symmetries.
 
 Held-out maps (new maps, other seeds), with ``K`` iterations: ``success_rate`` (collision-free at
 the robot radius along the densely interpolated path, inside the map, ends on start and goal),
@@ -75,7 +76,7 @@ class ModelConfig:
             hypotheses`` candidates for the selection (8 network passes, no solve).
     """
 
-    channels: list[int] = field(default_factory=lambda: [32, 48, 64])
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     basis: int = 12
     lanes: int = 49
     width: float = 6.0
@@ -126,8 +127,8 @@ class MotionPlanningConfig(TrainConfig):
     """
 
     epochs: int = 8
-    batch_size: int = 8
-    num_train: int = 384
+    batch_size: int = 16
+    num_train: int = 1536
     num_val: int = 64
     lr: float = 2e-3
     data: MapSpec = field(default_factory=MapSpec)

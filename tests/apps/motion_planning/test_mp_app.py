@@ -14,7 +14,7 @@ import torch
 
 from apps.motion_planning import data, evaluation, problem, train
 from apps.motion_planning.data import make_dataset, make_samples, signed_distance
-from apps.motion_planning.model import InitNet, augment, chosen, lane_loss
+from apps.motion_planning.model import InitNet, augment, chosen, lane_loss, restore
 from apps.motion_planning.planner import check_map, plan
 from apps.motion_planning.spec import MapSpec
 
@@ -95,6 +95,8 @@ def test_symmetries_map_plans_to_plans(samples: list[data.Sample]) -> None:
         assert bool(problem.success(e2, s2, a2, b2, SMALL).all())
         before = problem.clearance(expert, sdf, SMALL)
         assert torch.allclose(problem.clearance(e2, s2, SMALL), before, atol=1e-9)
+        assert torch.equal(restore(e2, c), expert)  # plans on the transformed map map back
+        assert torch.equal(restore(e2[:, None].expand(-1, 2, -1, -1), c)[:, 1], expert)
 
 
 def test_untrained_network_proposes_the_straight_line(samples: list[data.Sample]) -> None:
@@ -196,6 +198,44 @@ def test_bad_settings_are_named(tmp_path: Path, app_config) -> None:
 # ------------------------------------------------------------------------------------------
 # a smoke run with the picture
 # ------------------------------------------------------------------------------------------
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in network proposing fixed candidates ``(Hy, N, 4)`` for every map."""
+
+    def __init__(self, candidates: torch.Tensor) -> None:
+        super().__init__()
+        self.candidates = candidates
+
+    def forward(self, sdf: torch.Tensor, start: torch.Tensor, goal: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Hy = len(sdf), len(self.candidates)
+        return self.candidates.expand(B, *self.candidates.shape), torch.zeros(B, Hy)
+
+
+def test_selection_prefers_candidates_inside_the_map(tmp_path: Path, app_config) -> None:
+    """Of the candidates, the planner starts from the cheapest one that stays inside the map,
+    even when one that leaves it is cheaper (the SDF only falls by the distance travelled out);
+    when all leave it, the cheapest."""
+    cfg = app_config("motion_planning", tmp_path, "model.symmetries=false")
+    occ = np.zeros((32, 32), dtype=bool)
+    occ[12:20, 8:24] = True  # a block across the middle
+    sdf = torch.as_tensor(signed_distance(occ, SMALL.cell))
+    sample = data.Sample(torch.as_tensor(occ), sdf.float(), torch.tensor([-3.0, 4.2]),
+                         torch.tensor([3.0, 4.2]), torch.zeros(SMALL.num_states, 4), "forest")
+    maps = train.prepare(cfg, [sample], torch.device("cpu"))
+    start, goal = maps.start, maps.goal
+    coeffs = torch.zeros(1, 2, 1, dtype=torch.float64)
+    out = problem.curve(start, goal, coeffs + torch.tensor([0.0, 1.5]).view(1, 2, 1), SMALL)
+    inside = problem.curve(start, goal, coeffs + torch.tensor([0.0, -3.5]).view(1, 2, 1), SMALL)
+    cost = maps.cost(torch.cat([out, inside]), sdf[None].repeat(2, 1, 1).double(),
+                     start.repeat(2, 1), goal.repeat(2, 1))
+    assert float(cost[0]) < float(cost[1])  # leaving the map is the cheaper candidate
+    idx = torch.arange(1)
+    net = _Fixed(torch.cat([out, inside]))
+    assert torch.equal(evaluation.initialization(cfg, net, maps, idx)[0], inside[0])
+    net = _Fixed(torch.cat([out, out + torch.tensor([0.0, 0.1, 0.0, 0.0])]))
+    assert torch.equal(evaluation.initialization(cfg, net, maps, idx)[0], out[0])
 
 
 def test_select_by_score_runs(tmp_path: Path, app_config) -> None:
