@@ -176,7 +176,7 @@ def evaluate_g2o_file(run: Any, net: torch.nn.Module, evaluate_learned: Callable
     truth = replace(make_optimizer(cfg), max_iters=100).solve(objective, init).values["poses"][0]
     spec = replace(spec_from_config(GraphSpec, cfg.data), outlier_ratio=cfg.eval_g2o_outlier_ratio)
     sample = pg_data.from_graph(graph, truth, spec, cfg.seed)
-    graphs = build_graphs([sample], str(value(cfg.model.loss)), cfg, device)
+    graphs = learned_graphs([sample], cfg, device)
     scores, outputs = evaluate_learned(cfg, net, graphs)
     best = {"loss": ref["loss"], "scale": ref["scale"]}
     base = evaluate(build_graphs([sample], best["loss"], cfg, device), best, oracle=True)
@@ -190,6 +190,7 @@ def evaluate_g2o_file(run: Any, net: torch.nn.Module, evaluate_learned: Callable
         "ate_oracle": base.oracle.metrics()["ate"],
         "ate_initial": float(ate(g.graph.poses[None], g.truth, g.space)[0]),
         "score_auc": common.roc_auc(sample.features[:, 0], ~lo),
+        "ate_warm_start": float(ate(graphs.starts[0][None], g.truth, g.space)[0]),
         "weight_auc": common.roc_auc(outputs[0][0], ~lo), "time_s": time.perf_counter() - t,
     }
     log.info("%s with %d injected outliers: ATE %.3f learned, %.3f baseline, %s, %.3f oracle",
@@ -265,6 +266,59 @@ def gnc_ariadne(p: GraphProblem, cfg: Any, target: torch.Tensor) -> torch.Tensor
     out = gnc_lib.graduated(solve, {"poses": inputs["poses"]}, target, gnc.start, gnc.factor,
                             gnc.stage_iters, lm.max_iters)
     return out["poses"]
+
+
+def gnc_tls_ariadne(p: GraphProblem, cfg: Any, target: torch.Tensor) -> torch.Tensor:
+    """``(B, N, S)`` the batched Ariadne GNC-TLS (``apps.gnc.graduated_tls``) on ``p``: the
+    weighted least-squares stages solved by ``cfg.optimizer``'s LM (the robust loss made
+    quadratic by a huge scale), one batch element per truncation scale ``target (B,)``."""
+    lm, gnc = make_optimizer(cfg), cfg.baseline.gnc
+    ones = torch.ones(1, p.num_loops, dtype=target.dtype, device=target.device)
+    inputs = p.inputs(ones, 1e8, batch=len(target))
+
+    def solve(weight: torch.Tensor, values: dict[str, torch.Tensor], iters: int
+              ) -> dict[str, torch.Tensor]:
+        aux = p.inputs(weight.sqrt(), 1e8, batch=len(target))
+        objective = p.objective.with_inputs({k: v for k, v in aux.items() if k != "poses"})
+        return replace(lm, max_iters=iters).solve(objective, values).values
+
+    out = gnc_lib.graduated_tls(solve, lambda v: p.squared(v["poses"]),
+                                {"poses": inputs["poses"]}, target,
+                                stage_iters=gnc.stage_iters, final_iters=lm.max_iters)
+    return out["poses"]
+
+
+@torch.no_grad()
+def warm_start(graphs: Graphs, cfg: Any) -> Graphs:
+    """``graphs`` with the learned layer started from an Ariadne GNC solution
+    (``cfg.model.warm_start``: ``tls``, :func:`gnc_tls_ariadne`, or ``gm``, :func:`gnc_ariadne`;
+    target scale ``cfg.model.warm_start_scale``) instead of the odometry, and the loop closures'
+    features recomputed against it (``apps.pose_graph.data.edge_features``: the residuals of
+    the GNC solution, which are small for the inliers when GNC succeeds, on synthetic and real
+    graphs alike). The learned layer then builds on the strongest classical solver instead of
+    competing with it from the odometry."""
+    kind = str(value(cfg.model.warm_start))
+    starts, features = [], []
+    for s in graphs.samples:
+        p = GraphProblem.build(s.graph, s.is_loop, "geman_mcclure", cfg.prior_sqrt_info)
+        target = torch.tensor([float(cfg.model.warm_start_scale)], dtype=s.truth.dtype,
+                              device=s.truth.device)
+        solver = gnc_tls_ariadne if kind == "tls" else gnc_ariadne
+        start = solver(p, cfg, target)[0]
+        if not bool(torch.isfinite(start).all()):
+            raise FloatingPointError(f"warm_start: GNC-{kind.upper()} gave non-finite poses "
+                                     f"on a {s.kind} graph of {s.graph.num_poses} poses")
+        starts.append(start)
+        features.append(pg_data.edge_features(replace(s.graph, poses=start), s.is_loop,
+                                              s.features[:, 0]))
+    return Graphs(graphs.samples, graphs.problems, graphs.layers, starts, features)
+
+
+def learned_graphs(samples: Sequence[Sample], cfg: Any, device: torch.device) -> Graphs:
+    """``samples`` ready for the learned layer: its loss ``cfg.model.loss``, started from the
+    odometry (``cfg.model.warm_start=none``) or from GNC's solution (:func:`warm_start`)."""
+    graphs = build_graphs(samples, str(value(cfg.model.loss)), cfg, device)
+    return graphs if str(value(cfg.model.warm_start)) == "none" else warm_start(graphs, cfg)
 
 
 def tune_gnc_ariadne(samples: Sequence[Sample], cfg: Any, device: torch.device, d: common.Dist

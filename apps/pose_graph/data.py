@@ -26,9 +26,13 @@ Each loop closure has features a front end would give (:data:`FEATURES`):
 * ``score``: a simulated place-recognition score (its logit), ``N(score_separation, 1)`` for
   inliers and ``N(0, 1)`` for outliers: alone it ranks inliers above outliers with ROC AUC
   ``Phi(score_separation / sqrt 2)`` (0.8 for the default 1.19);
-* geometry of the measurement ``Z`` against the odometry's prediction ``P = T0_i^-1 T0_j``:
-  ``e = Log(Z^-1 P)``, ``log |e_t|``, ``log |e_r|``; the odometry path length ``log(j - i)``
-  (the drift to expect grows with it); and the measured distance ``|t_Z|``.
+* geometry of the measurement ``Z`` against the initial estimate's prediction
+  ``P = T0_i^-1 T0_j``: ``e = Log(Z^-1 P)``, ``log |e_t|`` (in units of the median odometry
+  step), ``log |e_r|`` and ``log |U e|``, the residual whitened by the loop closure's claimed
+  information (scale-free: the same units in every graph); the odometry path length
+  ``log(j - i)`` (the drift to expect grows with it); and the measured distance ``|t_Z|``.
+  :func:`edge_features` computes them against any estimate: the learned layer of
+  ``apps.pose_graph.train`` recomputes them against its GNC warm start.
 
 Samples are generated per seed and cached (``torch.save``) in a cache folder under a key of the
 generator's settings, so a second (or resumed) run reads them back.
@@ -50,7 +54,7 @@ from core.io import PoseGraph
 from core.lie import se2, se3, so3
 
 _ATTEMPTS = 20
-FEATURES = ("score", "log_disc_t", "log_disc_r", "log_hops", "distance")
+FEATURES = ("score", "log_disc_t", "log_disc_r", "log_hops", "distance", "log_whitened")
 TRAJECTORIES = ("grid", "sphere", "random")
 
 
@@ -462,8 +466,9 @@ def compose_odometry(first: Tensor, steps: Tensor, dim: int) -> Tensor:
 
 def edge_features(graph: PoseGraph, is_loop: Tensor, score: Tensor) -> Tensor:
     """``(L, F)`` features of the loop closures (:data:`FEATURES`), from the measurement, the
-    initial estimate (composed odometry) and the place-recognition ``score (L,)``. Lengths are
-    in units of the median odometry step, so graphs of other scales (g2o files) look alike."""
+    estimate ``graph.poses`` (the composed odometry, or a warm start) and the place-recognition
+    ``score (L,)``. Lengths are in units of the median odometry step and the residual is also
+    whitened by the claimed information, so graphs of other scales (g2o files) look alike."""
     space = core.SE3 if graph.dim == 3 else core.SE2
     i, j, z = graph.i[is_loop], graph.j[is_loop], graph.measurements[is_loop]
     if score.shape != i.shape:
@@ -474,8 +479,10 @@ def edge_features(graph: PoseGraph, is_loop: Tensor, score: Tensor) -> Tensor:
     e = space.local(z, predicted)
     disc_t, disc_r = e[:, :d].norm(dim=-1) / step, e[:, d:].norm(dim=-1)
     hops = (j - i).abs().clamp_min(1).double()
+    whitened = (graph.sqrt_information()[is_loop] @ e[..., None])[..., 0].norm(dim=-1)
     return torch.stack((score, torch.log(disc_t + 1e-3), torch.log(disc_r + 1e-4),
-                        torch.log(hops), z[:, :d].norm(dim=-1) / step), -1)
+                        torch.log(hops), z[:, :d].norm(dim=-1) / step,
+                        torch.log(whitened + 1e-3)), -1)
 
 
 def from_graph(graph: PoseGraph, truth: Tensor, spec: GraphSpec, seed: int) -> Sample:
@@ -483,7 +490,10 @@ def from_graph(graph: PoseGraph, truth: Tensor, spec: GraphSpec, seed: int) -> S
     are the inliers, ``truth (N, S)`` (e.g. its clean optimum) the ground truth, and outlier loop
     closures are injected as :func:`make_sample` does (lengths scaled by the median odometry
     step; each claims the information of a random inlier), with simulated scores. The initial
-    estimate is the graph's own."""
+    estimate composes the odometry from the graph's first pose, as in the synthetic data (a
+    file's own poses may already be its optimum: intel.g2o's are, and against them every inlier
+    loop closure agrees to 1e-3 of a step, the opposite of the synthetic graphs, where inliers
+    disagree with the drifted odometry and the outliers that confirm it agree)."""
     n, space, d = graph.num_poses, (core.SE3 if graph.dim == 3 else core.SE2), graph.dim
     odo = graph.j == graph.i + 1
     if int(odo.sum()) != n - 1 or not torch.equal(graph.i[odo].sort().values, torch.arange(n - 1)):
@@ -506,7 +516,8 @@ def from_graph(graph: PoseGraph, truth: Tensor, spec: GraphSpec, seed: int) -> S
         k[None, :] - k[:, None] >= spec.min_gap)
     spare = torch.nonzero(near, as_tuple=True)
     num_out = round(spec.outlier_ratio / (1 - spec.outlier_ratio) * li.numel())
-    out_i, out_j, z_out = _outliers(truth, graph.poses, spare, num_out, spec, gen)
+    init = compose_odometry(graph.poses[0], graph.measurements[odo][order], d)
+    out_i, out_j, z_out = _outliers(truth, init, spare, num_out, spec, gen)
     claimed = linfo[torch.randint(li.numel(), (num_out,), generator=gen)]
     cov = torch.linalg.inv(_tangent_information(claimed, d))
     eps = (torch.linalg.cholesky(cov) @ torch.randn(num_out, cov.shape[-1], 1, generator=gen,
@@ -516,7 +527,7 @@ def from_graph(graph: PoseGraph, truth: Tensor, spec: GraphSpec, seed: int) -> S
     j = torch.cat((graph.j[odo][order], lj, out_j))
     edge = torch.arange(i.numel())
     is_loop, is_outlier = edge >= n - 1, edge >= i.numel() - num_out
-    new = PoseGraph(dim=d, poses=graph.poses, ids=graph.ids, i=i, j=j,
+    new = PoseGraph(dim=d, poses=init, ids=graph.ids, i=i, j=j,
                     measurements=torch.cat((graph.measurements[odo][order], lz, z_out)),
                     information=torch.cat((graph.information[odo][order], linfo, claimed)))
     score = torch.randn(int(is_loop.sum()), generator=gen, dtype=torch.float64)
@@ -541,6 +552,6 @@ def make_dataset(spec: GraphSpec, seeds: Sequence[int], cache_dir: str | Path | 
                  ) -> list[Sample]:
     """Samples for ``seeds``, read from / written to ``cache_dir`` when given (one file per
     (settings, seeds) key; written atomically)."""
-    key = {"spec": asdict(spec), "seeds": list(seeds), "version": 2}
+    key = {"spec": asdict(spec), "seeds": list(seeds), "version": 3}
     return cached(cache_dir, "pose_graph", key, lambda: [make_sample(spec, s) for s in seeds],
                   Sample.as_dict, Sample.from_dict)

@@ -104,39 +104,55 @@ class GraphProblem:
     def num_loops(self) -> int:
         return int(self.loop_sqrt_info.shape[1])
 
-    def inputs(self, weight: Tensor, scale: Tensor | float, batch: int = 1) -> dict[str, Tensor]:
-        """Layer inputs: initial poses ``(B, N, S)``, ``"loop.sqrt_info"`` = ``weight (B|1, L)``
-        times ``U``, ``"loop.loss_scale"`` = ``scale`` (``()`` or ``(B,)``)."""
+    def inputs(self, weight: Tensor, scale: Tensor | float, batch: int = 1,
+               init: Tensor | None = None) -> dict[str, Tensor]:
+        """Layer inputs: initial poses ``(B, N, S)`` (``init (N, S)``, default the graph's
+        initial estimate), ``"loop.sqrt_info"`` = ``weight (B|1, L)`` times ``U``,
+        ``"loop.loss_scale"`` = ``scale`` (``()`` or ``(B,)``)."""
         if weight.ndim == 1:
             weight = weight[None]
         if weight.shape[-1] != self.num_loops or weight.ndim != 2:
             raise ValueError(f"loop weights must be (B|1, {self.num_loops}), got "
                              f"{tuple(weight.shape)}")
-        poses = self.graph.poses[None].expand(max(batch, weight.shape[0]), -1, -1)
+        start = self.graph.poses if init is None else init
+        if start.shape != self.graph.poses.shape:
+            raise ValueError(f"init must have shape {tuple(self.graph.poses.shape)}, got "
+                             f"{tuple(start.shape)}")
+        poses = start[None].expand(max(batch, weight.shape[0]), -1, -1)
         scale = torch.as_tensor(scale, dtype=poses.dtype)
         U = weight[..., None, None] * self.loop_sqrt_info
         return {"poses": poses.clone(), "loop.sqrt_info": U, "loop.loss_scale": scale}
 
-    def irls_weight(self, poses: Tensor, scale: Tensor | float) -> Tensor:
-        """``(B, L)`` the robust loss's weight ``rho'(s)`` of each loop closure at ``poses``
-        (unit loop weights): what the robust loss alone keeps of each edge."""
+    def squared(self, poses: Tensor) -> Tensor:
+        """``(B, L)`` the squared whitened residual ``||U r||^2`` of each loop closure at
+        ``poses (B, N, S)`` (unit loop weights)."""
         cost = next(c for c in self.objective.costs if c.name == "loop")
         space = space_of(self.graph)
         i, j = cost.index
         r = space.local(cost.aux["measured"],
                         space.compose(space.inverse(poses[:, i]), poses[:, j]))
-        s = ((self.loop_sqrt_info @ r[..., None])[..., 0] ** 2).sum(-1)
+        return ((self.loop_sqrt_info @ r[..., None])[..., 0] ** 2).sum(-1)
+
+    def irls_weight(self, poses: Tensor, scale: Tensor | float) -> Tensor:
+        """``(B, L)`` the robust loss's weight ``rho'(s)`` of each loop closure at ``poses``
+        (unit loop weights): what the robust loss alone keeps of each edge."""
+        s = self.squared(poses)
         scale = torch.as_tensor(scale, dtype=poses.dtype)
         return core.RobustLoss(self.loss, scale)(s)[1]  # type: ignore[arg-type]
 
 
 @dataclass
 class Graphs:
-    """Samples on the device with their problems and layers (built once, reused every epoch)."""
+    """Samples on the device with their problems and layers (built once, reused every epoch),
+    and what the learned layer starts from: each graph's initial poses ``starts[k] (N, S)`` and
+    its loop closures' features ``features[k] (L, F)`` (the sample's own, or recomputed against
+    a warm start: ``apps.pose_graph.baseline.warm_start``)."""
 
     samples: list[Sample]
     problems: list[GraphProblem]
     layers: list[core.OptimizationLayer]
+    starts: list[Tensor]
+    features: list[Tensor]
 
 
 def build_graphs(samples: Sequence[Sample], loss: LossKind, cfg: Any, device: torch.device
@@ -151,7 +167,8 @@ def build_graphs(samples: Sequence[Sample], loss: LossKind, cfg: Any, device: to
         moved.append(s)
         problems.append(p)
         layers.append(make_layer(p.objective, cfg))
-    return Graphs(moved, problems, layers)
+    return Graphs(moved, problems, layers, [s.graph.poses for s in moved],
+                  [s.features for s in moved])
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,9 +3,12 @@
 ``python -m apps.pose_graph [overrides]`` (Hydra, ``conf/pose_graph.yaml``; ``preset=smoke`` for
 a run of seconds); the loop, checkpoints and metrics files are ``apps.harness.fit``'s. Per step,
 for each graph of the batch: the network maps the loop closures' features to weights ``w`` and a
-robust-loss scale; the layer solves the weighted, robust pose graph from the odometry
-initialization (``apps.pose_graph.problem.GraphProblem``); the loss is the RMS pose error of the
-solution against ground truth, back-propagated through the solve (``optimizer.backward``).
+robust-loss scale; the layer solves the weighted, robust pose graph
+(``apps.pose_graph.problem.GraphProblem``) from the Ariadne GNC-TLS solution (``model.warm_start``;
+computed once per graph, without gradient, the features recomputed against it) or from the
+odometry; the loss is the RMS pose error of the solution against ground truth, back-propagated
+through the solve (``optimizer.backward``). ``solve_time_s`` is the learned layer's solve alone;
+``ate_warm_start`` the warm start's own held-out ATE.
 
 Evaluation on held-out graphs: ATE/RPE of the learned solution; ``outlier_precision`` /
 ``outlier_recall`` of the learned weights (``w < 0.5`` = rejected); the ROC AUC of the
@@ -29,21 +32,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from apps import common
-from apps.config import RobustLossKind, TrainConfig, register, spec_from_config, value
+from apps.config import RobustLossKind, TrainConfig, enum_of, register, spec_from_config, value
 from apps.gnc import GncConfig
 from apps.gnc import check_config as check_gnc
 from apps.harness import Run, Task, fit, main_for, reduce_scores
 from apps.pose_graph import baseline as pg_baseline
 from apps.pose_graph.data import GraphSpec, Sample, make_dataset
 from apps.pose_graph.model import EdgeWeightNet
-from apps.pose_graph.problem import Graphs, Scores, build_graphs, pose_loss
+from apps.pose_graph.problem import Graphs, Scores, ate, build_graphs, pose_loss
 
 APP = "pose_graph"
+#: what the learned layer starts from (``ModelConfig.warm_start``)
+WarmStart = enum_of("WarmStart", Literal["none", "gm", "tls"])
 log = logging.getLogger(__name__)
 #: the strongest baselines' held-out metric keys, copied from the reference into ``val``
 STRONG = tuple(f"{m}_{b}" for m in ("ate", "rpe", "outlier_precision", "outlier_recall",
@@ -61,6 +66,11 @@ class ModelConfig:
         init_scale: initial robust-loss scale.
         init_bias: initial output bias (initial weights about ``sigmoid(init_bias)``).
         learn_scale: train the robust-loss scale too.
+        warm_start: start the learned layer from the Ariadne GNC solution, ``tls`` (GNC-TLS,
+            ``apps.gnc.graduated_tls``) or ``gm`` (GNC-GM, the schedule of ``baseline.gnc``),
+            with the features recomputed against it (``apps.pose_graph.baseline.warm_start``);
+            ``none``: from the odometry.
+        warm_start_scale: the warm start's GNC target scale (whitened residual norm).
     """
 
     hidden: int = 32
@@ -69,6 +79,8 @@ class ModelConfig:
     init_scale: float = 4.0
     init_bias: float = 2.0
     learn_scale: bool = True
+    warm_start: WarmStart = WarmStart.tls  # type: ignore[attr-defined,valid-type]
+    warm_start_scale: float = 4.0
 
 
 @dataclass
@@ -147,6 +159,8 @@ def check(cfg: Any) -> None:
     if cfg.viz_graph is not None and not 0 <= cfg.viz_graph < cfg.num_val:
         raise ValueError(f"viz_graph must be null or in [0, num_val), got {cfg.viz_graph}")
     check_gnc(cfg.baseline.gnc)
+    if not cfg.model.warm_start_scale > 0:
+        raise ValueError(f"model.warm_start_scale must be > 0, got {cfg.model.warm_start_scale}")
     if not 0 < cfg.eval_g2o_outlier_ratio < 1:
         raise ValueError(f"eval_g2o_outlier_ratio must be in (0, 1), got "
                          f"{cfg.eval_g2o_outlier_ratio}")
@@ -160,22 +174,22 @@ def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None, held_out: bool
 
 
 def prepare(cfg: Any, samples: Sequence[Sample], device: torch.device) -> Graphs:
-    return build_graphs(samples, str(value(cfg.model.loss)), cfg, device)
+    return pg_baseline.learned_graphs(samples, cfg, device)
 
 
 def model(cfg: Any, train: Graphs) -> EdgeWeightNet:
-    features = torch.cat([s.features for s in train.samples])  # (L, len(FEATURES))
+    features = torch.cat(train.features)  # (L, len(FEATURES))
     return EdgeWeightNet.from_config(cfg.model, features)  # type: ignore[return-value]
 
 
 def loss(cfg: Any, net: torch.nn.Module, graphs: Graphs, batch: Sequence[int]
          ) -> list[torch.Tensor]:
     """The RMS pose error of each graph of ``batch`` solved with the network's weights."""
-    weights, scale = common.weights_per_item(net, [graphs.samples[k].features for k in batch])
+    weights, scale = common.weights_per_item(net, [graphs.features[k] for k in batch])
     losses = []
     for w, k in zip(weights, batch):
         s, p, layer = graphs.samples[k], graphs.problems[k], graphs.layers[k]
-        sol, _ = layer(p.inputs(w, scale))
+        sol, _ = layer(p.inputs(w, scale, init=graphs.starts[k]))
         losses.append(pose_loss(sol["poses"], s.truth, s.space)[0])
     return losses
 
@@ -185,10 +199,11 @@ def evaluate(cfg: Any, net: torch.nn.Module, graphs: Graphs
              ) -> tuple[Scores, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Scores of the learned layer on ``graphs``; outputs: each graph's weights and solution."""
     scores, outputs = Scores(), []
-    for s, p, layer in zip(graphs.samples, graphs.problems, graphs.layers):
-        w, scale = net(s.features)
+    for s, p, layer, x, init in zip(graphs.samples, graphs.problems, graphs.layers,
+                                    graphs.features, graphs.starts):
+        w, scale = net(x)
         start = time.perf_counter()
-        sol, _ = layer(p.inputs(w, scale))
+        sol, _ = layer(p.inputs(w, scale, init=init))
         scores.add(sol["poses"], s, time.perf_counter() - start, w < 0.5)
         outputs.append((w, sol["poses"][0]))
     return scores, outputs
@@ -222,6 +237,10 @@ def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.n
     }
     if not run.dist.enabled:  # the weights of every held-out graph are on this rank
         val["weight_auc"] = common.roc_auc(torch.cat([w for w, _ in outputs]), ~lo)
+        if str(value(cfg.model.warm_start)) != "none":  # the learned layer's start alone
+            val["ate_warm_start"] = sum(
+                float(ate(x[None], s.truth, s.space)[0])
+                for x, s in zip(run.val.starts, run.val.samples)) / len(run.val.samples)
     val["ate_ratio"] = val["ate"] / max(val["ate_baseline"], 1e-12)
     extra: dict[str, Any] = {
         "baseline": {k: ref[k] for k in ("loss", "scale", "train_ate", "grid", "scales")},

@@ -167,6 +167,45 @@ def test_outliers_injected_into_a_real_format_graph(dim: int) -> None:
         pg_data.from_graph(broken, clean.truth, GraphSpec(), seed=1)
 
 
+def test_real_graph_starts_from_its_composed_odometry() -> None:
+    """A file whose poses are already its optimum (intel.g2o's are) starts, as the synthetic
+    graphs do, from the odometry composed from its first pose; the features are then computed
+    against that estimate, not against the optimum."""
+    clean = make_sample(GraphSpec(num_poses=(60, 70), outlier_ratio=0.0), 5)
+    optimum = io.PoseGraph(dim=3, poses=clean.truth, ids=clean.graph.ids, i=clean.graph.i,
+                           j=clean.graph.j, measurements=clean.graph.measurements,
+                           information=clean.graph.information)
+    s = pg_data.from_graph(optimum, clean.truth, GraphSpec(), seed=1)
+    assert torch.allclose(s.graph.poses, clean.graph.poses, atol=1e-12)
+    assert float(ate(s.graph.poses[None], s.truth, s.space)[0]) > 0.05
+    inliers = ~s.loop_outlier
+    assert float(s.features[inliers, 1].mean()) > -4  # log |e_t|: the drift, not ~0
+
+
+@pytest.mark.parametrize("warm_start", ["tls", "gm", "none"])
+def test_warm_start_builds_on_gnc(tmp_path: Path, app_config, warm_start: str) -> None:
+    """The learned layer's start: GNC's solution (closer to the truth than the odometry) with
+    the features recomputed against it (the score kept), or the odometry itself."""
+    from apps.pose_graph import baseline as pg_baseline
+
+    cfg = app_config("pose_graph", tmp_path, f"model.warm_start={warm_start}")
+    s = make_sample(GraphSpec(num_poses=(80, 90)), 4)
+    graphs = pg_baseline.learned_graphs([s], cfg, torch.device("cpu"))
+    start, x = graphs.starts[0], graphs.features[0]
+    assert x.shape == s.features.shape and torch.equal(x[:, 0], s.features[:, 0])
+    if warm_start == "none":
+        assert torch.equal(start, s.graph.poses) and torch.equal(x, s.features)
+        return
+    odometry = float(ate(s.graph.poses[None], s.truth, s.space)[0])
+    assert float(ate(start[None], s.truth, s.space)[0]) < 0.5 * odometry
+    residual = x[:, 5]  # log |U e| against the warm start: the outliers stand out
+    assert roc_auc(-residual, ~s.loop_outlier) > 0.8
+    p = graphs.problems[0]
+    assert torch.equal(p.inputs(torch.ones(p.num_loops), 1.0, init=start)["poses"][0], start)
+    with pytest.raises(ValueError, match="init must have shape"):
+        p.inputs(torch.ones(p.num_loops), 1.0, init=start[1:])
+
+
 def test_dataset_cache_round_trip(tmp_path: Path, spec: GraphSpec) -> None:
     first = make_dataset(spec, [1, 2], tmp_path)
     files = list(tmp_path.glob("*.pt"))
