@@ -37,20 +37,39 @@ _SLOTS = {
 }
 
 
-def _tensors(cost: Cost, values: Mapping[str, Tensor]) -> list[Tensor]:
-    out = [values[v.name] for v in cost.optimized] + list(cost.aux.values())
-    return out + [t for t in (cost.weight, cost.sqrt_info) if t is not None]
+_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _inputs(cost: Cost) -> tuple[bool, list[Tensor]]:
+    """Whether the cost's own tensors (indices, aux, weights) are all CPU and float64 (a 0-dim
+    weight of any float dtype), kept per cost, and those tensors (``requires_grad`` can change in
+    place, so it is read at every call)."""
+    hit = _INPUTS.get(cost)
+    if hit is not None:
+        return hit
+    tensors = list(cost.aux.values()) + [t for t in (cost.weight, cost.sqrt_info) if t is not None]
+    usable = all(
+        t.device.type == "cpu" and (t.dtype == torch.float64 or (t.ndim == 0 and
+                                                                 t.is_floating_point()))
+        for t in tensors
+    ) and all(i.device.type == "cpu" for i in cost.index)
+    _INPUTS[cost] = (usable, tensors)
+    return usable, tensors
 
 
 def applies(cost: Cost, values: Mapping[str, Tensor]) -> bool:
     """Whether ``cost`` can be linearized by its kernel at ``values`` (see the module doc)."""
     if cost.kernel is None or cost.loss is not None or not _kernels.AVAILABLE:
         return False
+    usable, tensors = _inputs(cost)
+    if not usable:
+        return False
     grad = torch.is_grad_enabled()
-    for t in _tensors(cost, values):
-        if t.device.type != "cpu" or (grad and t.requires_grad):
-            return False
-        if t.dtype != torch.float64 and not (t.ndim == 0 and t.is_floating_point()):
+    if grad and any(t.requires_grad for t in tensors):
+        return False
+    for v in cost.optimized:
+        x = values[v.name]
+        if x.device.type != "cpu" or x.dtype != torch.float64 or (grad and x.requires_grad):
             return False
     return True
 

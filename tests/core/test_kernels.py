@@ -257,3 +257,17 @@ def test_mixed_fused_and_differentiable_costs() -> None:
     (dz,) = torch.autograd.grad(fast.cost.sum(), z)
     (dz_ref,) = torch.autograd.grad(ref.cost.sum(), z)
     assert_equal(dz, dz_ref, "d cost / d measured", dz_ref.abs().max().expand_as(dz_ref))
+
+
+def test_requires_grad_set_in_place_after_a_fused_call() -> None:
+    """A measurement made to require grad in place after the kernel ran once: the next
+    linearization takes the torch path and its gradient is the torch path's."""
+    gen = torch.Generator().manual_seed(12)
+    objective, values = pose_graph(core.SE3, gen, batch=1, num=3, weights="sqrt_info")
+    between = objective.costs[0]
+    assert fused.applies(between, values)
+    linearize(objective, values)
+    between.aux["measured"].requires_grad_()
+    assert not fused.applies(between, values)
+    lin = linearize(objective, values)
+    assert lin.cost.requires_grad
