@@ -130,7 +130,9 @@ def score(scores: Scores, maps: Maps, idx: Tensor, plans: Plans) -> list[bool]:
 
 def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> Tensor:
     """``(B, N, 4)``: the network's initial trajectories for maps ``idx``: of its hypotheses,
-    the one of lowest planner objective (``model.select=cost``) or of best score (``score``).
+    the one whose dense path keeps the largest clearance (``model.select=clearance``; ``-inf``
+    where it leaves the map), of lowest planner objective (``cost``; those leaving the map last)
+    or of best score (``score``).
     With ``model.symmetries`` the network also reads each map in the square's other seven
     symmetries (``model.augment``), its plans mapped back: ``8 Hy`` candidates."""
     sdf, start, goal = maps.sdf[idx], maps.start[idx], maps.goal[idx]
@@ -146,10 +148,14 @@ def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> T
         scores = scores.view(8, B, -1).transpose(0, 1).flatten(1, 2)
     else:
         trajs, scores = net(sdf, start, goal)  # (B, Hy, N, 4), (B, Hy)
-    if str(value(cfg.model.select)) == "score":
+    select = str(value(cfg.model.select))
+    if select == "score":
         return chosen(trajs, scores)
     B, Hy = scores.shape
     rep = lambda t: t.repeat_interleave(Hy, 0)  # noqa: E731
+    if select == "clearance":
+        return chosen(trajs, problem.clearance(trajs.flatten(0, 1), rep(sdf), maps.spec).view(
+            B, Hy))
     cost = maps.cost(trajs.flatten(0, 1), rep(sdf), rep(start), rep(goal)).view(B, Hy)
     # A candidate that leaves the map is cheap where the map's edge is far from obstacles (the
     # SDF falls only by the distance travelled out), yet not a plan: the others come first.

@@ -16,9 +16,10 @@ solution). The solution terms reach the network through the iterations (``optimi
 ``unroll``, the default, or ``truncated``; their gradient is clipped per map, ``loss.clip``);
 with ``implicit`` they carry no gradient to the initialization (the optimum does not depend on
 where the solver starts) and only the imitation terms train the network. At evaluation the
-planner starts from the candidate of lowest planner objective (``model.select=cost``: one cost
-evaluation per candidate, no solve) or of best score (``score``); with ``model.symmetries`` the
-candidates are the network's hypotheses on the map in each of its 8 symmetries.
+planner starts from the candidate that keeps farthest from obstacles (``model.select=clearance``),
+of lowest planner objective (``cost``; both evaluate each candidate once, no solve) or of best
+score (``score``); with ``model.symmetries`` the candidates are the network's hypotheses on the
+map in each of its 8 symmetries.
 
 Held-out maps (new maps, other seeds), with ``K`` iterations: ``success_rate`` (collision-free at
 the robot radius along the densely interpolated path, inside the map, ends on start and goal),
@@ -52,8 +53,8 @@ from apps.motion_planning.model import InitNet, augment, lane_loss
 from apps.motion_planning.spec import MapSpec
 
 APP = "motion_planning"
-Select = Enum("Select", [("cost", "cost"), ("score", "score")], type=str,  # type: ignore[misc]
-              module=__name__)
+Select = Enum("Select", [(k, k) for k in ("clearance", "cost", "score")],  # type: ignore[misc]
+              type=str, module=__name__)
 
 
 @dataclass
@@ -68,9 +69,10 @@ class ModelConfig:
         width: the corridor's half-width (metres).
         hypotheses: candidate trajectories the network proposes.
         window: lanes either side of a column's best lane that its decoded offset averages.
-        select: which one the planner starts from: ``cost``, the lowest planner objective at
-            the candidates (one cost evaluation each, no solve), or ``score``, the network's
-            best-scored one.
+        select: which one the planner starts from: ``clearance``, the one whose densely
+            interpolated path keeps farthest from obstacles (inside the map), ``cost``, the
+            lowest planner objective (among those inside the map), or ``score``, the network's
+            best-scored one; the first two evaluate each candidate once, no solve.
         augment: train on randomly flipped/transposed maps (the square's 8 symmetries).
         symmetries: at evaluation, also read each map in its 7 other symmetries: ``8 *
             hypotheses`` candidates for the selection (8 network passes, no solve).
@@ -80,9 +82,9 @@ class ModelConfig:
     basis: int = 12
     lanes: int = 49
     width: float = 6.0
-    hypotheses: int = 8
+    hypotheses: int = 12
     window: int = 3
-    select: Select = Select.cost  # type: ignore[attr-defined,valid-type]
+    select: Select = Select.clearance  # type: ignore[attr-defined,valid-type]
     augment: bool = True
     symmetries: bool = True
 
@@ -126,7 +128,7 @@ class MotionPlanningConfig(TrainConfig):
         viz_maps: held-out maps in ``motion_planning.png`` (the first ones of this rank).
     """
 
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 16
     num_train: int = 1536
     num_val: int = 64

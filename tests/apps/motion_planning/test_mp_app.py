@@ -214,10 +214,11 @@ class _Fixed(torch.nn.Module):
 
 
 def test_selection_prefers_candidates_inside_the_map(tmp_path: Path, app_config) -> None:
-    """Of the candidates, the planner starts from the cheapest one that stays inside the map,
-    even when one that leaves it is cheaper (the SDF only falls by the distance travelled out);
-    when all leave it, the cheapest."""
-    cfg = app_config("motion_planning", tmp_path, "model.symmetries=false")
+    """``select=cost``: the planner starts from the cheapest candidate that stays inside the
+    map, even when one that leaves it is cheaper (the SDF only falls by the distance travelled
+    out); when all leave it, the cheapest. ``select=clearance``: the one farthest from
+    obstacles, never one that leaves the map."""
+    cfg = app_config("motion_planning", tmp_path, "model.symmetries=false", "model.select=cost")
     occ = np.zeros((32, 32), dtype=bool)
     occ[12:20, 8:24] = True  # a block across the middle
     sdf = torch.as_tensor(signed_distance(occ, SMALL.cell))
@@ -236,6 +237,11 @@ def test_selection_prefers_candidates_inside_the_map(tmp_path: Path, app_config)
     assert torch.equal(evaluation.initialization(cfg, net, maps, idx)[0], inside[0])
     net = _Fixed(torch.cat([out, out + torch.tensor([0.0, 0.1, 0.0, 0.0])]))
     assert torch.equal(evaluation.initialization(cfg, net, maps, idx)[0], out[0])
+    cfg.model.select = "clearance"  # the farthest from the block, inside the map
+    low = problem.curve(start, goal, coeffs + torch.tensor([0.0, -2.0]).view(1, 2, 1), SMALL)
+    net = _Fixed(torch.cat([out, low, inside]))
+    assert float(problem.clearance(low, sdf[None].double(), SMALL)) > SMALL.robot_radius
+    assert torch.equal(evaluation.initialization(cfg, net, maps, idx)[0], low[0])
 
 
 def test_select_by_score_runs(tmp_path: Path, app_config) -> None:
