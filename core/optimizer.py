@@ -120,9 +120,9 @@ class LevenbergMarquardt:
             steps on every shared g2o file and synthetic helix (as many linear solves as
             GTSAM's LM); with ``diag(H)`` it stalled on dubrovnik-3-7 where Nielsen's converged.
         damping_factor: the factor of ``"fixed"``.
-        threads: torch's and OpenBLAS's threads during a CPU solve; None: chosen by the
-            measured rule of ``core.threads.choose`` (torch 1, OpenBLAS the free cores for large
-            problems); the caller's settings are restored afterwards.
+        threads: OpenBLAS's (CHOLMOD's) threads during a CPU solve; None: chosen by the
+            measured rule of ``core.threads.choose`` (the free cores for large problems, else
+            1); the previous setting is restored afterwards. torch's threads are the caller's.
         fused: linearize the library costs with their compiled kernels where they apply (CPU,
             float64, no gradient through the costs; ``core.fused``); False: torch throughout.
     """

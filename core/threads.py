@@ -1,14 +1,18 @@
-"""Thread counts for a CPU solve, chosen by a measured rule and restored afterwards.
+"""OpenBLAS's thread count for a CPU solve, chosen by a measured rule and restored afterwards.
 
-Two pools share the cores in a CPU solve: torch's intra-op threads (the optimizer's vector work;
-the library costs' linearization is single-threaded compiled code, ``core.fused``) and
-OpenBLAS's (CHOLMOD's supernodal updates). On a machine where other processes hold cores, a
-pool's threads wait for descheduled partners and spin against each other: on the 2-core bench
-machine with one busy process beside it, two torch threads made the 256-pose graph 2.5x slower
-than one (bench/RESULTS.md). The rule (:func:`choose`): torch gets one thread during the solve;
-OpenBLAS gets the cores that the 1-minute load average leaves free, and one thread for problems
-too small to gain from more. The user's settings are restored on exit, so a network trained
-around the solves keeps its threads.
+Two pools share the cores in a CPU solve: torch's intra-op threads and OpenBLAS's (CHOLMOD's
+supernodal updates). On a machine where other processes hold cores, a pool's threads wait for
+descheduled partners: on the 2-core bench machine at load ~5, sphere2500 took 0.56-0.66 s with
+one thread and 0.99-1.60 s with two. The rule (:func:`choose`): OpenBLAS gets the cores that the
+1-minute load average leaves free, and one thread for problems too small to gain from more; the
+previous setting is restored on exit.
+
+torch's threads are left alone: in torch 2.13 (CPU, MKL) any ``torch.set_num_threads(n)`` with
+``n >= 2`` makes later batched ``torch.linalg.solve`` calls fail inside MKL ("Parameter 6 was
+incorrect on entry to DLASWP"), so setting one thread for the solve and restoring two would break
+the caller's network. The library costs' linearization runs in single-threaded compiled kernels
+(``core.fused``), so little torch work is left in a solve; ``torch.set_num_threads(1)`` before
+solving is the caller's choice on a loaded machine.
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
 
 BLAS_FROM = 5000
 """Unknowns from which OpenBLAS may use more than one thread (CHOLMOD's supernodes of smaller
@@ -59,32 +61,27 @@ def free_cores() -> int:
     return max(1, min(cores, cores - round(max(0.0, load - 1.0))))
 
 
-def choose(n: int, threads: int | None = None) -> tuple[int, int]:
-    """``(torch threads, OpenBLAS threads)`` for a solve of ``n`` unknowns; ``threads`` given:
-    that many of both (the user's choice)."""
+def choose(n: int, threads: int | None = None) -> int:
+    """OpenBLAS threads for a solve of ``n`` unknowns; ``threads`` given: that many (the user's
+    choice)."""
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1 or None (automatic), got {threads}")
-        return threads, threads
-    return 1, free_cores() if n >= BLAS_FROM else 1
+        return threads
+    return free_cores() if n >= BLAS_FROM else 1
 
 
 @contextmanager
-def solve_threads(n: int, threads: int | None = None) -> Iterator[tuple[int, int]]:
-    """Set torch's and OpenBLAS's thread counts for a solve of ``n`` unknowns (see
-    :func:`choose`) and restore both on exit, also when the solve raises."""
-    want_torch, want_blas = choose(n, threads)
-    before_torch = torch.get_num_threads()
+def solve_threads(n: int, threads: int | None = None) -> Iterator[int]:
+    """Set OpenBLAS's thread count for a solve of ``n`` unknowns (see :func:`choose`) and
+    restore it on exit, also when the solve raises."""
+    want = choose(n, threads)
     blas = _openblas()
-    before_blas = int(blas.openblas_get_num_threads()) if blas is not None else None
-    if want_torch != before_torch:
-        torch.set_num_threads(want_torch)
-    if blas is not None and want_blas != before_blas:
-        blas.openblas_set_num_threads(want_blas)
+    before = int(blas.openblas_get_num_threads()) if blas is not None else None
+    if blas is not None and want != before:
+        blas.openblas_set_num_threads(want)
     try:
-        yield want_torch, want_blas
+        yield want
     finally:
-        if torch.get_num_threads() != before_torch:
-            torch.set_num_threads(before_torch)
-        if blas is not None and before_blas is not None:
-            blas.openblas_set_num_threads(before_blas)
+        if blas is not None and before is not None and want != before:
+            blas.openblas_set_num_threads(before)

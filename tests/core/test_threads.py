@@ -1,4 +1,4 @@
-"""core.threads: the measured thread rule and its restoration after a solve."""
+"""core.threads: the measured OpenBLAS thread rule and its restoration after a solve."""
 
 from __future__ import annotations
 
@@ -21,41 +21,52 @@ def test_free_cores(monkeypatch: pytest.MonkeyPatch, load: float, expected: int)
 def test_choose(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
-    assert threads.choose(100) == (1, 1)
-    assert threads.choose(threads.BLAS_FROM) == (1, 4)
-    assert threads.choose(100, threads=3) == (3, 3)
+    assert threads.choose(100) == 1
+    assert threads.choose(threads.BLAS_FROM) == 4
+    assert threads.choose(100, threads=3) == 3
     with pytest.raises(ValueError, match="threads must be >= 1 or None"):
         threads.choose(100, threads=0)
     with pytest.raises(ValueError, match="threads must be >= 1 or None"):
         core.LevenbergMarquardt(threads=0)
 
 
-def test_solve_restores_the_callers_threads() -> None:
-    before = torch.get_num_threads()
+def test_solve_sets_and_restores_openblas_threads_and_leaves_torch_alone() -> None:
     blas = threads._openblas()
-    blas_before = blas.openblas_get_num_threads() if blas is not None else None
-    target = 2 if before != 2 else 3
-    torch.set_num_threads(target)
-    try:
-        x = core.Variable("x", core.Vector(2), 3)
-        cost = core.costs.Prior(x, torch.ones(3, 2, dtype=torch.float64))
-        seen = []
+    if blas is None:
+        pytest.skip("no OpenBLAS loaded (CHOLMOD not installed)")
+    torch_before, blas_before = torch.get_num_threads(), blas.openblas_get_num_threads()
+    want = 2 if blas_before != 2 else 1
+    x = core.Variable("x", core.Vector(2), 3)
+    cost = core.costs.Prior(x, torch.ones(3, 2, dtype=torch.float64))
+    seen = []
 
-        def spy(xs, aux, jac):  # records the thread count inside the solve
-            seen.append(torch.get_num_threads())
-            return xs[0] - aux[0], [torch.eye(2, dtype=torch.float64).expand(1, 3, 2, 2)]
+    def spy(xs, aux, jac):  # records OpenBLAS's thread count inside the solve
+        seen.append(blas.openblas_get_num_threads())
+        return xs[0] - aux[0], [torch.eye(2, dtype=torch.float64).expand(1, 3, 2, 2)]
 
-        probe = core.Cost(None, [x], [torch.zeros(1, 3, 2, dtype=torch.float64)],
-                          index=[torch.arange(3)], analytic=spy, name="probe")
-        core.LevenbergMarquardt(max_iters=3, solver="sparse").solve(
-            core.Objective([cost, probe]), {"x": torch.zeros(1, 3, 2, dtype=torch.float64)})
-        assert seen and set(seen) == {1}
-        assert torch.get_num_threads() == target
-        if blas is not None:
-            assert blas.openblas_get_num_threads() == blas_before
-        with pytest.raises(ValueError):  # restored on errors too
-            core.LevenbergMarquardt(solver="sparse").solve(core.Objective([cost]),
-                                                           {"x": torch.zeros(1, 4, 2)})
-        assert torch.get_num_threads() == target
-    finally:
-        torch.set_num_threads(before)
+    probe = core.Cost(None, [x], [torch.zeros(1, 3, 2, dtype=torch.float64)],
+                      index=[torch.arange(3)], analytic=spy, name="probe")
+    init = {"x": torch.zeros(1, 3, 2, dtype=torch.float64)}
+    core.LevenbergMarquardt(max_iters=3, solver="sparse", threads=want).solve(
+        core.Objective([cost, probe]), init)
+    assert seen and set(seen) == {want}
+    assert blas.openblas_get_num_threads() == blas_before
+    assert torch.get_num_threads() == torch_before
+    with pytest.raises(ValueError):  # restored on errors too
+        core.LevenbergMarquardt(solver="sparse", threads=want).solve(
+            core.Objective([cost]), {"x": torch.zeros(1, 4, 2)})
+    assert blas.openblas_get_num_threads() == blas_before
+
+
+def test_a_solve_leaves_torch_linalg_working() -> None:
+    """torch 2.13 + MKL: any torch.set_num_threads(n >= 2) breaks batched linalg.solve, so a
+    solve must not touch torch's threads (it did once, to restore them)."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 180, 180, generator=gen, dtype=torch.float64)
+    A = A @ A.mT + 60 * torch.eye(180, dtype=torch.float64)
+    b = torch.randn(2, 180, 1, generator=gen, dtype=torch.float64)
+    x = core.Variable("x", core.Vector(2), 3)
+    cost = core.costs.Prior(x, torch.ones(3, 2, dtype=torch.float64))
+    core.LevenbergMarquardt(solver="sparse").solve(
+        core.Objective([cost]), {"x": torch.zeros(1, 3, 2, dtype=torch.float64)})
+    torch.testing.assert_close(A @ torch.linalg.solve(A, b), b)
