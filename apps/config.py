@@ -61,12 +61,15 @@ def enum_of(name: str, literal: Any, extra: tuple[str, ...] = ()) -> Any:
 Backward = enum_of("Backward", _Backward)
 ImplicitHessian = enum_of("ImplicitHessian", _LAYER_HINTS["implicit_hessian"])
 DampingMode = enum_of("DampingMode", _LM_HINTS["damping_mode"])
+DampingUpdate = enum_of("DampingUpdate", _LM_HINTS["damping_update"])
 RobustLossKind = enum_of("RobustLossKind", LossKind)
 #: core's linear solvers plus ``schur`` (points-like variables eliminated first; the app names
 #: which variable)
 SolverName = enum_of("SolverName", _SolverName, ("schur",))
 Reduced = enum_of("Reduced", _Reduced)
 Backend = enum_of("Backend", _Backend)
+LrSchedule = Enum("LrSchedule", [("none", "none"), ("cosine", "cosine")], type=str,  # type: ignore
+                  module=__name__)
 
 
 def _lm(name: str) -> Any:
@@ -86,6 +89,8 @@ class OptimizerConfig:
         max_iters: LM iteration cap.
         damping_init: initial damping lambda.
         damping_mode: ``levenberg`` (``lambda I``) or ``marquardt`` (``lambda diag(H)``).
+        damping_update: how lambda moves after a step: ``auto``, ``nielsen`` or ``fixed``.
+        damping_factor: the factor of ``fixed``.
         damping_min, damping_max: bounds on lambda.
         min_gain: steps with a gain ratio below this are rejected.
         rel_tol: converged when a step decreases the cost by less than ``rel_tol * F``.
@@ -104,6 +109,9 @@ class OptimizerConfig:
     max_iters: int = _lm("max_iters")
     damping_init: float = _lm("damping_init")
     damping_mode: DampingMode = DampingMode(_lm("damping_mode"))  # type: ignore[valid-type]
+    damping_update: DampingUpdate = DampingUpdate(  # type: ignore[valid-type]
+        _lm("damping_update"))
+    damping_factor: float = _lm("damping_factor")
     damping_min: float = _lm("damping_min")
     damping_max: float = _lm("damping_max")
     min_gain: float = _lm("min_gain")
@@ -149,7 +157,10 @@ class TrainConfig:
         epochs: passes over the training set.
         batch_size: training samples per optimizer step (split across ranks under torchrun).
         num_train, num_val: training and held-out samples (seeds differ, same generator).
-        lr: Adam's learning rate.
+        lr: Adam's learning rate (of the first epoch under ``lr_schedule``).
+        lr_schedule: ``none`` (constant) or ``cosine``: epoch ``e`` of ``E`` trains at
+            ``lr * (1 + cos(pi e / E)) / 2`` (a function of the epoch alone, so resuming
+            continues the same schedule).
         resume: continue from ``checkpoint.pt`` in the output folder.
         cache_dir: where generated data is cached; null: ``<output folder>/cache``.
         out_dir: the output folder; null: Hydra's run folder.
@@ -167,6 +178,7 @@ class TrainConfig:
     num_train: int = 32
     num_val: int = 24
     lr: float = 1e-2
+    lr_schedule: LrSchedule = LrSchedule.none  # type: ignore[attr-defined,valid-type]
     resume: bool = False
     cache_dir: str | None = None
     out_dir: str | None = None

@@ -294,6 +294,13 @@ def _reference(task: Task, run: Run, net: nn.Module) -> dict[str, Any]:
     return ref
 
 
+def learning_rate(cfg: Any, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) under ``cfg.lr_schedule``."""
+    if value(cfg.lr_schedule) == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(cfg.epochs, 1)))
+    return cfg.lr
+
+
 def _epoch(task: Task, run: Run, epoch: int, model: nn.Module, net: nn.Module,
            opt: torch.optim.Optimizer) -> dict[str, float]:
     """One pass over the training samples, then the held-out scores: the epoch's history row
@@ -303,6 +310,8 @@ def _epoch(task: Task, run: Run, epoch: int, model: nn.Module, net: nn.Module,
     t = time.perf_counter()
     num = len(run.train_samples)
     order = torch.randperm(num, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(cfg, epoch)
     loss_sum, step_times, saved = 0.0, [], []
     for b in range(0, num, cfg.batch_size):
         batch = order[b : b + cfg.batch_size].tolist()

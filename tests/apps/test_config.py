@@ -10,7 +10,7 @@ import subprocess
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_type_hints
 
 import pytest
 import yaml
@@ -46,20 +46,38 @@ def test_choices_are_cores() -> None:
     assert names(config.SolverName) == set(get_args(SolverName)) | {"schur"}
     assert "cudss" in names(config.SolverName)
     assert names(config.DampingMode) == {"levenberg", "marquardt"}
+    assert names(config.DampingUpdate) == set(
+        get_args(get_type_hints(core.LevenbergMarquardt)["damping_update"]))
 
 
 def test_make_layer_passes_every_option() -> None:
     cfg = OmegaConf.structured(config.TrainConfig)
     cfg.optimizer.max_iters, cfg.optimizer.damping_init, cfg.optimizer.cg_iters = 7, 0.5, 9
     cfg.optimizer.backward, cfg.solver.name = "unroll", "dense"
+    cfg.optimizer.damping_update, cfg.optimizer.damping_factor = "nielsen", 4.0
     x = core.Variable("x", core.Vector(1))
     objective = core.Objective([core.Cost(lambda x: x - 1, optimized=(x,), name="c")])
     layer = config.make_layer(objective, cfg)
     assert (layer.optimizer.max_iters, layer.optimizer.damping_init) == (7, 0.5)
     assert (layer.backward, layer.cg_iters, layer.optimizer.solver) == ("unroll", 9, "dense")
+    assert (layer.optimizer.damping_update, layer.optimizer.damping_factor) == ("nielsen", 4.0)
     with pytest.raises(ValueError, match="solver=schur"):
         cfg.solver.name = "schur"
         config.make_layer(objective, cfg)
+
+
+def test_lr_schedule() -> None:
+    from apps.harness import learning_rate
+
+    cfg = OmegaConf.structured(config.TrainConfig)
+    cfg.lr, cfg.epochs = 0.1, 4
+    assert [learning_rate(cfg, e) for e in range(4)] == [0.1] * 4
+    cfg.lr_schedule = "cosine"
+    rates = [learning_rate(cfg, e) for e in range(4)]
+    assert rates[0] == pytest.approx(0.1) and rates[2] == pytest.approx(0.05)
+    assert all(a > b > 0 for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ValueError):
+        cfg.lr_schedule = "step"
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
