@@ -24,7 +24,8 @@ Each experiment writes ``DIR/NAME.png`` (the figure), ``DIR/NAME.csv`` (the raw 
 ``DIR/NAME.md`` (a table), all stamped with the commit, the machine (CPU model and cores, GPU,
 torch/CUDA versions, BLAS), the date and this command (``bench.paper_output``). ``--quick``: small
 sizes (``all --quick`` takes about 10 minutes on 2 cores); ``--tiny``: the smallest sizes, for
-the smoke test only. ``--device cuda`` adds the GPU rows and runs the apps on the GPU; without a
+the smoke test only. ``--replot`` redraws the figures from the CSVs in ``DIR`` (their stamps
+kept). ``--device cuda`` adds the GPU rows and runs the apps on the GPU; without a
 GPU it says so in the tables and runs the CPU rows. Exit status 1 when a row failed (its note
 says why; the files are still written).
 """
@@ -32,38 +33,28 @@ says why; the files are still written).
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from bench import paper_output
-from bench.paper_output import Context, Result, log
+from bench.paper_output import Context, log
 
 EXPERIMENTS = ("scaling", "backward", "vectorization", "apps")
 
 
-def _experiment(name: str) -> Callable[[Context], Result]:
-    if name == "scaling":
-        from bench import paper_scaling
-
-        return paper_scaling.run
-    if name == "backward":
-        from bench import paper_backward
-
-        return paper_backward.run
-    if name == "vectorization":
-        from bench import paper_vectorization
-
-        return paper_vectorization.run
-    if name == "apps":
-        from bench import paper_apps
-
-        return paper_apps.run
-    raise ValueError(f"unknown experiment {name!r}; use one of {', '.join(EXPERIMENTS)}, all")
+def _experiment(name: str) -> ModuleType:
+    """The module of experiment ``name``: ``run(ctx) -> Result``, ``figure``, ``FIGSIZE``."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; use one of {', '.join(EXPERIMENTS)}, "
+                         "all")
+    return importlib.import_module(f"bench.paper_{name}")
 
 
 def _runs(items: Sequence[str]) -> dict[str, Path]:
@@ -94,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="torch intra-op and Ceres threads of the timed solves (default 1)")
     parser.add_argument("--runs", nargs="+", default=[], metavar="APP=DIR",
                         help="apps: read APP's metrics.json from DIR instead of running it")
+    parser.add_argument("--replot", action="store_true",
+                        help="measure nothing: redraw DIR/NAME.png from DIR/NAME.csv")
     return parser
 
 
@@ -113,11 +106,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[Path]]:
             "rows are skipped and the tables say so")
     torch.set_num_threads(args.threads)
     names = EXPERIMENTS if args.name == "all" else (args.name,)
+    if args.replot:
+        try:
+            return {n: [paper_output.replot(args.out, n, _experiment(n).figure,
+                                            _experiment(n).FIGSIZE)] for n in names}
+        except ValueError as e:
+            raise SystemExit(f"python -m bench.paper: error: {e}") from None
     written = {}
     for name in names:
         start = time.perf_counter()
         log(f"{name} ({ctx.size}) ...")
-        result = _experiment(name)(ctx)
+        result = _experiment(name).run(ctx)
         written[name] = paper_output.write(ctx, name, result)
         log(f"{name} done in {time.perf_counter() - start:.0f} s")
     if ctx.errors:

@@ -24,6 +24,7 @@ from typing import Any
 from bench.paper_output import Context, Result, log
 
 COLUMNS = ("app", "metric", "method", "value", "vs_learned", "run_dir", "source")
+FIGSIZE = (14.0, 4.8)  # inches
 RUN_TIMEOUT_S = 3 * 3600
 
 
@@ -123,8 +124,8 @@ def run(ctx: Context) -> Result:
     what = ("Each app's held-out headline metric (lower is better) for the learned model, the "
             "untrained network and every baseline the app reports in `metrics.json`; "
             "`vs_learned` = value / learned value (above 1: the learned model is better).")
-    return Result("Apps: held-out metric against the baselines", what, COLUMNS, rows, _figure,
-                  figsize=(14.0, 4.8), notes=notes,
+    return Result("Apps: held-out metric against the baselines", what, COLUMNS, rows, figure,
+                  figsize=FIGSIZE, notes=notes,
                   table_columns=("app", "metric", "method", "value", "vs_learned", "source"))
 
 
@@ -137,7 +138,8 @@ def unit(metric: str) -> str:
     return _UNITS.get(metric.rsplit("_", 1)[-1], "data units")
 
 
-def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+def figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Draw the experiment's figure from its rows (as written to the CSV)."""
     apps_ = list(dict.fromkeys(r["app"] for r in rows))
     axes = fig.subplots(1, max(len(apps_), 1), squeeze=False)[0]
     for ax, app in zip(axes, apps_):

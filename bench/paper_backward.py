@@ -31,6 +31,7 @@ from bench.paper_output import Context, Result, data_ticks, log, log_axis
 
 COLUMNS = ("study", "backward", "iterations", "val_metric", "val_value", "time_s", "memory_mb",
            "memory_measure", "grad_rel_err", "grad_rel_err_exact", "note")
+FIGSIZE = (12.0, 7.6)  # inches
 APP = "tactile"
 TACTILE = {  # (modes, iterations, the app's smoke preset?, overrides)
     "tiny": (("unroll", "implicit"), (2, 4), True, []),
@@ -113,7 +114,7 @@ def run(ctx: Context) -> Result:
             "the pose-graph layer of `bench.backward` (time, peak memory, gradient error). "
             "Memory measures differ between the two studies (column `memory_measure`).")
     return Result("Backward modes: unroll, truncated, implicit, dlm", what, COLUMNS,
-                  [*app_rows, *layer_rows], _figure, figsize=(12.0, 7.6), notes=notes)
+                  [*app_rows, *layer_rows], figure, figsize=FIGSIZE, notes=notes)
 
 
 def _panel(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, ylabel: str,
@@ -132,7 +133,8 @@ def _panel(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, ylabel: str,
         ax.legend(fontsize=7)
 
 
-def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+def figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Draw the experiment's figure from its rows (as written to the CSV)."""
     axes = fig.subplots(2, 3)
     app = [r for r in rows if r["study"] == APP]
     pg = [r for r in rows if r["study"] == "pose_graph_layer"]

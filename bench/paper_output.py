@@ -20,6 +20,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,10 +128,12 @@ def stamp(command: str) -> dict[str, str]:
 
 
 def stamp_line(info: Mapping[str, str]) -> str:
-    """The stamp in three lines for a figure's footer."""
-    return (f"{info['command']}  |  commit {info['commit'][:12]}  |  {info['date']}\n"
-            f"CPU {info['cpu']}  |  GPU {info['gpu']}  |  torch {info['torch']}, "
-            f"CUDA {info['cuda']}\nBLAS {info['blas']}")
+    """The stamp for a figure's footer: the command (wrapped), then commit, date and machine."""
+    command = textwrap.wrap(info["command"], width=170, break_on_hyphens=False) or [""]
+    return "\n".join([*command,
+                      f"commit {info['commit'][:12]}  |  {info['date']}  |  CPU {info['cpu']}  |  "
+                      f"GPU {info['gpu']}",
+                      f"torch {info['torch']}, CUDA {info['cuda']}  |  BLAS {info['blas']}"])
 
 
 def data_ticks(ax: Any, values: Sequence[float], base: int = 2) -> None:
@@ -192,11 +195,6 @@ class Result:
 
 def write(ctx: Context, name: str, result: Result) -> list[Path]:
     """``ctx.out/name.{csv,md,png}``; returns the three paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ctx.out.mkdir(parents=True, exist_ok=True)
     unknown = sorted({k for r in result.rows for k in r} - set(result.columns))
     if unknown:
@@ -217,15 +215,64 @@ def write(ctx: Context, name: str, result: Result) -> list[Path]:
     md += ["", markdown_table(result.rows, result.table_columns or result.columns), "",
            f"Raw numbers: `{csv_path.name}`; figure: `{png_path.name}`."]
     md_path.write_text("\n".join(md) + "\n")
-    fig = plt.figure(figsize=result.figsize)
-    result.figure(fig, result.rows)
-    fig.text(0.005, 0.005, stamp_line(ctx.stamp), fontsize=6.5, color="0.3", ha="left",
-             va="bottom", family="monospace")
-    fig.tight_layout(rect=(0, 0.085, 1, 1))
-    _save_png(fig, png_path)
-    plt.close(fig)
+    draw(png_path, result.figure, result.figsize, result.rows, ctx.stamp)
     log(f"wrote {csv_path}, {md_path}, {png_path}")
     return [csv_path, md_path, png_path]
+
+
+def draw(path: Path, figure: Callable[[Any, Sequence[Mapping[str, Any]]], None],
+         figsize: tuple[float, float], rows: Sequence[Mapping[str, Any]],
+         info: Mapping[str, str]) -> None:
+    """``figure(fig, rows)`` with the stamp ``info`` as its footer, saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=figsize)
+    figure(fig, rows)
+    footer = stamp_line(info)
+    fig.text(0.005, 0.005, footer, fontsize=6.5, color="0.3", ha="left", va="bottom",
+             family="monospace")
+    lines = footer.count("\n") + 1
+    fig.tight_layout(rect=(0, (9 * lines + 14) / 72 / figsize[1], 1, 1))  # 9 pt a line
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def _typed(cell: str) -> Any:
+    """A CSV cell as written by :func:`write`: ``""`` -> None, numbers -> int / float."""
+    if cell == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(cell)
+        except ValueError:
+            pass
+    return cell
+
+
+def replot(out: Path, name: str, figure: Callable[[Any, Sequence[Mapping[str, Any]]], None],
+           figsize: tuple[float, float]) -> Path:
+    """Redraw ``out/name.png`` from ``out/name.csv`` (its rows and its stamp: the figure still
+    names the command, commit and machine that measured the numbers)."""
+    path = out / f"{name}.csv"
+    if not path.is_file():
+        raise ValueError(f"--replot: {path} does not exist (run the experiment first)")
+    info = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("# ") and ": " in line:
+            key, value = line[2:].split(": ", 1)
+            info[key] = value
+    missing = [k for k in ("command", "commit", "date", "cpu", "gpu", "torch", "cuda", "blas")
+               if k not in info]
+    if missing:
+        raise ValueError(f"--replot: {path} lacks the stamp lines {missing}")
+    _, rows = read_csv(path)
+    draw(out / f"{name}.png", figure, figsize, [{k: _typed(v) for k, v in r.items()}
+                                                for r in rows], info)
+    log(f"redrew {out / f'{name}.png'} from {path}")
+    return out / f"{name}.png"
 
 
 def _save_png(fig: Any, path: Path) -> None:

@@ -44,6 +44,7 @@ from bench.paper_output import Context, Result, data_ticks, log, log_axis
 COLUMNS = ("sweep", "solver", "device", "poses", "batch", "unknowns", "time_s", "vs_best_peer",
            "iterations", "time_per_iter_s", "initial_cost", "final_cost", "peak_mem_mb",
            "memory_measure", "note")
+FIGSIZE = (11.0, 8.5)  # inches
 BATCH_POSES = {"tiny": 24, "quick": 64, "full": 64}
 POSES = {"tiny": (32,), "quick": (64, 256, 1024, 4096),
          "full": (64, 128, 256, 512, 1024, 2048, 4096)}
@@ -299,7 +300,7 @@ def run(ctx: Context) -> Result:
             "GTSAM's TBB is not limited. Dense runs where n <= 2000 and batch n^3 <= 2e10, PCG "
             "where batch n <= 2000 (the rules of `python -m bench`).")
     return Result("Scaling: one LM solve against problem size and batch size", what, COLUMNS,
-                  rows, _figure, figsize=(11.0, 8.5), notes=notes)
+                  rows, figure, figsize=FIGSIZE, notes=notes)
 
 
 def _ratios(rows: list[dict[str, Any]]) -> None:
@@ -315,7 +316,8 @@ _STYLE = {"gtsam": dict(ls="--", marker="s", color="0.25"),
           "ceres": dict(ls="--", marker="^", color="0.55")}
 
 
-def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+def figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Draw the experiment's figure from its rows (as written to the CSV)."""
     axes = fig.subplots(2, 2)
     per = sorted({r["poses"] for r in rows if r["sweep"] == "batch"})
     batch_label = f"batch size (graphs of {', '.join(map(str, per))} poses)"

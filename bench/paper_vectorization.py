@@ -25,6 +25,7 @@ from bench.synthetic import PoseGraphBatch, pose_graph_batch
 
 COLUMNS = ("layout", "device", "poses", "factors", "costs", "iterations", "build_s",
            "time_per_iter_s", "final_cost", "speedup_table")
+FIGSIZE = (11.0, 4.6)  # inches
 POSES = {"tiny": (24, 40), "quick": (32, 128, 512, 2048),
          "full": (32, 64, 128, 256, 512, 1024, 2048, 4096)}
 PER_FACTOR_MAX_POSES = {"tiny": 40, "quick": 2048, "full": 4096}
@@ -117,10 +118,11 @@ def run(ctx: Context) -> Result:
             f"time to construct the Objective. Torch threads: {ctx.threads}. No memory is "
             "measured here.")
     return Result("Vectorization: one Cost per factor vs one Cost for all factors", what,
-                  COLUMNS, rows, _figure, figsize=(11.0, 4.6), notes=notes)
+                  COLUMNS, rows, figure, figsize=FIGSIZE, notes=notes)
 
 
-def _figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+def figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Draw the experiment's figure from its rows (as written to the CSV)."""
     left, right = fig.subplots(1, 2)
     for (layout, device), style in _lines(rows).items():
         mine = [r for r in rows if r["layout"] == layout and r["device"] == device]

@@ -45,6 +45,16 @@ def test_vectorization_tiny(tmp_path: Path) -> None:
         assert int(table["costs"]) == 2 and int(per["costs"]) == int(per["factors"])
         assert math.isclose(float(table["final_cost"]), float(per["final_cost"]), rel_tol=1e-6)
         assert float(per["speedup_table"]) > 0
+    png = tmp_path / "vectorization.png"
+    png.unlink()
+    assert paper.main(["vectorization", "--replot", "--out", str(tmp_path)]) == {
+        "vectorization": [png]}
+    assert png.stat().st_size > 10_000
+
+
+def test_replot_needs_the_csv(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="scaling.csv does not exist"):
+        paper.main(["scaling", "--replot", "--out", str(tmp_path)])
 
 
 def test_scaling_tiny(tmp_path: Path) -> None:
