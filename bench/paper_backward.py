@@ -118,8 +118,11 @@ def run(ctx: Context) -> Result:
 
 
 def _panel(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, ylabel: str,
-           title: str) -> None:
-    mine = [r for r in rows if isinstance(r.get(key), float | int) and math.isfinite(r[key])]
+           title: str, positive: bool = False) -> None:
+    """One quantity against the iterations, a line per mode; ``positive``: leave out zeros
+    (the reference gradient against itself) so that a log axis can show the rest."""
+    mine = [r for r in rows if isinstance(r.get(key), float | int) and math.isfinite(r[key])
+            and (r[key] > 0 or not positive)]
     for mode in dict.fromkeys(r["backward"] for r in mine):
         line = [r for r in mine if r["backward"] == mode]
         ax.plot([r["iterations"] for r in line], [r[key] for r in line], marker="o", label=mode)
@@ -145,7 +148,7 @@ def figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
     _panel(axes[0, 2], app, "memory_mb", "memory kept for backward [MB]",
            "tactile: autograd saved tensors")
     _panel(axes[1, 0], pg, "grad_rel_err_exact", "rel. error vs exact-Hessian implicit@50",
-           "pose-graph layer: gradient error")
+           "pose-graph layer: gradient error (0 omitted)", positive=True)
     _panel(axes[1, 1], pg, "time_s", "forward + backward time [s]", "pose-graph layer: time")
     _panel(axes[1, 2], pg, "memory_mb", "peak RSS above start [MB]",
            "pose-graph layer: peak memory (RSS)")
