@@ -33,14 +33,14 @@ MODES = ("unroll", "truncated", "implicit", "implicit_exact")
 _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
 
 
-def _rss_mb(field: str) -> float:
+def rss_mb(field: str) -> float:
     with open("/proc/self/status") as f:
         match = re.search(rf"{field}:\s+(\d+) kB", f.read())
     assert match is not None, f"/proc/self/status has no {field}"
     return int(match.group(1)) / 1024
 
 
-def _reset_peak() -> None:
+def reset_peak() -> None:
     """Return freed heap to the OS (so reused cached memory counts again), then reset VmHWM."""
     gc.collect()
     if _LIBC is not None:
@@ -80,8 +80,8 @@ def run_once(layer: core.OptimizationLayer, data: PoseGraphBatch) -> tuple[torch
                                                                              float, float]:
     """Forward + backward; returns the gradient, forward and backward seconds, peak MB."""
     measured = data.measurements.clone().requires_grad_()
-    _reset_peak()
-    base = _rss_mb("VmRSS")
+    reset_peak()
+    base = rss_mb("VmRSS")
     start = time.perf_counter()
     solution, _ = layer({"poses": data.init, "between.measured": measured})
     assert data.truth is not None
@@ -89,7 +89,7 @@ def run_once(layer: core.OptimizationLayer, data: PoseGraphBatch) -> tuple[torch
     mid = time.perf_counter()
     (grad,) = torch.autograd.grad(loss, measured)
     end = time.perf_counter()
-    return grad, mid - start, end - mid, _rss_mb("VmHWM") - base
+    return grad, mid - start, end - mid, rss_mb("VmHWM") - base
 
 
 def measure(data: PoseGraphBatch, mode: str, iterations: int, repeats: int) -> tuple[Row,

@@ -127,7 +127,7 @@ def _ceres_solve(files: list[str], threads: int) -> tuple[Any, float]:
 
 def _measure(solver: str, run: Any, device: str) -> tuple[Any, float, str]:
     """One timed solve and its peak memory (MB) and the measure's name."""
-    from bench.backward import _reset_peak, _rss_mb
+    from bench.backward import reset_peak, rss_mb
 
     if solver == "ceres":
         result, peak = _ceres_solve(run.files, run.threads)
@@ -138,10 +138,10 @@ def _measure(solver: str, run: Any, device: str) -> tuple[Any, float, str]:
         base = torch.cuda.memory_allocated()
         result = run(MAX_ITERS)
         return result, (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda_allocated"
-    _reset_peak()
-    base = _rss_mb("VmRSS")
+    reset_peak()
+    base = rss_mb("VmRSS")
     result = run(MAX_ITERS)
-    return result, _rss_mb("VmHWM") - base, "rss"
+    return result, rss_mb("VmHWM") - base, "rss"
 
 
 class _CeresFiles:
