@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +30,16 @@ class Linearization:
 
     def select(self, mask: Tensor, other: Linearization) -> Linearization:
         """Per batch element: ``self`` where ``mask (B,)`` else ``other``."""
+        if _plain_cpu(self.H, other.H, self.g, other.g, self.cost, other.cost):
+            # NumPy on the CPU without autograd: no OpenMP region (whose wake-up costs
+            # milliseconds when other processes hold the cores), same values
+            m = mask.numpy()
+            return Linearization(
+                torch.from_numpy(np.where(m, self.cost.numpy(), other.cost.numpy())),
+                torch.from_numpy(np.where(m[:, None], self.g.numpy(), other.g.numpy())),
+                torch.from_numpy(np.where(m[:, None], self.H.numpy(), other.H.numpy())),
+                self.pattern,
+            )
         m = mask[:, None]
         return Linearization(
             torch.where(mask, self.cost, other.cost),
@@ -36,6 +47,11 @@ class Linearization:
             torch.where(m, self.H, other.H),
             self.pattern,
         )
+
+
+def _plain_cpu(*tensors: Tensor) -> bool:
+    """All CPU tensors outside autograd (NumPy may compute on them)."""
+    return all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
 
 
 CHUNK = 8192
@@ -73,9 +89,15 @@ def linearize(
     first = values[objective.variables[0].name]
     batch, device = first.shape[0], first.device
     pattern = objective.pattern(device)
-    H = first.new_zeros(batch, pattern.nnz)
-    g = first.new_zeros(batch, pattern.n)
-    cost = first.new_zeros(batch)
+    if device.type == "cpu" and first.dtype in (torch.float64, torch.float32):
+        dtype = np.float64 if first.dtype == torch.float64 else np.float32  # no OpenMP fill
+        H = torch.from_numpy(np.zeros((batch, pattern.nnz), dtype))
+        g = torch.from_numpy(np.zeros((batch, pattern.n), dtype))
+        cost = torch.from_numpy(np.zeros(batch, dtype))
+    else:
+        H = first.new_zeros(batch, pattern.nnz)
+        g = first.new_zeros(batch, pattern.n)
+        cost = first.new_zeros(batch)
     for c, positions, columns in zip(objective.costs, pattern.positions, pattern.columns):
         # (not once a torch-path cost before it has made H, g or the cost part of a graph)
         graph = H.requires_grad or g.requires_grad or cost.requires_grad

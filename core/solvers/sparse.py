@@ -150,7 +150,12 @@ class SparseCholesky:
             raise ValueError(f"sparse backend {self.backend!r} is not installed; have {have}")
 
     def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SparseFactor | BlockFactor:
-        values = damped(H, pattern, damping).detach().to("cpu", torch.float64).numpy()
+        if H.device.type == "cpu" and H.dtype == torch.float64 and damping.dtype == H.dtype:
+            # NumPy: no OpenMP region (its wake-up costs ms on a machine other jobs load)
+            values = H.detach().numpy().copy()
+            values[:, pattern.diag.numpy()] += damping.detach().numpy()
+        else:
+            values = damped(H, pattern, damping).detach().to("cpu", torch.float64).numpy()
         batch = values.shape[0]
         if self.backend == "cholmod" and np.isfinite(values).all():
             plan = self._plan(pattern, batch)
