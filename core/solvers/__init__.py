@@ -13,8 +13,10 @@ from core.solvers.dense import DenseCholesky
 from core.solvers.pcg import PCG
 from core.solvers.schur import Schur
 from core.solvers.sparse import SparseCholesky, available_backends
+from core.solvers.supernodal import SupernodalCholesky
 
-SolverName = Literal["auto", "dense", "sparse", "cholmod", "cholespy", "scipy", "pcg", "cudss"]
+SolverName = Literal["auto", "dense", "sparse", "cholmod", "cholespy", "scipy", "pcg", "cudss",
+                     "supernodal"]
 
 __all__ = [
     "CuDSS",
@@ -25,6 +27,7 @@ __all__ = [
     "Schur",
     "SolverName",
     "SparseCholesky",
+    "SupernodalCholesky",
     "available_backends",
     "damped",
     "make_solver",
@@ -34,7 +37,9 @@ __all__ = [
 
 def make_solver(name: SolverName | LinearSolver, n: int, device: str = "cpu") -> LinearSolver:
     """A solver from its name. ``"auto"``: dense for ``n <= 500``; above, sparse Cholesky on the
-    CPU, cuDSS on CUDA when installed (else dense)."""
+    CPU, cuDSS on CUDA when installed (else dense). ``"supernodal"``: the batched supernodal
+    Cholesky in torch (``core.solvers.supernodal``; CPU or CUDA, one symbolic analysis for a
+    same-structure batch; not chosen by ``"auto"`` until measured faster, see bench/RESULTS.md)."""
     if not isinstance(name, str):
         return name
     if name == "auto":
@@ -55,5 +60,7 @@ def make_solver(name: SolverName | LinearSolver, n: int, device: str = "cpu") ->
         return CuDSS()
     if name == "pcg":
         return PCG()  # blocks inferred from the pattern; PCG(objective) to name them
+    if name == "supernodal":
+        return SupernodalCholesky()
     raise ValueError(f"unknown solver {name!r}; use one of auto, dense, sparse, cholmod, "
-                     "cholespy, scipy, pcg, cudss or pass a LinearSolver")
+                     "cholespy, scipy, pcg, cudss, supernodal or pass a LinearSolver")
