@@ -17,6 +17,7 @@ import json
 import math
 import subprocess
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ def _overrides(folder: Path) -> str:
     path = folder / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return ""
-    items = [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith("hydra.")]
+    where = ("hydra.", "out_dir=", "cache_dir=")  # where the run was written, not how it ran
+    items = [o for o in yaml.safe_load(path.read_text()) or [] if not o.startswith(where)]
     return f"; overrides: {' '.join(items) or 'none'}"
 
 
@@ -166,8 +168,9 @@ def figure(fig: Any, rows: Sequence[Mapping[str, Any]]) -> None:
         ax.set_title(app, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     sources = ", ".join(sorted({str(r["source"]) for r in rows if r.get("value") is not None}))
-    fig.suptitle("Apps: held-out metric of the learned model (green), the untrained network "
-                 f"(grey) and the baselines (blue); from: {sources}", fontsize=10)
+    fig.suptitle(textwrap.fill("Apps: held-out metric of the learned model (green), the untrained "
+                               f"network (grey) and the baselines (blue); from: {sources}", 180),
+                 fontsize=10)
 
 
 if __name__ == "__main__":
