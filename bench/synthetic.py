@@ -140,6 +140,9 @@ def pose_graph_batch(
         raise ValueError(
             f"need num_poses >= 2, ring >= 3, batch >= 1; got {num_poses}, {ring}, {batch}"
         )
+    if num_poses < ring:
+        raise ValueError(f"num_poses ({num_poses}) must be at least ring ({ring}), the poses of "
+                         "one helix turn (loop closures join poses one turn apart)")
     gen = torch.Generator().manual_seed(seed)
     i, j = helix_edges(num_poses, ring, loop_prob, gen)
     scene = se3.random(batch, generator=gen, dtype=torch.float64)  # one rigid motion each

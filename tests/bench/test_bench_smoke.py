@@ -51,6 +51,12 @@ def test_pose_graph_batch_structure_and_determinism() -> None:
     assert not torch.allclose(pg.truth[0], pg.truth[1])  # batch elements are distinct scenes
 
 
+def test_pose_graph_batch_shorter_than_a_turn_is_refused() -> None:
+    pose_graph_batch(16, ring=16)  # one turn, no loop closures
+    with pytest.raises(ValueError, match=r"num_poses \(10\) must be at least ring \(16\)"):
+        pose_graph_batch(10)
+
+
 def test_noise_free_graph_is_consistent() -> None:
     pg = pose_graph_batch(40, 2, ring=8, sigma_t=1e-12, sigma_r=1e-12, seed=1)
     assert torch.allclose(pg.init, pg.truth, atol=1e-9)
