@@ -69,8 +69,9 @@ from core.optimizer import (
     Info,
     LevenbergMarquardt,
     Solution,
+    resolve_solver,
 )
-from core.solvers import LinearSolver, make_solver, solve
+from core.solvers import make_solver, solve
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,6 @@ class OptimizationLayer(nn.Module):
             raise ValueError(f"backward_iters must be >= 1, got {backward_iters}")
         self.objective = objective
         self.optimizer = optimizer
-        self._solvers: dict[tuple[str, str], LinearSolver] = {}
         self._objectives: dict[str, tuple[Objective, Objective]] = {}
         self.backward = backward
         self.backward_iters = backward_iters
@@ -196,15 +196,11 @@ class OptimizationLayer(nn.Module):
         return cached[1]
 
     def _resolved(self, device: torch.device) -> LevenbergMarquardt:
-        """The optimizer with its solver name resolved to an instance kept across calls, so the
-        sparse symbolic analysis is done once per structure, not once per forward."""
-        spec = self.optimizer.solver
-        if not isinstance(spec, str):
-            return self.optimizer
-        key = (spec, str(device))
-        if key not in self._solvers:
-            self._solvers[key] = make_solver(spec, self.objective.dim, device)
-        return replace(self.optimizer, solver=self._solvers[key])
+        """The optimizer with its solver name resolved to the instance the objective keeps per
+        structure and device (``core.optimizer.resolve_solver``), so the sparse symbolic
+        analysis is done once per structure, not once per forward."""
+        return replace(self.optimizer,
+                       solver=resolve_solver(self.objective, self.optimizer.solver, device))
 
     def _truncated(
         self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]

@@ -189,7 +189,7 @@ def _optimize(
     first = values[objective.variables[0].name]
     objective = objective.to(first.device)  # indices and aux next to the values, once per solve
     batch = objective.check_values(values)
-    solver = _solver(objective, opts.solver, first.device)
+    solver = resolve_solver(objective, opts.solver, first.device)
     lin = linearize(objective, values, opts.fused)
     status = torch.where(torch.isfinite(lin.cost), RUNNING, FAILED).to(first.device)
     lam = torch.full((batch,), opts.damping_init, dtype=first.dtype, device=first.device)
@@ -240,7 +240,7 @@ def _optimize(
     return Solution(values, info, lin)
 
 
-def _solver(
+def resolve_solver(
     objective: Objective, spec: SolverName | LinearSolver, device: torch.device
 ) -> LinearSolver:
     """``spec`` itself, or the solver of that name made once per objective structure and device
