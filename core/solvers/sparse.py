@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core._kernels import AVAILABLE as KERNELS
 from core.objective import Pattern
+from core.solvers import compiled
 from core.solvers.base import PlanCache, damped
 
 Backend = Literal["auto", "cholmod", "cholespy", "scipy"]
@@ -132,15 +134,23 @@ class SparseCholesky:
     With CHOLMOD a batch is factored as one block-diagonal matrix (one call, one symbolic
     analysis per pattern and batch size). ``mode="auto"`` uses the supernodal factorization for
     problems of ``supernodal_from`` unknowns or more (sphere2500, n = 15,000: 57 ms vs 153 ms
-    simplicial) and the simplicial one below (64 graphs of 256 poses: 62 ms vs 107 ms); the
-    simplicial factor is LDL^T, so positive definiteness is checked on D.
+    simplicial) and the simplicial one below; the simplicial factor is LDL^T, so positive
+    definiteness is checked on D. Batches of ``batched_from`` elements or more, of problems of at
+    most ``batched_up_to`` unknowns, go to the compiled batched supernodal Cholesky
+    (``core.solvers.compiled``, Numba; any backend): factor + solve of 64 graphs of 256 poses
+    23 ms against CHOLMOD's 66 ms on the block-diagonal matrix; even at B = 6, 3.4x slower at
+    B = 1; B = 8 x 5,000 poses 0.66x CHOLMOD's time (bench/RESULTS.md, "Batched
+    factorization"). ``mode="compiled"`` forces it (needs Numba).
     """
 
     backend: Backend = "auto"
     ordering: str = "default"
-    mode: Literal["auto", "supernodal", "simplicial"] = "auto"
+    mode: Literal["auto", "supernodal", "simplicial", "compiled"] = "auto"
     supernodal_from: int = 5000
+    batched_from: int = 8
+    batched_up_to: int = 30000
     _symbolic: PlanCache = field(default_factory=PlanCache, repr=False)
+    _compiled: PlanCache = field(default_factory=PlanCache, repr=False)
 
     def __post_init__(self) -> None:
         have = available_backends()
@@ -148,8 +158,14 @@ class SparseCholesky:
             self.backend = have[0]  # type: ignore[assignment]
         elif self.backend not in have:
             raise ValueError(f"sparse backend {self.backend!r} is not installed; have {have}")
+        if self.backend == "cholmod":  # the bindings (and SciPy's sparse modules behind them,
+            import sksparse.cholmod  # noqa: F401  ~0.25 s) load here, not in the first solve
+        if self.mode == "compiled" and not KERNELS:
+            raise ValueError("mode='compiled' needs Numba (and ARIADNE_KERNELS not 0)")
 
-    def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SparseFactor | BlockFactor:
+    def factor(
+        self, H: Tensor, pattern: Pattern, damping: Tensor
+    ) -> SparseFactor | BlockFactor | compiled.CompiledFactor:
         if H.device.type == "cpu" and H.dtype == torch.float64 and damping.dtype == H.dtype:
             # NumPy: no OpenMP region (its wake-up costs ms on a machine other jobs load)
             values = H.detach().numpy().copy()
@@ -157,6 +173,8 @@ class SparseCholesky:
         else:
             values = damped(H, pattern, damping).detach().to("cpu", torch.float64).numpy()
         batch = values.shape[0]
+        if self._use_compiled(pattern.n, batch):
+            return compiled.factor(self._compiled_plan(pattern), values, H.device)
         if self.backend == "cholmod" and np.isfinite(values).all():
             plan = self._plan(pattern, batch)
             if plan.refactor(values):
@@ -224,6 +242,22 @@ class SparseCholesky:
         not share the plan's in-place factor); None if not positive definite."""
         plan = self._plan(pattern, values.shape[0])
         return _checked(lambda: plan.symbolic.cholesky(plan.matrix(values)), plan.mode)
+
+    def _use_compiled(self, n: int, batch: int) -> bool:
+        if self.mode != "auto":
+            return self.mode == "compiled"
+        return KERNELS and batch >= self.batched_from and n <= self.batched_up_to
+
+    def _compiled_plan(self, pattern: Pattern) -> compiled.Plan:
+        """The compiled kernel's plan of ``pattern`` (block AMD ordering; computed once)."""
+        from core.solvers.supernodal import analyze
+
+        plan = self._compiled.lookup((id(pattern),), pattern)
+        if plan is None:
+            ordering = "amd" if importlib.util.find_spec("sksparse") else "minimum_degree"
+            plan = compiled.plan(analyze(pattern, ordering))  # type: ignore[arg-type]
+            self._compiled.store((id(pattern),), plan)
+        return plan
 
     def _mode(self, n: int) -> str:
         if self.mode != "auto":

@@ -52,10 +52,12 @@ def random_spd(
 
 
 def solvers_for(backend: str):
+    if backend == "compiled":  # the Numba batched supernodal Cholesky, at any batch size
+        return SparseCholesky(mode="compiled")
     return DenseCholesky() if backend == "dense" else SparseCholesky(backend=backend)
 
 
-ALL = ["dense", *BACKENDS]
+ALL = ["dense", *BACKENDS, "compiled"]
 
 
 @pytest.mark.parametrize("backend", ALL)
@@ -98,7 +100,7 @@ def test_damping_is_added_to_the_diagonal(backend: str, gen: torch.Generator) ->
     torch.testing.assert_close(lin.H, core.linearize(noisy, values).H)  # H itself untouched
 
 
-@pytest.mark.parametrize("backend", ["dense", "cholmod"])
+@pytest.mark.parametrize("backend", ["dense", "cholmod", "compiled"])
 def test_not_positive_definite_fails_only_that_element(backend: str, gen: torch.Generator) -> None:
     if backend not in ALL:
         pytest.skip(f"{backend} not installed")
@@ -278,6 +280,74 @@ def test_differentiable_solve_gradcheck(backend: str, gen: torch.Generator) -> N
     assert torch.autograd.gradcheck(f, (P, b), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+def helix_normal_equations(poses: int, batch: int, damping: float = 1e-4):
+    """The Gauss-Newton ``H (B, nnz)``, ``g`` and pattern of synthetic helix pose graphs (loop
+    closures: a real fill-in pattern) at their initial estimate, and a damping ``(B, n)``."""
+    from bench.__main__ import pose_graph_objective as helix_objective
+    from bench.synthetic import pose_graph_batch
+
+    objective, init = helix_objective(pose_graph_batch(poses, batch, seed=0))
+    lin = core.linearize(objective, init)
+    return lin.pattern, lin.H, lin.g, torch.full((batch, lin.pattern.n), damping, dtype=F64)
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_compiled_matches_dense_and_cholmod(batch: int) -> None:
+    """The compiled factor of real pose-graph matrices (supernodes, fill-in, updates into
+    ancestors) solves them as dense Cholesky does, to 1e-10 relative; and as CHOLMOD does."""
+    pattern, H, g, damping = helix_normal_equations(64, batch)
+    factor = SparseCholesky(mode="compiled").factor(H, pattern, damping)
+    assert type(factor).__name__ == "CompiledFactor" and bool(factor.ok.all())
+    x = factor.solve(-g)
+    dense = pattern.to_dense(H) + torch.diag_embed(damping)
+    expected = torch.linalg.solve(dense, -g[..., None])[..., 0]
+    rel = (x - expected).norm(dim=1) / expected.norm(dim=1)
+    assert float(rel.max()) < 1e-10
+    if "cholmod" in BACKENDS:
+        ref = SparseCholesky(backend="cholmod", batched_from=10**9).factor(H, pattern, damping)
+        rel = (x - ref.solve(-g)).norm(dim=1) / expected.norm(dim=1)
+        assert float(rel.max()) < 1e-10
+
+
+def test_compiled_reports_failures_per_element(gen: torch.Generator) -> None:
+    """An indefinite element and one with a NaN fail alone, each named with its first failed
+    pivot; the others are solved exactly and the failed ones' solutions are zeros."""
+    pattern = pose_graph_objective().pattern()
+    H, A = random_spd(pattern, 4, gen, negate=(1,))
+    H[2, 7] = float("nan")
+    factor = SparseCholesky(mode="compiled").factor(
+        H, pattern, torch.zeros(4, pattern.n, dtype=F64)
+    )
+    assert factor.ok.tolist() == [True, False, False, True]
+    failures = factor.failures()  # type: ignore[union-attr]
+    assert sorted(failures) == [1, 2] and "batch element 1: not positive definite" in failures[1]
+    assert "pivot at unknown" in failures[1]
+    b = torch.randn(4, pattern.n, generator=gen, dtype=F64)
+    x = factor.solve(b)
+    assert bool((x[1:3] == 0).all())
+    for k in (0, 3):
+        torch.testing.assert_close(x[k], torch.linalg.solve(A[k], b[k]), atol=1e-12, rtol=1e-12)
+
+
+def test_sparse_auto_uses_the_compiled_factor_for_batches(gen: torch.Generator) -> None:
+    """``mode="auto"``: the compiled kernel from ``batched_from`` elements, CHOLMOD (or the
+    installed backend) below; the same solutions either way."""
+    pattern = pose_graph_objective().pattern()
+    solver = SparseCholesky()
+    H, A = random_spd(pattern, solver.batched_from, gen)
+    zeros = torch.zeros(H.shape[0], pattern.n, dtype=F64)
+    assert type(solver.factor(H, pattern, zeros)).__name__ == "CompiledFactor"
+    few = solver.factor(H[:2], pattern, zeros[:2])
+    assert type(few).__name__ != "CompiledFactor"
+    b = torch.randn(H.shape[0], pattern.n, generator=gen, dtype=F64)
+    torch.testing.assert_close(
+        solver.factor(H, pattern, zeros).solve(b),
+        torch.linalg.solve(A, b[..., None])[..., 0],
+        atol=1e-12,
+        rtol=1e-12,
+    )
+
+
 def _transpose_permutation(pattern: core.Pattern) -> Tensor:
     """``perm`` with ``values[perm]`` the values of the transposed matrix."""
     n = pattern.n
@@ -301,3 +371,4 @@ def test_make_solver() -> None:
         make_solver("qr", 10)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'nope' is not installed"):
         SparseCholesky(backend="nope")  # type: ignore[arg-type]
+
