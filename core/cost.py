@@ -43,12 +43,14 @@ class CostTerms:
 
     ``r (B, E, d)``: weighted (and robustly rescaled) residuals; ``J (B, E, d, D)``: their
     Jacobians with respect to the concatenated tangent perturbations of the factor's slots
-    (``D = sum dof_a``), or None; ``cost (B,)``: ``sum_e 0.5 * rho(||W r_e||^2)``.
+    (``D = sum dof_a``), or None; ``cost (B,)``: ``sum_e 0.5 * rho(||W r_e||^2)``;
+    ``factor_cost (B, E)``: its terms, one per factor (a ragged batch sums them per problem).
     """
 
     r: Tensor
     J: Tensor | None
     cost: Tensor
+    factor_cost: Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,10 +221,12 @@ class Cost:
             J = None if J is None else w[..., None] * J if w.ndim else w * J
         s = (r * r).sum(-1)
         if self.loss is None:
-            return CostTerms(r, J, 0.5 * s.sum(-1))
+            per = 0.5 * s  # (exact: the same sum as 0.5 * s.sum(-1))
+            return CostTerms(r, J, per.sum(-1), per)
         rho, drho = self.loss(s)
         root = torch.sqrt(drho)[..., None]
-        return CostTerms(r * root, None if J is None else J * root[..., None], 0.5 * rho.sum(-1))
+        per = 0.5 * rho
+        return CostTerms(r * root, None if J is None else J * root[..., None], per.sum(-1), per)
 
 
 def _expand(a: Tensor, batch: int, num_factors: int) -> Tensor:

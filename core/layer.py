@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -71,6 +71,7 @@ from core.optimizer import (
     Solution,
     resolve_solver,
 )
+from core.ragged import RaggedCache, merge
 from core.solvers import make_solver, solve
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,83 @@ class OptimizationLayer(nn.Module):
             return values, info
         return _scatter(values, info, keep, batch, causes, init)
 
+    def ragged(
+        self,
+        objectives: Sequence[Objective],
+        inputs: Sequence[Mapping[str, Tensor]],
+        cache: RaggedCache | None = None,
+    ) -> tuple[list[dict[str, Tensor]], Info]:
+        """Solve ``P`` problems of different structures in one call (``core.ragged``): problem
+        ``p`` is ``objectives[p]`` with ``inputs[p]`` (its initial values ``(1, F_p, S)`` and
+        input replacements, keys as for ``forward``). Returns each problem's solution
+        (name -> ``(1, F_p, S)``) and one ``Info`` per problem, ``(P,)``, in the layer's
+        backward mode; the layer's own ``objective`` is not used. Bad problems cost only
+        themselves, as bad batch elements do (module docstring): they are set aside and the
+        others solved as the ragged batch without them. ``ValueError`` for an empty list,
+        missing initial values, or problems of mismatched dtypes or devices (naming the
+        problem)."""
+        if not objectives:
+            raise ValueError("OptimizationLayer.ragged: needs at least one problem")
+        if len(inputs) != len(objectives):
+            raise ValueError(f"OptimizationLayer.ragged: {len(objectives)} objectives but "
+                             f"{len(inputs)} inputs")
+        inits, auxes, ref = [], [], None
+        for p, (o, given) in enumerate(zip(objectives, inputs)):
+            names = {v.name for v in o.variables}
+            missing = names - set(given)
+            if missing:
+                raise ValueError(f"OptimizationLayer.ragged: problem {p}: missing initial "
+                                 f"values for {sorted(missing)}")
+            init = {k: v for k, v in given.items() if k in names}
+            for k, x in init.items():
+                ref = ref or (p, k, x)
+                if x.dtype != ref[2].dtype or x.device != ref[2].device:
+                    raise ValueError(
+                        f"OptimizationLayer.ragged: problem {p}: {k!r} is {x.dtype} on "
+                        f"{x.device} but problem {ref[0]}'s {ref[1]!r} is {ref[2].dtype} on "
+                        f"{ref[2].device}")
+            inits.append(init)
+            auxes.append({k: v for k, v in given.items() if k not in names})
+        assert ref is not None
+        device = ref[2].device
+        problems = [o.to(device) for o in objectives]
+        causes: dict[int, str] = {}
+        for p, (o, init, aux) in enumerate(zip(problems, inits, auxes)):
+            mine = o.with_inputs(aux) if aux else o
+            if mine.check_values(init) != 1:
+                raise ValueError(f"OptimizationLayer.ragged: problem {p}: batch size must be "
+                                 "1 (a same-structure batch goes through forward)")
+            bad = _bad_inputs(mine, init, 1)
+            if bad:
+                causes[p] = bad[0]
+        keep = [p for p in range(len(problems)) if p not in causes]
+        values: list[dict[str, Tensor]] = []
+        info = None
+        while keep:
+            batch = merge([problems[p] for p in keep], [auxes[p] for p in keep], cache)
+            optimizer = replace(self.optimizer, solver=resolve_solver(
+                batch.objective, self.optimizer.solver, device))
+            init = batch.join_values([inits[p] for p in keep])
+            merged, info, failed = self._solve(optimizer, batch.objective, init)
+            values = batch.split_values(merged)
+            if not failed:
+                break
+            causes.update({keep[k]: why for k, why in failed.items()})
+            keep = [p for k, p in enumerate(keep) if k not in failed]
+        if causes:
+            log.warning("OptimizationLayer.ragged: %d of %d problems failed: %s", len(causes),
+                        len(problems),
+                        "; ".join(f"{p}: {why}" for p, why in sorted(causes.items())))
+        out = []
+        for p, init in enumerate(inits):
+            if p in keep:
+                out.append(values[keep.index(p)])
+            else:
+                out.append({k: torch.full_like(v, float("nan")) for k, v in init.items()})
+        if info is not None and len(keep) == len(problems):
+            return out, info
+        return out, _spread_info(info, keep, len(problems), causes, ref[2])
+
     def _solve(
         self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], Info, dict[int, str]]:
@@ -185,7 +263,7 @@ class OptimizationLayer(nn.Module):
             values, info, singular = self._dlm(optimizer, objective, init)
         else:
             assert_never(mode)
-        return values, info, _failures(values, info, singular)
+        return values, info, _failures(objective, values, info, singular)
 
     def _on(self, device: torch.device) -> Objective:
         """The objective with its tensors on ``device``, moved once per device and kept."""
@@ -219,7 +297,7 @@ class OptimizationLayer(nn.Module):
         tail = replace(optimizer, max_iters=self.backward_iters, min_gain=never, rel_tol=never,
                        abs_tol=never, step_tol=never, grad_tol=never)
         solution = tail.solve(objective, values)
-        return solution.values, _merge_info(head, solution, optimizer)
+        return solution.values, _merge_info(head, solution, optimizer, objective)
 
     def _implicit(
         self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
@@ -380,15 +458,19 @@ class _ExactSolve(torch.autograd.Function):
         )
 
 
-def _merge_info(head: Solution, tail: Solution, opts: LevenbergMarquardt) -> Info:
+def _merge_info(head: Solution, tail: Solution, opts: LevenbergMarquardt,
+                objective: Objective) -> Info:
     """One Info for a truncated run: FAILED if either phase failed; CONVERGED where the first
     phase converged or the tail's last step meets ``opts``' convergence test (relative
-    decrease, absolute cost, gradient norm); else MAX_ITERS."""
+    decrease, absolute cost, gradient norm); else MAX_ITERS. Per element (per problem of a
+    ragged batch)."""
     a, b = head.info, tail.info
     before, after = b.cost_history[-2], b.cost_history[-1]
     assert tail.linearization is not None
+    g = tail.linearization.g
+    gmax = objective.elements(g.shape[0]).max_columns(g.abs())
     done = (before - after).abs() <= opts.rel_tol * before
-    done = done | (after <= opts.abs_tol) | (tail.linearization.g.abs().amax(-1) < opts.grad_tol)
+    done = done | (after <= opts.abs_tol) | (gmax < opts.grad_tol)
     failed = (a.status == FAILED) | (b.status == FAILED)
     status = torch.where(failed, FAILED, torch.where((a.status == CONVERGED) | done,
                                                      CONVERGED, MAX_ITERS))
@@ -431,13 +513,15 @@ def _bad_inputs(objective: Objective, init: dict[str, Tensor], batch: int) -> di
     return causes
 
 
-def _failures(values: dict[str, Tensor], info: Info, singular: Tensor | None
-              ) -> dict[int, str]:
-    """Elements (index -> cause) whose solve failed, whose solution is not finite, or (implicit)
-    whose normal matrix at the solution is singular. One host sync."""
-    finite = torch.stack([torch.isfinite(v.detach()).flatten(1).all(1) for v in values.values()])
-    flags = [info.status == FAILED, ~finite.all(0)]
-    flags.append(torch.zeros_like(flags[0]) if singular is None else singular.to(flags[0].device))
+def _failures(objective: Objective, values: dict[str, Tensor], info: Info,
+              singular: Tensor | None) -> dict[int, str]:
+    """Elements (index -> cause; problems of a ragged batch) whose solve failed, whose solution
+    is not finite, or (implicit) whose normal matrix at the solution is singular (a ragged
+    batch's one factorization cannot say which problem: all are flagged). One host sync."""
+    els = objective.elements(next(iter(values.values())).shape[0])
+    flags = [info.status == FAILED, ~els.all_finite(values).to(info.status.device)]
+    flags.append(torch.zeros_like(flags[0]) if singular is None
+                 else els.of_batch(singular.to(flags[0].device)))
     failed = {}
     for k, (solver, nonfinite, sing) in enumerate(torch.stack(flags, 1).tolist()):
         if solver:
@@ -447,6 +531,30 @@ def _failures(values: dict[str, Tensor], info: Info, singular: Tensor | None
         elif sing:
             failed[k] = SINGULAR
     return failed
+
+
+def _spread_info(info: Info | None, keep: list[int], count: int, causes: dict[int, str],
+                 like: Tensor) -> Info:
+    """The info of a ragged batch's ``keep`` problems spread to all ``count``: the others
+    FAILED with their causes (``best_values`` left empty: per-problem shapes differ)."""
+    index = torch.tensor(keep, dtype=torch.long, device=like.device)
+    status = torch.full((count,), FAILED, dtype=torch.long, device=like.device)
+    zeros = torch.zeros(count, dtype=torch.long, device=like.device)
+    history = torch.full((1, count), float("nan"), dtype=like.dtype, device=like.device)
+    if info is None or not keep:
+        return Info(status, zeros, history, history[0], 0.0, {}, zeros, dict(causes))
+    nans = torch.full((info.cost_history.shape[0], count), float("nan"), dtype=like.dtype,
+                      device=like.device)
+    return Info(
+        status=status.index_copy(0, index, info.status),
+        iterations=zeros.index_copy(0, index, info.iterations),
+        cost_history=nans.index_copy(1, index, info.cost_history),
+        damping=history[0].index_copy(0, index, info.damping),
+        time_s=info.time_s,
+        best_values={},
+        solver_failures=zeros.index_copy(0, index, info.solver_failures),
+        causes={**{keep[k]: why for k, why in info.causes.items()}, **causes},
+    )
 
 
 def _scatter(values: dict[str, Tensor], info: Info | None, keep: list[int], batch: int,

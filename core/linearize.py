@@ -7,6 +7,7 @@ with the number of cost types, never with the number of factors.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -15,36 +16,40 @@ import torch
 from torch import Tensor
 
 from core import fused as _fused
-from core.objective import Objective, Pattern
+from core.cost import Cost
+from core.objective import Elements, Objective, Pattern
 
 
 @dataclass(frozen=True)
 class Linearization:
-    """Normal equations at one point: ``cost (B,)``, ``g (B, n)`` (gradient of the cost),
-    ``H (B, nnz)`` values in ``pattern``."""
+    """Normal equations at one point: ``cost (B * P,)`` per element (``(B,)`` for a
+    same-structure batch; per problem of a ragged batch, see ``Objective.elements``),
+    ``g (B, n)`` (gradient of the cost), ``H (B, nnz)`` values in ``pattern``."""
 
     cost: Tensor
     g: Tensor
     H: Tensor
     pattern: Pattern
 
-    def select(self, mask: Tensor, other: Linearization) -> Linearization:
-        """Per batch element: ``self`` where ``mask (B,)`` else ``other``."""
+    def select(self, mask: Tensor, other: Linearization,
+               elements: Elements | None = None) -> Linearization:
+        """Per element: ``self`` where ``mask (B * P,)`` else ``other`` (``elements`` maps the
+        mask to columns and entries; None: one element per batch element)."""
+        m_g = mask[:, None] if elements is None else elements.columns(mask)
+        m_H = mask[:, None] if elements is None else elements.entries(mask)
         if _plain_cpu(self.H, other.H, self.g, other.g, self.cost, other.cost):
             # NumPy on the CPU without autograd: no OpenMP region (whose wake-up costs
             # milliseconds when other processes hold the cores), same values
-            m = mask.numpy()
             return Linearization(
-                torch.from_numpy(np.where(m, self.cost.numpy(), other.cost.numpy())),
-                torch.from_numpy(np.where(m[:, None], self.g.numpy(), other.g.numpy())),
-                torch.from_numpy(np.where(m[:, None], self.H.numpy(), other.H.numpy())),
+                torch.from_numpy(np.where(mask.numpy(), self.cost.numpy(), other.cost.numpy())),
+                torch.from_numpy(np.where(m_g.numpy(), self.g.numpy(), other.g.numpy())),
+                torch.from_numpy(np.where(m_H.numpy(), self.H.numpy(), other.H.numpy())),
                 self.pattern,
             )
-        m = mask[:, None]
         return Linearization(
             torch.where(mask, self.cost, other.cost),
-            torch.where(m, self.g, other.g),
-            torch.where(m, self.H, other.H),
+            torch.where(m_g, self.g, other.g),
+            torch.where(m_H, self.H, other.H),
             self.pattern,
         )
 
@@ -83,26 +88,36 @@ def linearize(
     """Evaluate all costs with Jacobians at ``values`` and assemble ``H``, ``g`` and the cost.
 
     ``fused``: costs with a compiled kernel are linearized by it where ``core.fused.applies``
-    (CPU, float64, no gradient needed through them), in one pass each; ``False`` forces the
-    torch path for every cost (the reference the kernels are tested against).
+    (CPU, float64, no gradient needed through them), in one pass each (one per problem for a
+    ragged batch: the kernels sum the cost per batch element); ``False`` forces the torch path
+    for every cost (the reference the kernels are tested against). The cost is per element
+    (``Objective.elements``): per problem of a ragged batch, a segment sum of factor costs.
     """
     first = values[objective.variables[0].name]
     batch, device = first.shape[0], first.device
     pattern = objective.pattern(device)
+    groups = objective.groups
+    problems = 1 if groups is None else groups.count
     if device.type == "cpu" and first.dtype in (torch.float64, torch.float32):
         dtype = np.float64 if first.dtype == torch.float64 else np.float32  # no OpenMP fill
         H = torch.from_numpy(np.zeros((batch, pattern.nnz), dtype))
         g = torch.from_numpy(np.zeros((batch, pattern.n), dtype))
-        cost = torch.from_numpy(np.zeros(batch, dtype))
+        cost = torch.from_numpy(np.zeros(batch * problems, dtype))
     else:
         H = first.new_zeros(batch, pattern.nnz)
         g = first.new_zeros(batch, pattern.n)
-        cost = first.new_zeros(batch)
-    for c, positions, columns in zip(objective.costs, pattern.positions, pattern.columns):
+        cost = first.new_zeros(batch * problems)
+    for k, (c, positions, columns) in enumerate(
+        zip(objective.costs, pattern.positions, pattern.columns)
+    ):
         # (not once a torch-path cost before it has made H, g or the cost part of a graph)
         graph = H.requires_grad or g.requires_grad or cost.requires_grad
         if fused and not graph and _fused.applies(c, values):
-            _fused.accumulate(c, values, positions, columns, H, g, cost)  # outside autograd
+            if groups is None:
+                _fused.accumulate(c, values, positions, columns, H, g, cost)  # outside autograd
+            else:
+                _fused_per_problem(c, values, positions, columns, groups.factor_ptr[k], H, g,
+                                   cost.view(batch, problems))
             continue
         num = c.num_factors
         step = num if device.type != "cpu" else max(1, CHUNK // batch)
@@ -116,5 +131,32 @@ def linearize(
             # in place: an out-of-place index_add would copy H once per cost and chunk
             H.index_add_(1, positions[start:stop].reshape(-1), JtJ.reshape(batch, -1))
             g.index_add_(1, columns[start:stop].reshape(-1), Jtr.reshape(batch, -1))
-            cost = cost + terms.cost
+            if groups is None:
+                cost = cost + terms.cost
+            else:
+                assert terms.factor_cost is not None
+                per = terms.factor_cost.new_zeros(batch, problems)
+                per = per.index_add(1, groups.factors[k][start:stop], terms.factor_cost)
+                cost = cost + per.reshape(-1)
     return Linearization(cost, g, H, pattern)
+
+
+_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fused_per_problem(cost: Cost, values: Mapping[str, Tensor], positions: Tensor,
+                       columns: Tensor, ptr: tuple[int, ...], H: Tensor, g: Tensor,
+                       total: Tensor) -> None:
+    """A ragged batch's cost by its kernel, one call per problem's factors ``ptr[p]:ptr[p+1]``
+    (the kernels sum the cost per batch element only); ``total (B, P)`` gets each problem's.
+    The per-problem views of the cost and of the pattern's maps are made once per cost."""
+    hit = _PARTS.get(cost)
+    if hit is None or hit[0] is not positions:
+        parts = [(p, cost.factors(a, b), positions[a:b], columns[a:b])
+                 for p, (a, b) in enumerate(zip(ptr[:-1], ptr[1:])) if b > a]
+        hit = _PARTS[cost] = (positions, parts)
+    scratch = np.zeros(total.shape[0], total.numpy().dtype)
+    for p, part, pos, col in hit[1]:
+        scratch[:] = 0.0
+        _fused.accumulate(part, values, pos, col, H, g, torch.from_numpy(scratch))
+        total[:, p] += torch.from_numpy(scratch)

@@ -54,8 +54,101 @@ class Pattern:
         return prod.new_zeros(x.shape).index_add(1, self.rows, prod)
 
 
+@dataclass(frozen=True)
+class Grouping:
+    """The problems of a ragged batch (``core.ragged``): which of the ``count`` problems ``P``
+    each unknown, pattern entry, factor and variable element belongs to.
+
+    ``columns (n,)``, ``entries (nnz,)``: problem of each column and of each entry of the
+    pattern; ``factors[c] (E_c,)``: of each factor of cost ``c`` (sorted: a cost's factors are
+    stored problem by problem) with ``factor_ptr[c]`` the ``P + 1`` boundaries as ints;
+    ``elements[v] (F_v,)``: of each element of variable ``v``.
+    """
+
+    count: int
+    columns: Tensor
+    entries: Tensor
+    factors: tuple[Tensor, ...]
+    factor_ptr: tuple[tuple[int, ...], ...]
+    elements: dict[str, Tensor]
+
+    def to(self, device: torch.device | str) -> Grouping:
+        if self.columns.device == torch.device(device):
+            return self
+        return Grouping(self.count, self.columns.to(device), self.entries.to(device),
+                        tuple(f.to(device) for f in self.factors), self.factor_ptr,
+                        {k: e.to(device) for k, e in self.elements.items()})
+
+
+class Elements:
+    """The LM loop's elements: one per batch element ``b`` and problem ``p`` (``P = 1`` without
+    a grouping), flattened ``b * P + p``; maps per-element quantities ``(B * P,)`` to and from
+    the per-batch tensors over columns ``(B, n)``, pattern entries ``(B, nnz)`` and variable
+    elements ``(B, F)``. Without a grouping every map is the identity of a same-structure
+    batch (``x.sum(-1)``, ``e[:, None]``), at no extra cost."""
+
+    def __init__(self, groups: Grouping | None, batch: int) -> None:
+        self.groups, self.batch = groups, batch
+        self.problems = 1 if groups is None else groups.count
+        self.count = batch * self.problems
+
+    def sum_columns(self, x: Tensor) -> Tensor:
+        """``x (B, n)`` -> per-element sums ``(B * P,)`` (differentiable)."""
+        if self.groups is None:
+            return x.sum(-1)
+        out = x.new_zeros(self.batch, self.problems)
+        return out.index_add(1, self.groups.columns, x).reshape(-1)
+
+    def max_columns(self, x: Tensor) -> Tensor:
+        """``x (B, n)`` -> per-element maxima ``(B * P,)``."""
+        if self.groups is None:
+            return x.amax(-1)
+        out = x.new_full((self.batch, self.problems), -float("inf"))
+        index = self.groups.columns.expand(self.batch, -1)
+        return out.scatter_reduce(1, index, x, "amax").reshape(-1)
+
+    def of_batch(self, e: Tensor) -> Tensor:
+        """``e (B,)`` per batch element -> ``(B * P,)``."""
+        return e if self.groups is None else e.repeat_interleave(self.problems)
+
+    def columns(self, e: Tensor) -> Tensor:
+        """``e (B * P,)`` -> ``(B, n)`` (``(B, 1)`` without a grouping: it broadcasts)."""
+        if self.groups is None:
+            return e[:, None]
+        return e.view(self.batch, self.problems)[:, self.groups.columns]
+
+    def entries(self, e: Tensor) -> Tensor:
+        """``e (B * P,)`` -> ``(B, nnz)`` over the pattern's entries (``(B, 1)`` ungrouped)."""
+        if self.groups is None:
+            return e[:, None]
+        return e.view(self.batch, self.problems)[:, self.groups.entries]
+
+    def variable(self, name: str, e: Tensor) -> Tensor:
+        """``e (B * P,)`` -> ``(B, F)`` over variable ``name``'s elements (``(B, 1)`` ungrouped)."""
+        if self.groups is None:
+            return e[:, None]
+        return e.view(self.batch, self.problems)[:, self.groups.elements[name]]
+
+    def all_finite(self, values: Mapping[str, Tensor]) -> Tensor:
+        """``(B * P,)``: True where every value ``(B, F, S)`` of the element is finite."""
+        if self.groups is None:
+            finite = [torch.isfinite(v.detach()).flatten(1).all(1) for v in values.values()]
+            return torch.stack(finite).all(0)
+        bad = torch.zeros(self.batch, self.problems, device=self.groups.columns.device)
+        for name, v in values.items():
+            nonfinite = (~torch.isfinite(v.detach()).all(-1)).to(bad.dtype)
+            bad = bad.index_add(1, self.groups.elements[name], nonfinite)
+        return (bad == 0).reshape(-1)
+
+
 class Objective:
-    """A sum of costs ``sum_c sum_e 0.5 rho(||W r||^2)`` over the variables the costs name."""
+    """A sum of costs ``sum_c sum_e 0.5 rho(||W r||^2)`` over the variables the costs name.
+
+    ``groups``: None, or the problems of a ragged batch (``core.ragged.merge`` sets it): the
+    optimizers then keep one LM state per problem (``Elements``).
+    """
+
+    groups: Grouping | None = None
 
     def __init__(self, costs: Sequence[Cost]) -> None:
         if not costs:
@@ -114,8 +207,14 @@ class Objective:
         new = Objective.__new__(Objective)
         new.__dict__.update(self.__dict__)
         new.costs = tuple(c.to(device) for c in self.costs)
+        if self.groups is not None:
+            new.groups = self.groups.to(device)
         new._check_aux()
         return new
+
+    def elements(self, batch: int) -> Elements:
+        """The LM loop's elements for a batch of ``B = batch`` (see ``Elements``)."""
+        return Elements(self.groups, batch)
 
     def with_inputs(self, inputs: Mapping[str, Tensor]) -> Objective:
         """A new objective whose costs' auxiliary tensors are replaced by ``inputs`` (same

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from core.linearize import Linearization, linearize
-from core.objective import Objective
+from core.objective import Elements, Objective
 from core.solvers import LinearSolver, SolverName, damped, make_solver, solve
 from core.threads import solve_threads
 
@@ -40,7 +40,8 @@ STATUS_NAMES = {
 
 @dataclass
 class Info:
-    """What happened, per batch element.
+    """What happened, per batch element (per problem of a ragged batch: ``(P,)`` where this
+    says ``(B,)``, see ``core.ragged``).
 
     ``status (B,)``: CONVERGED, MAX_ITERS or FAILED codes (``status_names`` for strings);
     ``iterations (B,)``: iterations each element ran; ``cost_history (T + 1, B)``: cost after each
@@ -186,35 +187,42 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
 def _optimize(
     objective: Objective, values: dict[str, Tensor], opts: LevenbergMarquardt, start: float
 ) -> Solution:
+    """The loop over elements (``Objective.elements``): one per batch element of a
+    same-structure batch, one per problem (and batch element) of a ragged batch; every
+    per-element quantity (cost, damping, gain, acceptance, convergence, status) is ``(B * P,)``
+    and mapped onto columns and variable elements where it meets ``(B, n)`` tensors."""
     first = values[objective.variables[0].name]
     objective = objective.to(first.device)  # indices and aux next to the values, once per solve
     batch = objective.check_values(values)
+    els = objective.elements(batch)
     solver = resolve_solver(objective, opts.solver, first.device)
     lin = linearize(objective, values, opts.fused)
     status = torch.where(torch.isfinite(lin.cost), RUNNING, FAILED).to(first.device)
-    lam = torch.full((batch,), opts.damping_init, dtype=first.dtype, device=first.device)
+    lam = torch.full((els.count,), opts.damping_init, dtype=first.dtype, device=first.device)
     nu = torch.full_like(lam, 2.0)
-    iterations = torch.zeros(batch, dtype=torch.long, device=first.device)
+    iterations = torch.zeros(els.count, dtype=torch.long, device=first.device)
     failures = torch.zeros_like(iterations)
     history = [lin.cost.detach()]
     best_cost, best = lin.cost.detach(), values
     for it in range(opts.max_iters):
         active = status == RUNNING
-        status = torch.where(active & (lin.g.abs().amax(-1) < opts.grad_tol), CONVERGED, status)
+        status = torch.where(active & (els.max_columns(lin.g.abs()) < opts.grad_tol), CONVERGED,
+                             status)
         active = status == RUNNING
         if it % opts.check_every == 0 and not bool(active.any()):
             break
-        delta, cand, gain, new, factor_ok = _trial(objective, values, lin, lam, solver, opts)
-        finite = torch.isfinite(new.cost) & factor_ok
-        noise = _rounding_noise(lin.cost, new.cost, delta)
+        delta, cand, gain, new, factor_ok = _trial(objective, values, lin, lam, solver, opts, els)
+        finite = torch.isfinite(new.cost) & els.of_batch(factor_ok)
+        step = els.max_columns(delta.abs())
+        noise = _rounding_noise(lin.cost, new.cost, step.detach())
         accept = active & finite & ((gain > opts.min_gain) | noise | (not opts.adaptive))
-        values = {k: torch.where(accept[:, None, None], cand[k], x) for k, x in values.items()}
+        values = _where(els, accept, cand, values)
         decrease = lin.cost - new.cost
         small = (decrease.abs() <= opts.rel_tol * lin.cost) | (new.cost <= opts.abs_tol)
-        small = small | (delta.abs().amax(-1) <= opts.step_tol)
-        lin = new.select(accept, lin)
+        small = small | (step <= opts.step_tol)
+        lin = new.select(accept, lin, els)
         iterations = iterations + active.long()
-        failures = failures + (active & ~factor_ok).long()
+        failures = failures + (active & ~els.of_batch(factor_ok)).long()
         lam, nu = _update_damping(lam, nu, gain, accept, active & ~accept, opts)
         done = (accept & small) | (lam > opts.damping_max)
         status = torch.where(active & done, CONVERGED, status)
@@ -223,7 +231,7 @@ def _optimize(
         if not opts.adaptive:
             improved = lin.cost < best_cost
             best_cost = torch.where(improved, lin.cost.detach(), best_cost)
-            best = {k: torch.where(improved[:, None, None], values[k], best[k]) for k in values}
+            best = _where(els, improved, values, best)
         history.append(lin.cost.detach())
         if opts.verbose:
             _log_iteration(it, history, lam, time.perf_counter() - start)
@@ -238,6 +246,12 @@ def _optimize(
         failures,
     )
     return Solution(values, info, lin)
+
+
+def _where(els: Elements, mask: Tensor, a: dict[str, Tensor], b: dict[str, Tensor]
+           ) -> dict[str, Tensor]:
+    """Per element: the values ``a`` where ``mask (B * P,)`` else ``b`` (name -> ``(B, F, S)``)."""
+    return {k: torch.where(els.variable(k, mask)[..., None], a[k], x) for k, x in b.items()}
 
 
 def resolve_solver(
@@ -264,43 +278,56 @@ def _trial(
     lam: Tensor,
     solver: LinearSolver,
     opts: LevenbergMarquardt,
+    els: Elements,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor, Linearization, Tensor]:
     """Solve ``(H + lambda D) delta = -g`` and linearize at the candidate.
 
-    Returns ``delta (B, n)``, the candidate values, the gain ratio ``(B,)``, the candidate's
-    linearization and the factorization's ``ok (B,)``. With ``(H + D') delta = -g`` the model
-    decrease is ``m(0) - m(delta) = 0.5 delta^T (D' delta - g)`` (no extra product with ``H``).
+    Returns ``delta (B, n)``, the candidate values, the gain ratio ``(B * P,)``, the
+    candidate's linearization and the factorization's ``ok (B,)``. With ``(H + D') delta = -g``
+    the model decrease is ``m(0) - m(delta) = 0.5 delta^T (D' delta - g)`` (no extra product
+    with ``H``), summed per element. In a ragged batch each problem's block has its own
+    ``lambda``; a problem whose cost is not finite gets the block ``I`` and ``g = 0`` (a zero
+    step), so its NaNs reach no other problem's block of the one factorization.
     """
-    if opts.damping_mode == "marquardt":
-        diag = lin.H[:, lin.pattern.diag].clamp(1e-6, 1e32)
+    H, g = lin.H, lin.g
+    bad = ~torch.isfinite(lin.cost) if els.groups is not None else None
+    if bad is not None and bool(bad.any()):  # (one host sync, ragged batches only)
+        H = torch.where(els.entries(bad), 0.0, H)
+        g = torch.where(els.columns(bad), 0.0, g)
     else:
-        diag = torch.ones_like(lin.g)
-    damping = lam[:, None] * diag
+        bad = None
+    if opts.damping_mode == "marquardt":
+        diag = H[:, lin.pattern.diag].clamp(1e-6, 1e32)
+    else:
+        diag = torch.ones_like(g)
+    damping = els.columns(lam) * diag
+    if bad is not None:
+        damping = torch.where(els.columns(bad), 1.0, damping)
     # A and -g before factor(): no torch work between the factorization and the solve (on a
     # small CPU, torch's OpenMP threads spinning after such work halved CHOLMOD's solve speed);
     # A (a copy of H) only where autograd differentiates through the solve
-    rhs = -lin.g
-    through = torch.is_grad_enabled() and (lin.H.requires_grad or rhs.requires_grad or
+    rhs = -g
+    through = torch.is_grad_enabled() and (H.requires_grad or rhs.requires_grad or
                                            damping.requires_grad)
-    A = damped(lin.H, lin.pattern, damping) if through else lin.H
-    factor = solver.factor(lin.H.detach(), lin.pattern, damping.detach())
+    A = damped(H, lin.pattern, damping) if through else H
+    factor = solver.factor(H.detach(), lin.pattern, damping.detach())
     delta = solve(factor, A, lin.pattern, rhs)
     cand = objective.retract(values, delta, opts.fused)
     new = linearize(objective, cand, opts.fused)
-    predicted = 0.5 * (delta * (damping * delta - lin.g)).sum(-1)
+    predicted = 0.5 * els.sum_columns(delta * (damping * delta - g))
     gain = (lin.cost - new.cost) / predicted.clamp_min(torch.finfo(predicted.dtype).tiny)
     return delta, cand, gain.detach(), new, factor.ok
 
 
-def _rounding_noise(cost: Tensor, new_cost: Tensor, delta: Tensor) -> Tensor:
-    """``(B,)``: steps whose cost change ``cost -> new_cost (B,)`` is rounding noise, or whose
-    size ``delta (B, n)`` is at the rounding level of the values. LM accepts them too: at the
-    optimum this keeps the iterates (and an unrolled gradient) converging instead of raising the
-    damping; at a zero-residual optimum the cost is itself rounding noise (~1e-31) and its
-    relative change says nothing."""
+def _rounding_noise(cost: Tensor, new_cost: Tensor, step: Tensor) -> Tensor:
+    """``(B * P,)``: steps whose cost change ``cost -> new_cost (B * P,)`` is rounding noise, or
+    whose size ``step (B * P,)`` (max-norm of delta) is at the rounding level of the values. LM
+    accepts them too: at the optimum this keeps the iterates (and an unrolled gradient)
+    converging instead of raising the damping; at a zero-residual optimum the cost is itself
+    rounding noise (~1e-31) and its relative change says nothing."""
     eps = torch.finfo(cost.dtype).eps
     noise = (cost - new_cost).abs() <= 100 * eps * cost
-    return noise | (delta.detach().abs().amax(-1) <= 100 * eps)
+    return noise | (step <= 100 * eps)
 
 
 def _update_damping(
