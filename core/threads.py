@@ -1,18 +1,20 @@
-"""OpenBLAS's thread count for a CPU solve, chosen by a measured rule and restored afterwards.
+"""Thread counts for a CPU solve (OpenBLAS's and torch's OpenMP pool), chosen by a measured rule
+and restored afterwards.
 
-Two pools share the cores in a CPU solve: torch's intra-op threads and OpenBLAS's (CHOLMOD's
-supernodal updates). On a machine where other processes hold cores, a pool's threads wait for
-descheduled partners: on the 2-core bench machine at load ~5, sphere2500 took 0.56-0.66 s with
-one thread and 0.99-1.60 s with two. The rule (:func:`choose`): OpenBLAS gets the cores that the
-1-minute load average leaves free, and one thread for problems too small to gain from more; the
-previous setting is restored on exit.
+Two pools share the cores in a CPU solve: torch's intra-op OpenMP threads and OpenBLAS's
+(CHOLMOD's supernodal updates). On a machine where other processes hold cores, a pool's threads
+wait for descheduled partners: on the 2-core bench machine at load ~5, sphere2500 took 0.56-0.66 s
+with one OpenBLAS thread and 0.99-1.60 s with two, and one torch operation over 40,000 doubles
+took 78 us with one OpenMP thread against 23.5 ms with two (a 256-pose solve: 0.011 s against
+0.14 s). The rule (:func:`choose`): OpenBLAS gets the cores that the 1-minute load average
+leaves free, and one thread for problems too small to gain from more; torch's OpenMP pool gets
+the free cores too (never more than the caller's setting). Both are restored on exit.
 
-torch's threads are left alone: in torch 2.13 (CPU, MKL) any ``torch.set_num_threads(n)`` with
-``n >= 2`` makes later batched ``torch.linalg.solve`` calls fail inside MKL ("Parameter 6 was
-incorrect on entry to DLASWP"), so setting one thread for the solve and restoring two would break
-the caller's network. The library costs' linearization runs in single-threaded compiled kernels
-(``core.fused``), so little torch work is left in a solve; ``torch.set_num_threads(1)`` before
-solving is the caller's choice on a loaded machine.
+torch's pool is set through the OpenMP runtime torch loaded (``omp_set_num_threads`` of its
+libgomp/libiomp), not through ``torch.set_num_threads``: in torch 2.13 (CPU, MKL)
+``torch.set_num_threads(n)`` with ``n >= 2`` also resets MKL's threads and makes later batched
+``torch.linalg.solve`` calls fail inside MKL ("Parameter 6 was incorrect on entry to DLASWP");
+the OpenMP setting alone leaves MKL as it was (``tests/core/test_threads.py`` checks both).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ BLAS_FROM = 5000
 problems are too small to share)."""
 
 _found: list[ctypes.CDLL] = []
+_omp: list[ctypes.CDLL | None] = []
 
 
 def _openblas() -> ctypes.CDLL | None:
@@ -48,6 +51,28 @@ def _openblas() -> ctypes.CDLL | None:
             _found.append(lib)
             return lib
     return None
+
+
+def _openmp() -> ctypes.CDLL | None:
+    """torch's OpenMP runtime (the libgomp or libiomp5 loaded from torch's folder, else any
+    loaded one), or None (not Linux, or torch built without OpenMP)."""
+    if _omp:
+        return _omp[0]
+    import torch  # noqa: F401  (loads its OpenMP runtime)
+
+    found = None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "gomp" in line or "iomp5" in line}
+    except OSError:
+        paths = set()
+    for path in sorted(paths, key=lambda p: "torch" not in p):
+        lib = ctypes.CDLL(path)
+        if hasattr(lib, "omp_set_num_threads") and hasattr(lib, "omp_get_max_threads"):
+            found = lib
+            break
+    _omp.append(found)
+    return found
 
 
 def free_cores() -> int:
@@ -74,14 +99,22 @@ def choose(n: int, threads: int | None = None) -> int:
 @contextmanager
 def solve_threads(n: int, threads: int | None = None) -> Iterator[int]:
     """Set OpenBLAS's thread count for a solve of ``n`` unknowns (see :func:`choose`) and
-    restore it on exit, also when the solve raises."""
+    torch's OpenMP threads to the free cores (``threads`` if given; never more than before),
+    and restore both on exit, also when the solve raises."""
     want = choose(n, threads)
     blas = _openblas()
     before = int(blas.openblas_get_num_threads()) if blas is not None else None
     if blas is not None and want != before:
         blas.openblas_set_num_threads(want)
+    omp = _openmp()
+    omp_before = int(omp.omp_get_max_threads()) if omp is not None else None
+    omp_want = min(omp_before or 1, threads if threads is not None else free_cores())
+    if omp is not None and omp_want != omp_before:
+        omp.omp_set_num_threads(omp_want)
     try:
         yield want
     finally:
         if blas is not None and before is not None and want != before:
             blas.openblas_set_num_threads(before)
+        if omp is not None and omp_before is not None and omp_want != omp_before:
+            omp.omp_set_num_threads(omp_before)

@@ -30,7 +30,7 @@ def test_choose(monkeypatch: pytest.MonkeyPatch) -> None:
         core.LevenbergMarquardt(threads=0)
 
 
-def test_solve_sets_and_restores_openblas_threads_and_leaves_torch_alone() -> None:
+def test_solve_sets_and_restores_openblas_threads_and_torch_threads() -> None:
     blas = threads._openblas()
     if blas is None:
         pytest.skip("no OpenBLAS loaded (CHOLMOD not installed)")
@@ -69,4 +69,33 @@ def test_a_solve_leaves_torch_linalg_working() -> None:
     cost = core.costs.Prior(x, torch.ones(3, 2, dtype=torch.float64))
     core.LevenbergMarquardt(solver="sparse").solve(
         core.Objective([cost]), {"x": torch.zeros(1, 3, 2, dtype=torch.float64)})
+    torch.testing.assert_close(A @ torch.linalg.solve(A, b), b)
+
+
+def test_solve_sets_torch_openmp_threads_and_restores_them_without_breaking_mkl() -> None:
+    """Inside a solve with ``threads=1`` torch runs one OpenMP thread; afterwards the caller's
+    count is back and MKL's batched solve still works (the OpenMP runtime is set directly, not
+    through ``torch.set_num_threads``, whose n >= 2 breaks MKL in torch 2.13)."""
+    if threads._openmp() is None:
+        pytest.skip("torch's OpenMP runtime not found")
+    before = torch.get_num_threads()
+    x = core.Variable("x", core.Vector(2), 3)
+    cost = core.costs.Prior(x, torch.ones(3, 2, dtype=torch.float64))
+    seen = []
+
+    def spy(xs, aux, jac):
+        seen.append(torch.get_num_threads())
+        return xs[0] - aux[0], [torch.eye(2, dtype=torch.float64).expand(1, 3, 2, 2)]
+
+    probe = core.Cost(None, [x], [torch.zeros(1, 3, 2, dtype=torch.float64)],
+                      index=[torch.arange(3)], analytic=spy, name="probe")
+    init = {"x": torch.zeros(1, 3, 2, dtype=torch.float64)}
+    core.LevenbergMarquardt(max_iters=3, solver="sparse", threads=1).solve(
+        core.Objective([cost, probe]), init)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(2, 180, 180, generator=gen, dtype=torch.float64)
+    A = A @ A.mT + 60 * torch.eye(180, dtype=torch.float64)
+    b = torch.randn(2, 180, 1, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(A @ torch.linalg.solve(A, b), b)
