@@ -4,7 +4,7 @@ Data flows one way: ``Objective`` (variables + costs) -> ``linearize`` -> normal
 ``LinearSolver.factor``/``solve`` -> ``retract`` -> accept/reject (``LevenbergMarquardt``).
 """
 
-from core import costs, io, lie, solvers
+from core import costs, io, lie, ragged, solvers
 from core.cost import Cost as CostTable
 from core.cost import CostTerms
 from core.cost import make_cost as Cost
@@ -20,5 +20,5 @@ __all__ = [
     "SE2", "SE3", "SO2", "SO3", "Cost", "CostTable", "CostTerms", "GaussNewton", "Info",
     "LevenbergMarquardt", "LieGroup", "Linearization", "Objective", "OptimizationLayer",
     "Pattern", "RobustLoss", "Solution", "Variable", "Vector", "costs", "io", "lie",
-    "linearize", "solvers",
+    "linearize", "ragged", "solvers",
 ]

@@ -1,0 +1,13 @@
+"""Smoke test of bench.train_step (not timed): the ragged step's gradients equal the loop's."""
+
+from __future__ import annotations
+
+from bench import train_step
+
+
+def test_train_step_smoke() -> None:
+    rows = train_step.run(graphs=2, repeats=1, max_iters=3)
+    assert [r["mode"] for r in rows] == ["loop", "ragged", "ragged-new"]
+    for r in rows:
+        assert r["step_s"] > 0 and r["grad_rel_diff"] < 1e-8
+    assert rows[1]["iterations"] <= 3 < rows[0]["iterations"]
