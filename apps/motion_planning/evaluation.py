@@ -1,9 +1,13 @@
 """Held-out evaluation of the motion-planning app: the learned initialization and the
 straight-line baselines solved by the same planner, their scores, and the picture.
 
-Every held-out map is solved twice from each initialization: K iterations (the layer, as in
-training: success, path length, GP error) and up to ``eval_iters`` iterations (how many
-iterations it takes to converge by the optimizer's tolerances; ``eval_iters`` where it does not).
+Every held-out map is solved from each initialization with the same optimizer (``cfg.optimizer``:
+the same damping, the same tolerances): K iterations (the layer, as in training: success, path
+length, GP error), and up to ``converge_iters`` iterations: how many iterations it takes to
+converge by the optimizer's tolerances. That cap is far above what any solve here needs, so the
+count is not truncated for either initialization (``iterations_capped`` reports the fraction of
+maps that reached it anyway). The straight-line baseline is also solved for exactly
+``eval_iters`` (100) iterations: the plan of the "100 iterations" baseline.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class Maps:
         objective: the planning objective (``problem.make_objective``).
         layer: ``OptimizationLayer`` with K iterations (``cfg.optimizer``, ``cfg.solver``).
         long: the same optimizer with ``eval_iters`` iterations.
+        converge: the same optimizer with ``converge_iters`` iterations (iterations to
+            converge).
     """
 
     spec: MapSpec
@@ -51,6 +57,7 @@ class Maps:
     objective: core.Objective
     layer: core.OptimizationLayer
     long: core.LevenbergMarquardt
+    converge: core.LevenbergMarquardt
 
     def __len__(self) -> int:
         return int(self.sdf.shape[0])
@@ -64,8 +71,8 @@ class Maps:
 
 def prepare_maps(cfg: Any, spec: MapSpec, samples: Sequence[Sample], device: torch.device
                  ) -> Maps:
-    """``samples`` stacked on ``device`` with the objective, the K-iteration layer and the long
-    optimizer."""
+    """``samples`` stacked on ``device`` with the objective, the K-iteration layer, the long
+    optimizer and the one that runs to convergence."""
     n, size = spec.num_states, spec.size
     f64 = {"dtype": torch.float64, "device": device}
 
@@ -75,10 +82,11 @@ def prepare_maps(cfg: Any, spec: MapSpec, samples: Sequence[Sample], device: tor
         return torch.stack([getattr(s, name) for s in samples]).to(**f64)  # type: ignore
 
     objective = problem.make_objective(spec)
-    long = replace(make_optimizer(cfg), max_iters=int(cfg.eval_iters))
+    optimizer = make_optimizer(cfg)
     return Maps(spec, stack("sdf", (size, size)), stack("start", (2,)), stack("goal", (2,)),
                 stack("expert", (n, 4)), [s.kind for s in samples], objective,
-                make_layer(objective, cfg), long)
+                make_layer(objective, cfg), replace(optimizer, max_iters=int(cfg.eval_iters)),
+                replace(optimizer, max_iters=int(cfg.converge_iters)))
 
 
 def layer_inputs(init: Tensor, sdf: Tensor, start: Tensor, goal: Tensor) -> dict[str, Tensor]:
@@ -93,27 +101,34 @@ def imitation(traj: Tensor, expert: Tensor) -> Tensor:
 
 @dataclass
 class Plans:
-    """One batch's plans from some initialization: initial, K-iteration and long solutions
-    ``(B, N, 4)`` (``long`` is ``final`` when not solved) and the long solve's iterations
-    ``(B,)``."""
+    """One batch's plans from some initialization: initial, K-iteration and ``eval_iters``
+    solutions ``(B, N, 4)`` (``long`` is ``final`` when not solved), the iterations to converge
+    ``(B,)`` (zero when not solved) and whether they reached ``converge_iters`` ``(B,)``."""
 
     init: Tensor
     final: Tensor
     iterations: Tensor
     long: Tensor
+    capped: Tensor
 
 
-def solve(maps: Maps, idx: Tensor, init: Tensor, long: bool = True) -> Plans:
-    """Solve maps ``idx`` from ``init`` for K iterations (and for up to ``eval_iters``)."""
+def solve(maps: Maps, idx: Tensor, init: Tensor, converge: bool = True, long: bool = False
+          ) -> Plans:
+    """Solve maps ``idx`` from ``init`` for K iterations; with ``converge`` also until converged
+    (up to ``converge_iters``: the iterations), with ``long`` also for ``eval_iters``."""
     sdf, start, goal = maps.sdf[idx], maps.start[idx], maps.goal[idx]
     aux = layer_inputs(init, sdf, start, goal)
     final, _ = maps.layer(aux)
-    plans = Plans(init, final["states"].detach(), torch.zeros(len(idx), dtype=torch.long),
-                  final["states"].detach())
+    zero = torch.zeros(len(idx), dtype=torch.long, device=init.device)
+    plans = Plans(init, final["states"].detach(), zero, final["states"].detach(), zero.bool())
+    states = aux.pop("states")
+    objective = maps.objective.with_inputs(aux)
+    if converge:
+        info = maps.converge.solve(objective, {"states": states}).info
+        plans.iterations = info.iterations
+        plans.capped = info.iterations >= maps.converge.max_iters
     if long:
-        states = aux.pop("states")
-        sol = maps.long.solve(maps.objective.with_inputs(aux), {"states": states})
-        plans.iterations, plans.long = sol.info.iterations, sol.values["states"]
+        plans.long = maps.long.solve(objective, {"states": states}).values["states"]
     return plans
 
 
@@ -123,7 +138,7 @@ def score(scores: Scores, maps: Maps, idx: Tensor, plans: Plans) -> list[bool]:
     ok = problem.success(plans.final, sdf, start, goal, maps.spec)
     scores.add(ok, plans.iterations, problem.path_length(plans.final),
                problem.path_length(expert), problem.gp_error(plans.final, maps.objective),
-               imitation(plans.final, expert))
+               imitation(plans.final, expert), plans.capped)
     scores.initial += float(problem.success(plans.init, sdf, start, goal, maps.spec).sum())
     return ok.tolist()
 
@@ -180,12 +195,12 @@ def evaluate(cfg: Any, net: torch.nn.Module, maps: Maps) -> tuple[Scores, list[A
 @torch.no_grad()
 def straight_line_scores(cfg: Any, maps: Maps) -> tuple[Scores, Scores]:
     """The baselines on ``maps``: the straight line with K iterations and with
-    ``eval_iters`` (their scores)."""
+    ``eval_iters`` (their scores; both with the iterations to converge from the line)."""
     short, long = Scores(), Scores()
     for b in range(0, len(maps), cfg.eval_batch):
         idx = torch.arange(b, min(b + cfg.eval_batch, len(maps)), device=maps.sdf.device)
         init = problem.straight_line(maps.start[idx], maps.goal[idx], maps.spec)
-        plans = solve(maps, idx, init)
+        plans = solve(maps, idx, init, long=True)
         score(short, maps, idx, plans)
         score(long, maps, idx, replace(plans, final=plans.long))
     return short, long
@@ -202,7 +217,7 @@ def draw(run: Any, outputs: list[Any], path: Path) -> None:
     idx = torch.arange(count, device=maps.sdf.device)
     line = problem.straight_line(maps.start[idx], maps.goal[idx], maps.spec)
     with torch.no_grad():
-        base = solve(maps, idx, line, long=False)
+        base = solve(maps, idx, line, converge=False)
         base_ok = problem.success(base.final, maps.sdf[idx], maps.start[idx], maps.goal[idx],
                                   maps.spec).tolist()
     panels = []

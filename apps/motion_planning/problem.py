@@ -118,7 +118,8 @@ class Scores:
 
     ``ratio`` sums over successful plans only (a failed plan's length means nothing; the
     metric is 0 when no plan succeeds); ``initial`` counts initial trajectories that would
-    already succeed."""
+    already succeed; ``capped`` counts solves that reached the iteration cap before
+    converging."""
 
     maps: float = 0.0
     success: float = 0.0
@@ -127,17 +128,19 @@ class Scores:
     gp_error: float = 0.0
     loss: float = 0.0
     initial: float = 0.0
+    capped: float = 0.0
 
     def add(self, ok: Tensor, iterations: Tensor, length: Tensor, expert_length: Tensor,
-            gp: Tensor, loss: Tensor) -> None:
+            gp: Tensor, loss: Tensor, capped: Tensor | None = None) -> None:
         """Add a batch: ``ok (B,)`` successes, ``iterations (B,)`` to converge, path lengths,
-        GP errors, losses."""
+        GP errors, losses, ``capped (B,)`` whether the iterations reached the cap."""
         self.maps += ok.numel()
         self.success += float(ok.sum())
         self.iterations += float(iterations.double().sum())
         self.ratio += float((length / expert_length)[ok].sum())
         self.gp_error += float(gp.sum())
         self.loss += float(loss.sum())
+        self.capped += float(capped.sum()) if capped is not None else 0.0
 
     def metrics(self, suffix: str = "") -> dict[str, float]:
         n = max(self.maps, 1.0)
@@ -149,4 +152,5 @@ class Scores:
             f"gp_error{suffix}": self.gp_error / n,
             f"loss{suffix}": self.loss / n,
             f"success_rate_initial{suffix}": self.initial / n,
+            f"iterations_capped{suffix}": self.capped / n,
         }

@@ -6,6 +6,7 @@ picture."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,10 @@ def stacked(samples: list[data.Sample]) -> tuple[torch.Tensor, ...]:
 
 def test_samples_are_seeded_and_cached(samples: list[data.Sample], tmp_path: Path) -> None:
     again = make_dataset(SMALL, list(range(3)), tmp_path)
-    for a, b in zip(samples[:3], again):
-        assert torch.equal(a.occupancy, b.occupancy) and torch.equal(a.expert, b.expert)
+    for a, b in zip(samples[:3], again):  # the experts up to rounding: core's sparse solver
+        # picks its backend by batch size (CHOLMOD, or the batched supernodal one from 8 up)
+        assert torch.equal(a.occupancy, b.occupancy)
+        assert torch.allclose(a.expert, b.expert, rtol=0, atol=1e-9)
     assert len(list(tmp_path.glob("motion_planning_*.pt"))) == 1
     cached = make_dataset(SMALL, list(range(3)), tmp_path)
     assert all(torch.equal(a.expert, b.expert) for a, b in zip(again, cached))
@@ -157,6 +160,29 @@ def test_unrolled_planner_trains_the_network(tmp_path: Path, app_config) -> None
     assert torch.isfinite(full).all() and not torch.allclose(full, alone)
 
 
+def test_iterations_count_to_convergence_beyond_the_baseline_budget(
+        samples: list[data.Sample], tmp_path: Path, app_config) -> None:
+    """Iterations to converge are counted by the same optimizer for every initialization, up
+    to ``converge_iters``, not truncated at the long baseline's ``eval_iters``, whose plan is
+    still the ``eval_iters``-iteration one."""
+    cfg = app_config("motion_planning", tmp_path, "eval_iters=2", "converge_iters=300")
+    maps = train.prepare(cfg, samples, torch.device("cpu"))
+    assert replace(maps.converge, max_iters=2) == maps.long  # only the cap differs
+    idx = torch.arange(len(maps))
+    line = problem.straight_line(maps.start, maps.goal, maps.spec)
+    plans = evaluation.solve(maps, idx, line, long=True)
+    assert bool((plans.iterations > 2).any()) and not bool(plans.capped.any())
+    aux = evaluation.layer_inputs(line, maps.sdf, maps.start, maps.goal)
+    states = aux.pop("states")
+    two = maps.long.solve(maps.objective.with_inputs(aux), {"states": states})
+    assert torch.equal(plans.long, two.values["states"])
+    short, _ = evaluation.straight_line_scores(cfg, maps)
+    assert short.iterations == float(plans.iterations.sum()) and short.capped == 0
+    cfg.converge_iters = 2
+    capped = evaluation.solve(train.prepare(cfg, samples, torch.device("cpu")), idx, line)
+    assert bool(capped.capped.any()) and int(capped.iterations.max()) == 2
+
+
 # ------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------
@@ -190,6 +216,7 @@ def test_bad_settings_are_named(tmp_path: Path, app_config) -> None:
     for override, message in [("data.kinds=[forest,maze]", "data.kinds must be"),
                               ("data.gap=0.5", "data.gap must exceed"),
                               ("eval_iters=0", "eval_iters must be >= 1"),
+                              ("converge_iters=0", "converge_iters must be >= 1"),
                               ("optimizer.max_iters=0", "max_iters")]:
         with pytest.raises(ValueError, match=message):
             train.run(app_config("motion_planning", tmp_path, override))
@@ -258,5 +285,5 @@ def test_smoke_with_picture(tmp_path: Path, app_config) -> None:
     val = doc["val"]
     for key in train.TASK.keys:
         assert math.isfinite(val[key]), key
-    assert 0 <= val["success_rate"] <= 1 and val["iterations"] <= 15
+    assert 0 <= val["success_rate"] <= 1 and val["iterations"] <= 30
     assert (tmp_path / "motion_planning.png").stat().st_size > 0
