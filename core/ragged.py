@@ -37,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -223,63 +224,67 @@ def _merge_patterns(objectives: Sequence[Objective], costs: list, order: dict,
     merged column comes from exactly one problem's column, so its entries are that column's
     with rows mapped; where ``m_p`` is increasing (variables in the same relative order), the
     rows stay sorted and entry ``k`` of problem ``p`` lands at
-    ``indptr[m_p[col_k]] + (k - indptr_p[col_k])``; otherwise the entries are sorted once."""
+    ``indptr[m_p[col_k]] + (k - indptr_p[col_k])``; otherwise the entries are sorted once.
+    In NumPy: no OpenMP region per operation (each wakes torch's threads, milliseconds on a
+    loaded machine; this runs for every new combination)."""
     n = sum(v.dof for v in merged_vars.values())
     maps, parts = [], []
-    column_problem = torch.empty(n, dtype=torch.long)
+    column_problem = np.empty(n, np.int64)
     for p, o in enumerate(objectives):
         segs = []
         for v in o.variables:
             off, dof = order[names[p][v.name]]
             first = off + start[p][v.name] * dof
-            segs.append(torch.arange(first, first + v.dof))
-        m = torch.cat(segs)
+            segs.append(np.arange(first, first + v.dof))
+        m = np.concatenate(segs)
         maps.append(m)
         column_problem[m] = p
-        parts.append(o._cpu_pattern)
-    per_column = torch.zeros(n, dtype=torch.long)
-    for m, pat in zip(maps, parts):
-        per_column[m] = pat.indptr[1:] - pat.indptr[:-1]
-    indptr = torch.cat([per_column.new_zeros(1), per_column.cumsum(0)])
+        pat = o._cpu_pattern
+        parts.append(tuple(t.numpy() for t in (pat.indptr, pat.rows, pat.cols, pat.diag)))
+    per_column = np.zeros(n, np.int64)
+    for m, (ptr, _, _, _) in zip(maps, parts):
+        per_column[m] = np.diff(ptr)
+    indptr = np.concatenate([np.zeros(1, np.int64), np.cumsum(per_column)])
     nnz = int(indptr[-1])
-    rows = torch.empty(nnz, dtype=torch.long)
-    cols = torch.empty(nnz, dtype=torch.long)
-    diag = torch.empty(n, dtype=torch.long)
+    rows, cols = np.empty(nnz, np.int64), np.empty(nnz, np.int64)
+    diag = np.empty(n, np.int64)
     where = []
-    for m, pat in zip(maps, parts):
-        local = torch.arange(pat.nnz) - pat.indptr[pat.cols]
-        w = indptr[m[pat.cols]] + local
-        rows[w], cols[w] = m[pat.rows], m[pat.cols]
+    for m, (ptr, r, c, _) in zip(maps, parts):
+        w = indptr[m[c]] + (np.arange(r.shape[0]) - ptr[c])
+        rows[w], cols[w] = m[r], m[c]
         where.append(w)
-    monotone = all(bool((m[1:] > m[:-1]).all()) for m in maps)
-    if not monotone:  # sort each column's rows: one permutation of all entries
-        perm = torch.argsort(cols * n + rows)
-        inverse = torch.empty_like(perm)
-        inverse[perm] = torch.arange(nnz)
+    if not all(bool((m[1:] > m[:-1]).all()) for m in maps):  # sort each column's rows
+        perm = np.argsort(cols * n + rows, kind="stable")
+        inverse = np.empty_like(perm)
+        inverse[perm] = np.arange(nnz)
         rows, cols = rows[perm], cols[perm]
         where = [inverse[w] for w in where]
-    for m, pat, w in zip(maps, parts, where):
-        diag[m] = w[pat.diag]
+    for m, (_, _, _, d), w in zip(maps, parts, where):
+        diag[m] = w[d]
     positions, columns, factors, ptrs = [], [], [], []
+    P = len(objectives)
     for _, members, _ in costs:
-        positions.append(torch.cat([where[p][parts[p].positions[k]] for p, k in members]))
-        columns.append(torch.cat([maps[p][parts[p].columns[k]] for p, k in members]))
-        sizes = torch.zeros(len(objectives), dtype=torch.long)
+        pats = [objectives[p]._cpu_pattern for p, _ in members]
+        positions.append(torch.from_numpy(np.concatenate(
+            [where[p][pat.positions[k].numpy()] for (p, k), pat in zip(members, pats)])))
+        columns.append(torch.from_numpy(np.concatenate(
+            [maps[p][pat.columns[k].numpy()] for (p, k), pat in zip(members, pats)])))
+        sizes = np.zeros(P, np.int64)
         for p, k in members:
             sizes[p] += objectives[p].costs[k].num_factors
-        factors.append(torch.arange(len(objectives)).repeat_interleave(sizes))
-        ptrs.append(tuple(torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]).tolist()))
+        factors.append(torch.from_numpy(np.repeat(np.arange(P), sizes)))
+        ptrs.append(tuple(int(x) for x in np.concatenate([[0], np.cumsum(sizes)])))
     elements = {}
     for key, v in merged_vars.items():
-        owner = torch.empty(v.count, dtype=torch.long)
+        owner = np.empty(v.count, np.int64)
         for p, o in enumerate(objectives):
             for u in o.variables:
                 if (u.name, str(u.space)) == key:
                     owner[start[p][u.name]: start[p][u.name] + u.count] = p
-        elements[v.name] = owner
-    pattern = Pattern(n, indptr, rows, cols, diag, tuple(positions), tuple(columns))
-    entries = column_problem[cols]
-    return pattern, Grouping(len(objectives), column_problem, entries, tuple(factors),
+        elements[v.name] = torch.from_numpy(owner)
+    t = torch.from_numpy
+    pattern = Pattern(n, t(indptr), t(rows), t(cols), t(diag), tuple(positions), tuple(columns))
+    return pattern, Grouping(P, t(column_problem), t(column_problem[cols]), tuple(factors),
                              tuple(ptrs), elements)
 
 
