@@ -372,3 +372,20 @@ def test_make_solver() -> None:
     with pytest.raises(ValueError, match="'nope' is not installed"):
         SparseCholesky(backend="nope")  # type: ignore[arg-type]
 
+
+
+@pytest.mark.skipif("cholmod" not in BACKENDS, reason="CHOLMOD not installed")
+def test_cholmod_bindings_load_when_the_solver_is_made() -> None:
+    """The CHOLMOD bindings (and SciPy's sparse modules, ~0.25 s) load when the solver is made,
+    so a caller that makes it before timing a solve (the pose-graph CLI) does not time them."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import core
+        from core.solvers import SparseCholesky
+        assert "sksparse.cholmod" not in sys.modules
+        SparseCholesky(backend="cholmod")
+        assert "sksparse.cholmod" in sys.modules
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
