@@ -72,7 +72,7 @@ from core.optimizer import (
     resolve_solver,
 )
 from core.ragged import RaggedCache, merge
-from core.solvers import make_solver, solve
+from core.solvers import LinearSolver, make_solver, solve
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class OptimizationLayer(nn.Module):
         objectives: Sequence[Objective],
         inputs: Sequence[Mapping[str, Tensor]],
         cache: RaggedCache | None = None,
+        solver: Callable[[Objective], LinearSolver] | None = None,
     ) -> tuple[list[dict[str, Tensor]], Info]:
         """Solve ``P`` problems of different structures in one call (``core.ragged``): problem
         ``p`` is ``objectives[p]`` with ``inputs[p]`` (its initial values ``(1, F_p, S)`` and
@@ -182,7 +183,11 @@ class OptimizationLayer(nn.Module):
         themselves, as bad batch elements do (module docstring): they are set aside and the
         others solved as the ragged batch without them. ``ValueError`` for an empty list,
         missing initial values, or problems of mismatched dtypes or devices (naming the
-        problem)."""
+        problem). ``cache``: where merged structures are kept (default
+        ``core.ragged.DEFAULT_CACHE``). ``solver``: makes the linear solver of a merged
+        objective where the optimizer's is bound to one objective (a ``Schur``); called once
+        per combination, the result kept with the cached structure under this callable (pass
+        the same callable object every call)."""
         if not objectives:
             raise ValueError("OptimizationLayer.ragged: needs at least one problem")
         if len(inputs) != len(objectives):
@@ -222,8 +227,9 @@ class OptimizationLayer(nn.Module):
         info = None
         while keep:
             batch = merge([problems[p] for p in keep], [auxes[p] for p in keep], cache)
-            optimizer = replace(self.optimizer, solver=resolve_solver(
-                batch.objective, self.optimizer.solver, device))
+            optimizer = replace(self.optimizer,
+                                solver=_ragged_solver(batch.objective, self.optimizer.solver,
+                                                      solver, device))
             init = batch.join_values([inits[p] for p in keep])
             merged, info, failed = self._solve(optimizer, batch.objective, init)
             values = batch.split_values(merged)
@@ -531,6 +537,19 @@ def _failures(objective: Objective, values: dict[str, Tensor], info: Info,
         elif sing:
             failed[k] = SINGULAR
     return failed
+
+
+def _ragged_solver(objective: Objective, spec: object,
+                   make: Callable[[Objective], LinearSolver] | None, device: torch.device
+                   ) -> LinearSolver:
+    """The merged objective's solver: ``make(objective)`` made once per combination (kept in
+    the structure's ``solvers``), else ``spec`` resolved as a same-structure batch's."""
+    if make is None:
+        return resolve_solver(objective, spec, device)  # type: ignore[arg-type]
+    key = ("ragged", make, str(device))
+    if key not in objective.solvers:
+        objective.solvers[key] = make(objective)  # type: ignore[index]
+    return objective.solvers[key]  # type: ignore[index,return-value]
 
 
 def _spread_info(info: Info | None, keep: list[int], count: int, causes: dict[int, str],

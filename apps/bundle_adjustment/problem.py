@@ -31,6 +31,8 @@ theorem), and the SVD's backward (unstable for nearly degenerate configurations)
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -43,7 +45,7 @@ from core.costs import Prior, Reprojection, bal_to_variables
 from core.io import BALProblem
 from core.lie import so3
 from core.loss import LossKind
-from core.solvers import Schur
+from core.solvers import LinearSolver, Schur
 from core.solvers.schur import Reduced
 from core.solvers.sparse import Backend
 
@@ -148,6 +150,22 @@ def ba_objective(
     objective = core.Objective(costs)
     solver = Schur(objective, "points", reduced=reduced, backend=backend)
     return BAObjective(objective, init, solver, o, robust is not None)
+
+
+@functools.cache
+def ragged_solver(name: str, reduced: Reduced = "auto", backend: Backend = "auto"
+                  ) -> Callable[[core.Objective], LinearSolver] | None:
+    """For ``OptimizationLayer.ragged``: what makes a merged batch of scenes' solver, one
+    callable per configuration (the layer keeps the solver it makes per combination under
+    it): a ``Schur`` over the merged objective, points eliminated, for ``name == "schur"``;
+    None otherwise (core's solver names apply to any objective)."""
+    if name != "schur":
+        return None
+
+    def make(objective: core.Objective) -> LinearSolver:
+        return Schur(objective, "points", reduced=reduced, backend=backend)
+
+    return make
 
 
 # ------------------------------------------------------------------------------------------

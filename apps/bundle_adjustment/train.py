@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+import core
 from apps import common
 from apps.bundle_adjustment import baseline as ba_baseline
 from apps.bundle_adjustment import problem
@@ -181,12 +182,15 @@ def model(cfg: Any, train: Prepared) -> ObservationWeightNet:
 def loss(cfg: Any, net: torch.nn.Module, prepared: Prepared, batch: Sequence[int]
          ) -> list[torch.Tensor]:
     """``rot_err_deg + center_weight * center_err`` of each scene of ``batch`` (plus
-    ``model.supervised`` times the weights' binary cross-entropy against the inlier labels)."""
+    ``model.supervised`` times the weights' binary cross-entropy against the inlier labels),
+    the scenes of the batch solved in one ragged layer call (``core.ragged``)."""
     weights, scale = common.weights_per_item(net, [prepared.scenes[k].features for k in batch])
+    if not batch:
+        return []
+    sols, _ = solve_scenes(cfg, prepared, list(batch), weights, scale)
     losses = []
-    for w, k in zip(weights, batch):
-        s, p, layer = prepared.scenes[k], prepared.problems[k], prepared.layers[k]
-        sol, _ = layer(p.inputs(w, scale, mode=str(value(cfg.model.weight_mode))))
+    for w, k, sol in zip(weights, batch, sols):
+        s = prepared.scenes[k]
         e = pose_errors(sol, s, aim_of(cfg))
         total = e.rot_deg.mean() + cfg.center_weight * e.center.mean()
         if cfg.model.supervised:
@@ -197,18 +201,39 @@ def loss(cfg: Any, net: torch.nn.Module, prepared: Prepared, batch: Sequence[int
     return losses
 
 
+def solve_scenes(cfg: Any, prepared: Prepared, items: list[int],
+                 weights: Sequence[torch.Tensor], scale: torch.Tensor
+                 ) -> tuple[list[dict[str, torch.Tensor]], core.Info]:
+    """Scenes ``items`` with observation weights ``weights[i] (O_k,)`` and the robust-loss
+    ``scale`` solved by one ``OptimizationLayer.ragged`` call (a ``schur`` solver is made for
+    each merged combination); each scene's solution and the per-scene info."""
+    mode = str(value(cfg.model.weight_mode))
+    problems = [prepared.problems[k] for k in items]
+    inputs = [p.inputs(w, scale, mode=mode) for p, w in zip(problems, weights)]
+    make = problem.ragged_solver(str(value(cfg.solver.name)), value(cfg.solver.reduced),
+                                 value(cfg.solver.backend))
+    layer = prepared.layers[items[0]]
+    return layer.ragged([p.objective for p in problems], inputs, solver=make)
+
+
 @torch.no_grad()
 def evaluate(cfg: Any, net: torch.nn.Module, prepared: Prepared
              ) -> tuple[Scores, list[tuple[torch.Tensor, dict[str, torch.Tensor]]]]:
-    """Scores of the learned layer; outputs: each scene's weights and solution."""
+    """Scores of the learned layer, ``cfg.batch_size`` scenes per ragged call (a scene's
+    time is its share of its call); outputs: each scene's weights and solution."""
     scores, outputs = Scores(), []
-    for s, p, layer in zip(prepared.scenes, prepared.problems, prepared.layers):
-        w, scale = net(s.features)
+    size = max(1, int(cfg.batch_size))
+    for first in range(0, len(prepared.scenes), size):
+        items = list(range(first, min(first + size, len(prepared.scenes))))
+        weights, scale = common.weights_per_item(net, [prepared.scenes[k].features
+                                                       for k in items])
         start = time.perf_counter()
-        sol, info = layer(p.inputs(w, scale, mode=str(value(cfg.model.weight_mode))))
-        scores.add(sol, s, time.perf_counter() - start, int(info.iterations[0]), aim_of(cfg),
-                   cfg.center_weight)
-        outputs.append((w, sol))
+        sols, info = solve_scenes(cfg, prepared, items, weights, scale)
+        share = (time.perf_counter() - start) / len(items)
+        for i, (k, w, sol) in enumerate(zip(items, weights, sols)):
+            scores.add(sol, prepared.scenes[k], share, int(info.iterations[i]), aim_of(cfg),
+                       cfg.center_weight)
+            outputs.append((w, sol))
     return scores, outputs
 
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import torch
 
+import core
 from apps import common
 from apps.config import RobustLossKind, TrainConfig, enum_of, register, spec_from_config, value
 from apps.gnc import GncConfig
@@ -184,28 +185,45 @@ def model(cfg: Any, train: Graphs) -> EdgeWeightNet:
 
 def loss(cfg: Any, net: torch.nn.Module, graphs: Graphs, batch: Sequence[int]
          ) -> list[torch.Tensor]:
-    """The RMS pose error of each graph of ``batch`` solved with the network's weights."""
+    """The RMS pose error of each graph of ``batch`` solved with the network's weights, all
+    graphs of the batch in one ragged layer call (``core.ragged``)."""
     weights, scale = common.weights_per_item(net, [graphs.features[k] for k in batch])
-    losses = []
-    for w, k in zip(weights, batch):
-        s, p, layer = graphs.samples[k], graphs.problems[k], graphs.layers[k]
-        sol, _ = layer(p.inputs(w, scale, init=graphs.starts[k]))
-        losses.append(pose_loss(sol["poses"], s.truth, s.space)[0])
-    return losses
+    if not batch:
+        return []
+    sols, _ = solve_graphs(graphs, list(batch), weights, scale, graphs.starts)
+    return [pose_loss(sol["poses"], graphs.samples[k].truth, graphs.samples[k].space)[0]
+            for sol, k in zip(sols, batch)]
+
+
+def solve_graphs(graphs: Graphs, items: list[int], weights: Sequence[torch.Tensor],
+                 scale: torch.Tensor, starts: Sequence[torch.Tensor]
+                 ) -> tuple[list[dict[str, torch.Tensor]], core.Info]:
+    """Graphs ``items`` with loop weights ``weights[i] (L_k,)`` and the robust-loss ``scale``,
+    started from ``starts[k]``, solved together by one ``OptimizationLayer.ragged`` call (the
+    layers of all graphs share one configuration); each graph's solution and the per-graph
+    info ``(len(items),)``."""
+    problems = [graphs.problems[k] for k in items]
+    inputs = [p.inputs(w, scale, init=starts[k]) for p, w, k in zip(problems, weights, items)]
+    return graphs.layers[items[0]].ragged([p.objective for p in problems], inputs)
 
 
 @torch.no_grad()
 def evaluate(cfg: Any, net: torch.nn.Module, graphs: Graphs
              ) -> tuple[Scores, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Scores of the learned layer on ``graphs``; outputs: each graph's weights and solution."""
+    """Scores of the learned layer on ``graphs``, solved ``cfg.batch_size`` at a time in one
+    ragged call each (a graph's ``solve_time_s`` is its share of its call); outputs: each
+    graph's weights and solution."""
     scores, outputs = Scores(), []
-    for s, p, layer, x, init in zip(graphs.samples, graphs.problems, graphs.layers,
-                                    graphs.features, graphs.starts):
-        w, scale = net(x)
+    size = max(1, int(cfg.batch_size))
+    for first in range(0, len(graphs.samples), size):
+        items = list(range(first, min(first + size, len(graphs.samples))))
+        weights, scale = common.weights_per_item(net, [graphs.features[k] for k in items])
         start = time.perf_counter()
-        sol, _ = layer(p.inputs(w, scale, init=init))
-        scores.add(sol["poses"], s, time.perf_counter() - start, w < 0.5)
-        outputs.append((w, sol["poses"][0]))
+        sols, _ = solve_graphs(graphs, items, weights, scale, graphs.starts)
+        share = (time.perf_counter() - start) / len(items)
+        for k, w, sol in zip(items, weights, sols):
+            scores.add(sol["poses"], graphs.samples[k], share, w < 0.5)
+            outputs.append((w, sol["poses"][0]))
     return scores, outputs
 
 

@@ -18,7 +18,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 import core
+from apps import common
 from apps.bundle_adjustment import train, viz
+from apps.bundle_adjustment.baseline import aim_of
 from apps.bundle_adjustment.data import (
     FEATURES,
     Scene,
@@ -39,6 +41,7 @@ from apps.bundle_adjustment.problem import (
 )
 from apps.bundle_adjustment.solve import main as solve_main
 from apps.common import roc_auc
+from apps.config import value
 from core import io
 from core.costs import bal_to_variables
 from core.lie import so3
@@ -552,3 +555,35 @@ def test_picture_shows_the_strongest_baseline(tmp_path: Path, app_config, monkey
     best = min(("baseline", "best_fixed", "gnc"), key=lambda n: val[f"rot_err_deg_{n}"])
     label = {"baseline": "tuned", "best_fixed": "best fixed", "gnc": "GNC-GM"}[best]
     assert drawn["baseline_name"].startswith(f"strongest baseline: {label}")
+
+
+@pytest.mark.parametrize("solver", ["schur", "sparse"])
+def test_batch_solved_in_one_ragged_call_equals_the_per_scene_loop(
+        tmp_path: Path, app_config, solver: str) -> None:
+    """train.loss solves a batch's scenes (different cameras and tracks) in one
+    OptimizationLayer.ragged call (a Schur solver made for the merged scenes): the losses and
+    the network's gradients are those of one layer call per scene (what the app did before)."""
+    cfg = app_config("bundle_adjustment", tmp_path, "preset=smoke", f"solver={solver}")
+    scenes = [make_scene(replace(SMALL, num_cameras=c), seed)
+              for c, seed in ((6, 1), (7, 2), (8, 3))]
+    prepared = train.prepare(cfg, scenes, torch.device("cpu"))
+    net = ObservationWeightNet(len(FEATURES)).double()
+    net.fit_normalization(torch.cat([s.features for s in scenes]))
+    ragged = train.loss(cfg, net, prepared, [0, 1, 2])
+    grads = torch.autograd.grad(sum(ragged), list(net.parameters()))
+    weights, scale = common.weights_per_item(net, [s.features for s in scenes])
+    loop = []
+    for k, w in enumerate(weights):
+        p = prepared.problems[k]
+        sol, _ = prepared.layers[k](p.inputs(w, scale, mode=str(value(cfg.model.weight_mode))))
+        e = pose_errors(sol, scenes[k], aim_of(cfg))
+        total = e.rot_deg.mean() + cfg.center_weight * e.center.mean()
+        if cfg.model.supervised:
+            inlier = (~scenes[k].is_outlier).to(w.dtype)
+            total = total + cfg.model.supervised * torch.nn.functional.binary_cross_entropy(
+                w.clamp(1e-12, 1 - 1e-12), inlier)
+        loop.append(total)
+    ref = torch.autograd.grad(sum(loop), list(net.parameters()))
+    torch.testing.assert_close(torch.stack(ragged), torch.stack(loop), rtol=1e-8, atol=1e-10)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)

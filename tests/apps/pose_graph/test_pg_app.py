@@ -453,3 +453,34 @@ def test_strongest_name_is_the_lowest_held_out_ate() -> None:
     assert strongest_name(ref) == "gnc_tls"
     assert strongest_name(ref, among={"best_fixed": 1, "gnc_ariadne": 2}) == "gnc_ariadne"
     assert strongest_name({"ate_baseline": 0.6}) == "baseline"
+
+
+def test_batch_solved_in_one_ragged_call_equals_the_per_graph_loop(
+        tmp_path: Path, app_config, spec: GraphSpec) -> None:
+    """train.loss and train.evaluate solve a batch's graphs (of different sizes) in one
+    OptimizationLayer.ragged call: the losses, the network's gradients and the evaluated poses
+    are the per-graph layer calls' (what the app did before)."""
+    cfg = app_config("pose_graph", tmp_path, "preset=smoke", "model.warm_start=none")
+    samples = [make_sample(spec, seed) for seed in (1, 2, 3)]
+    assert len({s.graph.num_poses for s in samples}) == 3
+    graphs = train.prepare(cfg, samples, torch.device("cpu"))
+    net = EdgeWeightNet(len(FEATURES)).double()
+    net.fit_normalization(torch.cat(graphs.features))
+    ragged = train.loss(cfg, net, graphs, [0, 1, 2])
+    grads = torch.autograd.grad(sum(ragged), list(net.parameters()))
+    weights, scale = common.weights_per_item(net, graphs.features)
+    loop = []
+    for k, w in enumerate(weights):
+        p = graphs.problems[k]
+        sol, _ = graphs.layers[k](p.inputs(w, scale, init=graphs.starts[k]))
+        loop.append(train.pose_loss(sol["poses"], samples[k].truth, samples[k].space)[0])
+    ref = torch.autograd.grad(sum(loop), list(net.parameters()))
+    torch.testing.assert_close(torch.stack(ragged), torch.stack(loop), rtol=1e-9, atol=1e-12)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    _, outputs = train.evaluate(cfg, net, graphs)
+    with torch.no_grad():
+        for k, (w, poses) in enumerate(outputs):
+            sol, _ = graphs.layers[k](graphs.problems[k].inputs(w, scale.detach(),
+                                                                init=graphs.starts[k]))
+            torch.testing.assert_close(poses, sol["poses"][0], rtol=1e-9, atol=1e-9)
