@@ -178,10 +178,11 @@ class OptimizationLayer(nn.Module):
         """Solve ``P`` problems of different structures in one call (``core.ragged``): problem
         ``p`` is ``objectives[p]`` with ``inputs[p]`` (its initial values ``(1, F_p, S)`` and
         input replacements, keys as for ``forward``). Returns each problem's solution
-        (name -> ``(1, F_p, S)``) and one ``Info`` per problem, ``(P,)``, in the layer's
-        backward mode; the layer's own ``objective`` is not used. Bad problems cost only
-        themselves, as bad batch elements do (module docstring): they are set aside and the
-        others solved as the ragged batch without them. ``ValueError`` for an empty list,
+        (name -> ``(1, F_p, S)``) and one ``Info`` per problem, ``(P,)`` (its ``best_values``
+        left empty: the solutions are the values), in the layer's backward mode; the layer's
+        own ``objective`` is not used. Bad problems cost only themselves, as bad batch elements
+        do (module docstring): they are set aside and the others solved as the ragged batch
+        without them. ``ValueError`` for an empty list,
         missing initial values, or problems of mismatched dtypes or devices (naming the
         problem). ``cache``: where merged structures are kept (default
         ``core.ragged.DEFAULT_CACHE``). ``solver``: makes the linear solver of a merged
@@ -248,7 +249,7 @@ class OptimizationLayer(nn.Module):
             else:
                 out.append({k: torch.full_like(v, float("nan")) for k, v in init.items()})
         if info is not None and len(keep) == len(problems):
-            return out, info
+            return out, replace(info, best_values={})
         return out, _spread_info(info, keep, len(problems), causes, ref[2])
 
     def _solve(
