@@ -132,21 +132,24 @@ class SparseCholesky:
     """Sparse direct solver (CPU). ``backend="auto"`` picks the fastest installed one.
 
     With CHOLMOD a batch is factored as one block-diagonal matrix (one call, one symbolic
-    analysis per pattern and batch size). ``mode="auto"`` uses the supernodal factorization for
-    problems of ``supernodal_from`` unknowns or more (sphere2500, n = 15,000: 57 ms vs 153 ms
-    simplicial) and the simplicial one below; the simplicial factor is LDL^T, so positive
-    definiteness is checked on D. Batches of ``batched_from`` elements or more, of problems of at
-    most ``batched_up_to`` unknowns, go to the compiled batched supernodal Cholesky
-    (``core.solvers.compiled``, Numba; any backend): factor + solve of 64 graphs of 256 poses
-    23 ms against CHOLMOD's 66 ms on the block-diagonal matrix; even at B = 6, 3.4x slower at
-    B = 1; B = 8 x 5,000 poses 0.66x CHOLMOD's time (bench/RESULTS.md, "Batched
-    factorization"). ``mode="compiled"`` forces it (needs Numba).
+    analysis per pattern and batch size). ``mode="auto"`` lets CHOLMOD choose supernodal or
+    simplicial from its analysis (supernodal when flops / nnz(L) >= 40), which picked the faster
+    mode on every matrix measured (bench/RESULTS.md: sphere2500 supernodal 70 ms vs 145 ms
+    simplicial; helix graphs of 256 to 10,000 poses simplicial, 1.5-1.75x faster than
+    supernodal); a simplicial factor is LDL^T, so positive definiteness is checked on D (for
+    every mode: D of a supernodal LL^T is read without conversion).
+
+    Batches of ``batched_from`` elements or more, of problems of at most ``batched_up_to``
+    unknowns, go to the compiled batched supernodal Cholesky (``core.solvers.compiled``, Numba;
+    any backend): factor + solve of 64 graphs of 256 poses 23 ms against CHOLMOD's 66 ms on the
+    block-diagonal matrix; even at B = 6, 3.4x slower at B = 1; B = 8 x 5,000 poses 0.66x
+    CHOLMOD's time (bench/RESULTS.md, "Batched factorization"). ``mode="compiled"`` forces it
+    (needs Numba).
     """
 
     backend: Backend = "auto"
     ordering: str = "default"
     mode: Literal["auto", "supernodal", "simplicial", "compiled"] = "auto"
-    supernodal_from: int = 5000
     batched_from: int = 8
     batched_up_to: int = 30000
     _symbolic: PlanCache = field(default_factory=PlanCache, repr=False)
@@ -260,9 +263,7 @@ class SparseCholesky:
         return plan
 
     def _mode(self, n: int) -> str:
-        if self.mode != "auto":
-            return self.mode
-        return "supernodal" if n >= self.supernodal_from else "simplicial"
+        return self.mode  # "auto": CHOLMOD's own choice from the symbolic analysis
 
 
 def _structure(pattern: Pattern, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -291,6 +292,6 @@ def _checked(factorize: Callable[[], Any], mode: str) -> Any:
             factor = factorize()
     except (CholmodNotPositiveDefiniteError, Warning):
         return None
-    if mode == "simplicial" and not bool((factor.D() > 0).all()):
+    if mode != "supernodal" and not bool((factor.D() > 0).all()):
         return None
     return factor

@@ -389,3 +389,22 @@ def test_cholmod_bindings_load_when_the_solver_is_made() -> None:
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif("cholmod" not in BACKENDS, reason="CHOLMOD not installed")
+def test_cholmod_auto_mode_flags_indefinite_matrices_of_either_kind(gen: torch.Generator) -> None:
+    """``mode="auto"`` lets CHOLMOD pick simplicial (a sparse pose graph) or supernodal (a dense
+    80 x 80 block: flops / nnz(L) ~ 53 >= 40); either way an indefinite element is flagged and
+    the others solved exactly."""
+    x = core.Variable("x", core.Vector(80), 1)
+    dense = core.Objective([core.costs.Prior(x, torch.zeros(1, 80, dtype=F64))]).pattern()
+    for pattern in (pose_graph_objective().pattern(), dense):
+        H, A = random_spd(pattern, 3, gen, negate=(1,))
+        zeros = torch.zeros(3, pattern.n, dtype=F64)
+        factor = SparseCholesky(backend="cholmod").factor(H, pattern, zeros)
+        assert factor.ok.tolist() == [True, False, True]
+        b = torch.randn(3, pattern.n, generator=gen, dtype=F64)
+        x_ = factor.solve(b)
+        for k in (0, 2):
+            torch.testing.assert_close(x_[k], torch.linalg.solve(A[k], b[k]), atol=1e-12,
+                                       rtol=1e-12)
