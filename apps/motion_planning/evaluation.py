@@ -147,7 +147,8 @@ def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> T
     """``(B, N, 4)``: the network's initial trajectories for maps ``idx``: of its hypotheses,
     the one whose dense path keeps the largest clearance (``model.select=clearance``; ``-inf``
     where it leaves the map), of lowest planner objective (``cost``; those leaving the map last)
-    or of best score (``score``).
+    or of best score (``score``); with ``model.refine`` the refiner's correction of it, where
+    the corrected path keeps clear of obstacles by the robot radius or by at least as much.
     With ``model.symmetries`` the network also reads each map in the square's other seven
     symmetries (``model.augment``), its plans mapped back: ``8 Hy`` candidates."""
     sdf, start, goal = maps.sdf[idx], maps.start[idx], maps.goal[idx]
@@ -163,6 +164,20 @@ def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> T
         scores = scores.view(8, B, -1).transpose(0, 1).flatten(1, 2)
     else:
         trajs, scores = net(sdf, start, goal)  # (B, Hy, N, 4), (B, Hy)
+    pick = pick_candidate(cfg, maps, trajs, scores, sdf, start, goal)
+    refiner = getattr(getattr(net, "module", net), "refiner", None)
+    if refiner is None:
+        return pick
+    refined = refiner(pick, sdf)[1]
+    before, after = (problem.clearance(t, sdf, maps.spec) for t in (pick, refined))
+    keep = (after > maps.spec.robot_radius) | (after >= before)
+    return torch.where(keep[:, None, None], refined, pick)
+
+
+def pick_candidate(cfg: Any, maps: Maps, trajs: Tensor, scores: Tensor, sdf: Tensor,
+                   start: Tensor, goal: Tensor) -> Tensor:
+    """``(B, N, 4)``: of the candidates ``trajs (B, C, N, 4)``, the one ``model.select``
+    names (:func:`initialization`)."""
     select = str(value(cfg.model.select))
     if select == "score":
         return chosen(trajs, scores)

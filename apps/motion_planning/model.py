@@ -51,13 +51,15 @@ class InitNet(nn.Module):
     Args:
         spec: the maps and planner; channels: widths of the U-Net's levels (each level halves
         the grid); basis: ``K``; lanes: ``L``; width: the corridor's half-width (metres);
-        hypotheses: ``Hy``; window: lanes either side of the best one in the decoding.
+        hypotheses: ``Hy``; window: lanes either side of the best one in the decoding;
+        refiner: an optional second stage (:class:`Refiner`) that corrects a chosen hypothesis.
     """
 
     def __init__(self, spec: MapSpec, channels: tuple[int, ...] = (16, 32, 64),
                  basis: int = 12, lanes: int = 49, width: float = 6.0, hypotheses: int = 8,
-                 window: int = 3) -> None:
+                 window: int = 3, refiner: Refiner | None = None) -> None:
         super().__init__()
+        self.refiner = refiner
         if (len(channels) < 1 or min(channels) < 1 or min(basis, hypotheses) < 1 or lanes < 2
                 or width <= 0 or window < 0):
             raise ValueError(f"model: needs channels >= 1, basis, hypotheses >= 1, lanes >= 2, "
@@ -174,13 +176,25 @@ class InitNet(nn.Module):
         return ((lane == g0[:, None]).float() * (1 - frac[:, None])
                 + (lane == g0[:, None] + 1).float() * frac[:, None])
 
-    def forward(self, sdf: Tensor, start: Tensor, goal: Tensor, lanes: bool = False
-                ) -> tuple[Tensor, ...]:
+    def forward(self, sdf: Tensor, start: Tensor, goal: Tensor, lanes: bool = False,
+                expert: Tensor | None = None) -> tuple[Tensor, ...]:
         """``(B, Hy, N, 4)`` the hypotheses and ``(B, Hy)`` their scores (logits); with
-        ``lanes`` also the ``(B, Hy, L, M)`` lane logits (for the training loss)."""
+        ``lanes`` also the ``(B, Hy, L, M)`` lane logits (for the training loss); with
+        ``expert (B, N, 4)`` and a refiner also, for training it (in the same forward, as
+        DistributedDataParallel wants), the hypothesis closest to the expert ``(B, N, 4)``
+        (detached), the refiner's logits on it ``(B, T, N)`` and its refinement ``(B, N, 4)``."""
         logits, along, scores = self.maps(sdf, start, goal)
         trajs = self.trajectories(start, goal, *self.decode(logits, along))
-        return (trajs, scores, logits) if lanes else (trajs, scores)
+        out = (trajs, scores, logits) if lanes else (trajs, scores)
+        if expert is None or self.refiner is None:
+            return out
+        err = (trajs[..., :2] - expert[:, None, :, :2]).pow(2).sum(-1).mean(-1)  # (B, Hy)
+        near = trajs[torch.arange(len(trajs), device=trajs.device), err.argmin(-1)].detach()
+        return (*out, near, *self.refiner(near, sdf))
+
+    def refine(self, traj: Tensor, sdf: Tensor) -> Tensor:
+        """``(B, N, 4)``: ``traj`` corrected by the refiner (unchanged without one)."""
+        return traj if self.refiner is None else self.refiner(traj, sdf)[1]
 
 
 def lane_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -228,3 +242,86 @@ def restore(traj: Tensor, code: Tensor) -> Tensor:
         return torch.where(sw.view(*shape, 1), p.flip(-1), p) * sign
 
     return torch.cat([points(traj[..., :2]), points(traj[..., 2:])], -1)
+
+
+class Refiner(nn.Module):
+    """A second look along a proposed trajectory: ``forward(traj (B, N, 4), sdf (B, H, W))``
+    gives lateral lane logits ``(B, T, N)`` and the refined trajectory ``(B, N, 4)`` (float64).
+
+    The SDF is resampled on a tube around the trajectory: at each state, ``T`` points across it
+    along its normal (the positions' central-difference tangent turned by 90 degrees), offsets
+    ``u`` in ``[-width, width]``. A small fully convolutional net with dilations along the path
+    gives per state a logit for each offset, "the plan crosses this normal here"; the expected
+    offset under their softmax moves the state along its normal, and the least-squares fit of
+    ``basis`` sine terms (zero at both ends, as in ``apps.motion_planning.problem.curve``) to
+    these moves makes the correction a smooth trajectory with its velocities. The head starts
+    at zero: uniform logits, zero expected offset, so the untrained refiner is the identity.
+    Trained (``apps.motion_planning.train``) by cross-entropy to the expert's offset along each
+    normal and by imitation, on the hypothesis closest to the expert.
+
+    Args: spec: the maps and planner; width: the tube's half-width (metres); lanes: ``T``;
+    channels: width of the convolutions; basis: sine terms of the correction.
+    """
+
+    def __init__(self, spec: MapSpec, width: float = 1.0, lanes: int = 25, channels: int = 32,
+                 basis: int = 24) -> None:
+        super().__init__()
+        if width <= 0 or lanes < 2 or channels < 1 or basis < 1:
+            raise ValueError(f"refiner: needs width > 0, lanes >= 2, channels >= 1, basis >= 1; "
+                             f"got {width}, {lanes}, {channels}, {basis}")
+        self.spec, self.width, self.lanes = spec, width, lanes
+        c = channels
+        layers: list[nn.Module] = []
+        for k, dil in enumerate((1, 2, 4, 8, 1)):
+            layers += [nn.Conv2d(2 if k == 0 else c, c, 3, padding=(1, dil), dilation=(1, dil)),
+                       nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Conv2d(c, 1, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        n = spec.num_states
+        basis = min(basis, n - 2)
+        s = torch.linspace(0, 1, n, dtype=torch.float64)
+        k = torch.arange(1, basis + 1, dtype=torch.float64) * math.pi
+        sin, cos = torch.sin(s[:, None] * k), torch.cos(s[:, None] * k) * k / spec.total_time
+        fit = torch.linalg.pinv(sin)  # (K, N)
+        self.register_buffer("to_p", (sin @ fit).float(), persistent=False)  # (N, N)
+        self.register_buffer("to_v", (cos @ fit).float(), persistent=False)
+
+    def normals(self, traj: Tensor) -> Tensor:
+        """``(B, N, 2)`` unit normals of the positions of ``traj (B, N, 4)``."""
+        p = traj[..., :2].float()
+        t = torch.gradient(p, dim=1)[0]
+        t = t / t.norm(dim=-1, keepdim=True).clamp(min=1e-9)
+        return torch.stack([-t[..., 1], t[..., 0]], -1)
+
+    def offsets(self) -> Tensor:
+        """``(T,)`` the tube's lateral offsets."""
+        return torch.linspace(-self.width, self.width, self.lanes, device=self.head.weight.device)
+
+    def forward(self, traj: Tensor, sdf: Tensor) -> tuple[Tensor, Tensor]:
+        B, N = traj.shape[:2]
+        n, u = self.normals(traj), self.offsets()
+        pts = traj[:, None, :, :2].float() + u[None, :, None, None] * n[:, None]  # (B, T, N, 2)
+        d, _ = sdf_lookup(sdf.float(), pts.flatten(1, 2), self.spec.origin, self.spec.cell)
+        d = (d.view(B, self.lanes, N).clamp(-0.5, 1.5) - 0.5)
+        uu = (u / self.width)[None, :, None].expand(B, self.lanes, N)
+        logits = self.head(self.body(torch.stack([d, uu], 1)))[:, 0]  # (B, T, N)
+        move = (torch.softmax(logits, 1) * u[:, None]).sum(1)[..., None] * n  # (B, N, 2)
+        dp, dv = self.to_p @ move, self.to_v @ move
+        return logits, traj + torch.cat([dp, dv], -1).double()
+
+    def targets(self, traj: Tensor, expert: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, T, N)`` the expert's offset along each normal of ``traj`` as a two-hot
+        distribution over the tube's lanes, and ``(B,)`` whether the expert lies inside the tube
+        (within ``width`` of ``traj`` at every state)."""
+        diff = (expert[..., :2] - traj[..., :2]).float()
+        u = (diff * self.normals(traj)).sum(-1)  # (B, N)
+        inside = diff.norm(dim=-1).amax(-1) < self.width
+        g = ((u / self.width).clamp(-1, 1) + 1) / 2 * (self.lanes - 1)
+        g0 = g.floor().clamp(max=self.lanes - 2)
+        frac = g - g0
+        lane = torch.arange(self.lanes, device=traj.device)[None, :, None]
+        two_hot = ((lane == g0[:, None]).float() * (1 - frac[:, None])
+                   + (lane == g0[:, None] + 1).float() * frac[:, None])
+        return two_hot, inside

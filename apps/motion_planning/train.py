@@ -4,36 +4,41 @@
 ``preset=smoke`` for a run of seconds); the loop, checkpoints and metrics files are
 ``apps.harness.fit``'s. Per step, for a batch of maps (each randomly flipped/transposed): the
 network (``apps.motion_planning.model.InitNet``, a U-Net over the map seen along the start-goal
-line) gives, per hypothesis, lane logits per column, the trajectory decoded from them and a
-score; each hypothesis is rated against the expert by ``loss.lanes * CE(lanes, expert's lanes) +
+line) gives, per hypothesis, lane logits per column, the trajectory decoded from them and a score;
+each hypothesis is rated against the expert by ``loss.lanes * CE(lanes, expert's lanes) +
 loss.initial * |p_h - p_expert|^2``, and the best one (winner takes all) is trained, the scores
-learn to name it (``loss.score * CE(scores, win)``). For the first ``loss.solve_maps`` maps of the
+learn to name it (``loss.score * CE(scores, win)``). With ``model.refine`` (the default) a second
+stage (``apps.motion_planning.model.Refiner``) reads the map on a tube along the hypothesis closest
+to the expert (detached) and moves its states across it, trained by ``loss.refine * (CE(tube
+logits, expert's offsets) + |p_refined - p_expert|^2)`` where the expert lies inside the tube; the
+refined trajectory then replaces the winner below. For the first ``loss.solve_maps`` maps of the
 batch the winner is also handed to the layer, which runs ``optimizer.max_iters`` (K, default 10)
 Levenberg-Marquardt iterations of the planner (``apps.motion_planning.problem``) on them as one
-batched problem, adding ``loss.solution * |p_K - p_expert|^2 + loss.objective * F(x_K) / N``
-(mean squared position errors over the states; ``F`` the planner's objective at the K-iteration
+batched problem, adding ``loss.solution * |p_K - p_expert|^2 + loss.objective * F(x_K) / N`` (mean
+squared position errors over the states; ``F`` the planner's objective at the K-iteration
 solution). The solution terms reach the network through the iterations (``optimizer.backward``:
-``unroll``, the default, or ``truncated``; their gradient is clipped per map, ``loss.clip``);
-with ``implicit`` they carry no gradient to the initialization (the optimum does not depend on
-where the solver starts) and only the imitation terms train the network. At evaluation the
-planner starts from the candidate that keeps farthest from obstacles (``model.select=clearance``),
-of lowest planner objective (``cost``; both evaluate each candidate once, no solve) or of best
-score (``score``); with ``model.symmetries`` the candidates are the network's hypotheses on the
-map in each of its 8 symmetries.
+``unroll``, the default, or ``truncated``; their gradient is clipped per map, ``loss.clip``); with
+``implicit`` they carry no gradient to the initialization (the optimum does not depend on where the
+solver starts) and only the imitation terms train the network. At evaluation the planner starts
+from the candidate that keeps farthest from obstacles (``model.select=clearance``), of lowest
+planner objective (``cost``; both evaluate each candidate once, no solve) or of best score
+(``score``); with ``model.symmetries`` the candidates are the network's hypotheses on the map in
+each of its 8 symmetries; with ``model.refine`` the refiner corrects the chosen one (kept where the
+corrected path stays clear of obstacles by the robot radius, or by at least as much).
 
 Held-out maps (new maps, other seeds), with ``K`` iterations: ``success_rate`` (collision-free at
 the robot radius along the densely interpolated path, inside the map, ends on start and goal),
 ``path_length_ratio`` (to the expert's, over successful plans), ``gp_error`` (the GP prior's cost
 at the plan); ``iterations``: iterations to converge (the optimizer's own test,
 ``optimizer.rel_tol``) from the learned initialization, capped only at ``converge_iters`` (1000;
-``iterations_capped`` says how often it was reached). Baselines, the same planner from the
-straight line: with K iterations (``success_rate_baseline``) and with ``eval_iters``
-(``success_rate_baseline_100``); ``iterations_baseline``: its iterations to converge, measured
-as the learned one's. The harness's headline ``metric`` is ``failure_rate = 1 - success_rate``
-(lower is better).
+``iterations_capped`` says how often it was reached). Baselines, the same planner from the straight
+line: with K iterations (``success_rate_baseline``) and with ``eval_iters``
+(``success_rate_baseline_100``); ``iterations_baseline``: its iterations to converge, measured as
+the learned one's. The harness's headline ``metric`` is ``failure_rate = 1 - success_rate`` (lower
+is better).
 
-Outputs in the run folder: ``metrics.json``, ``metrics.csv``, ``checkpoint.pt``, ``curves.png``
-and ``motion_planning.png`` (a grid of held-out maps with expert, initial and final plans).
+Outputs in the run folder: ``metrics.json``, ``metrics.csv``, ``checkpoint.pt``, ``curves.png`` and
+``motion_planning.png`` (a grid of held-out maps with expert, initial and final plans).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from apps.harness import Run, Task, fit, main_for, reduce_scores
 from apps.motion_planning import evaluation
 from apps.motion_planning.data import Sample, make_dataset
 from apps.motion_planning.evaluation import Maps, prepare_maps
-from apps.motion_planning.model import InitNet, augment, lane_loss
+from apps.motion_planning.model import InitNet, Refiner, augment, lane_loss
 from apps.motion_planning.spec import MapSpec
 
 APP = "motion_planning"
@@ -78,6 +83,12 @@ class ModelConfig:
         augment: train on randomly flipped/transposed maps (the square's 8 symmetries).
         symmetries: at evaluation, also read each map in its 7 other symmetries: ``8 *
             hypotheses`` candidates for the selection (8 network passes, no solve).
+        refine: a second stage (``apps.motion_planning.model.Refiner``) reads the map on a
+            tube along the selected candidate and moves its states across it; kept where the
+            refined path stays clear of obstacles by the robot radius or keeps at least the
+            candidate's clearance (no solve).
+        refine_width: the tube's half-width (metres).
+        refine_lanes: offsets across the tube (the classes of the refiner's logits).
     """
 
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
@@ -89,6 +100,9 @@ class ModelConfig:
     select: Select = Select.clearance  # type: ignore[attr-defined,valid-type]
     augment: bool = True
     symmetries: bool = True
+    refine: bool = True
+    refine_width: float = 1.0
+    refine_lanes: int = 25
 
 
 @dataclass
@@ -101,6 +115,9 @@ class LossConfig:
         score: cross-entropy teaching the scores to name the winner.
         solution: imitation of the expert by the K-iteration solution.
         objective: the planner's objective at the K-iteration solution (per state).
+        refine: cross-entropy of the refiner's logits to the expert's offsets across the tube
+            plus the imitation of the expert by the refined trajectory (on the hypothesis
+            closest to the expert, where the expert lies inside its tube).
         solve_maps: maps of each batch (the first ones) that are also solved by the layer for
             the two solution terms (0: none; the unrolled solve costs far more than the
             network, so the imitation terms see more maps per second).
@@ -114,6 +131,7 @@ class LossConfig:
     score: float = 0.1
     solution: float = 1.0
     objective: float = 1e-3
+    refine: float = 1.0
     solve_maps: int = 2
     clip: float = 1.0
 
@@ -161,7 +179,7 @@ def check(cfg: Any) -> None:
         (cfg.optimizer.max_iters >= 1,
          f"optimizer.max_iters (K) must be >= 1, got {cfg.optimizer.max_iters}"),
         (min(cfg.loss.lanes, cfg.loss.initial, cfg.loss.score, cfg.loss.solution,
-             cfg.loss.objective, cfg.loss.solve_maps) >= 0,
+             cfg.loss.objective, cfg.loss.refine, cfg.loss.solve_maps) >= 0,
          f"loss weights and loss.solve_maps must be >= 0, got {dict(cfg.loss)}"),
     ]
     for ok, message in checks:
@@ -181,8 +199,9 @@ def prepare(cfg: Any, samples: Sequence[Sample], device: torch.device) -> Maps:
 
 def model(cfg: Any, train: Maps) -> InitNet:
     m = cfg.model
+    refiner = Refiner(train.spec, m.refine_width, m.refine_lanes, channels=16) if m.refine else None
     return InitNet(train.spec, tuple(m.channels), m.basis, m.lanes, m.width, m.hypotheses,
-                   m.window).to(train.sdf.device)
+                   m.window, refiner).to(train.sdf.device)
 
 
 def loss(cfg: Any, net: torch.nn.Module, maps: Maps, batch: Sequence[int]
@@ -194,19 +213,29 @@ def loss(cfg: Any, net: torch.nn.Module, maps: Maps, batch: Sequence[int]
     if cfg.model.augment:
         code = torch.randint(0, 8, (len(batch),)).to(idx.device)
         sdf, start, goal, expert = augment(sdf, start, goal, expert, code)
-    trajs, scores, logits = net(sdf, start, goal, lanes=True)  # (B, Hy, N, 4), ...
+    inner = getattr(net, "module", net)  # DDP wraps the net
+    refining = inner.refiner is not None
+    trajs, scores, logits, *second = net(sdf, start, goal, lanes=True,
+                                         expert=expert if refining else None)
     if not len(batch):
         return []
     w = cfg.loss
-    target = getattr(net, "module", net).targets(start, goal, expert)  # DDP wraps the net
+    target = inner.targets(start, goal, expert)
     per_hypothesis = (w.lanes * lane_loss(logits, target)
                       + w.initial * evaluation.imitation(trajs, expert[:, None]))  # (B, Hy)
     best = per_hypothesis.detach().argmin(-1)  # the winner takes all
     total = (per_hypothesis.gather(1, best[:, None])[:, 0]
              + w.score * torch.nn.functional.cross_entropy(scores, best, reduction="none"))
+    init = trajs[torch.arange(len(batch), device=best.device), best]
+    if refining:
+        near, refine_logits, refined = second
+        tube, inside = inner.refiner.targets(near, expert)
+        ce = -(tube * torch.log_softmax(refine_logits, 1)).sum(1).mean(-1)
+        total = total + w.refine * inside * (ce + evaluation.imitation(refined, expert))
+        init = refined
     n = min(int(w.solve_maps), len(batch))
     if n and (w.solution > 0 or w.objective > 0):  # the solve only when its terms count
-        init = trajs[torch.arange(n, device=best.device), best[:n]]
+        init = init[:n]
         solver_init = clip_gradient(init, w.clip) if w.clip > 0 else init
         final, _ = maps.layer(evaluation.layer_inputs(solver_init, sdf[:n], start[:n], goal[:n]))
         solved = (w.solution * evaluation.imitation(final["states"], expert[:n])

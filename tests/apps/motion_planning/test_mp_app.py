@@ -15,7 +15,7 @@ import torch
 
 from apps.motion_planning import data, evaluation, problem, train
 from apps.motion_planning.data import make_dataset, make_samples, signed_distance
-from apps.motion_planning.model import InitNet, augment, chosen, lane_loss, restore
+from apps.motion_planning.model import InitNet, Refiner, augment, chosen, lane_loss, restore
 from apps.motion_planning.planner import check_map, plan
 from apps.motion_planning.spec import MapSpec
 
@@ -136,23 +136,79 @@ def test_lane_targets_decode_to_the_expert(samples: list[data.Sample]) -> None:
     assert bool((loss_true < loss_flat).all())
 
 
-def test_unrolled_planner_trains_the_network(tmp_path: Path, app_config) -> None:
-    """With ``backward=unroll`` the solution terms of the loss reach the network: its gradient
-    differs from the one of the initialization's imitation alone."""
-    cfg = app_config("motion_planning", tmp_path, "optimizer.backward=unroll",
+def test_refiner_starts_as_the_identity_and_its_targets_hold_the_expert(
+        samples: list[data.Sample]) -> None:
+    """The untrained refiner leaves a trajectory as it is; the expert's two-hot offsets across
+    the tube around a shifted expert, read as logits, move it back onto the expert."""
+    sdf, start, goal, expert = stacked(samples)
+    torch.manual_seed(0)
+    ref = Refiner(SMALL, width=1.0, lanes=41, channels=4, basis=18)
+    a = 0.2 * torch.sin(torch.linspace(0, math.pi, SMALL.num_states, dtype=torch.float64))
+    shifted = expert.clone()  # shifted across the path, smoothly, zero at both ends
+    shifted[..., :2] += a[:, None] * ref.normals(expert).double()
+    logits, out = ref(shifted, sdf)
+    assert logits.shape == (len(samples), 41, SMALL.num_states)
+    assert torch.allclose(out, shifted, atol=1e-6)
+    target, inside = ref.targets(shifted, expert)
+    assert bool(inside.all()) and not bool(ref.targets(shifted + 2.0, expert)[1].any())
+    ref.head.bias.data.fill_(0)
+    with torch.no_grad():  # the refiner's decoding of the target logits
+        u = (torch.softmax(target.clamp(min=1e-12).log(), 1) * ref.offsets()[:, None]).sum(1)
+        move = u[..., None] * ref.normals(shifted)
+        back = shifted + torch.cat([ref.to_p @ move, ref.to_v @ move], -1).double()
+    before = float(evaluation.imitation(shifted, expert).mean())
+    assert float(evaluation.imitation(back, expert).mean()) < 0.01 * before
+
+
+def test_refined_initialization_keeps_clear_of_obstacles(tmp_path: Path, app_config) -> None:
+    """``model.refine``: the planner starts from the refiner's correction of the selected
+    candidate, unless the correction brings it closer to obstacles than the robot radius and
+    than the candidate itself; the refiner's loss trains it."""
+    cfg = app_config("motion_planning", tmp_path, "model.symmetries=false", "model.refine=true",
                      "model.augment=false")
+    samples = make_samples(SMALL, list(range(2)))
+    maps = train.prepare(cfg, samples, torch.device("cpu"))
+    net = train.model(cfg, maps)
+    assert isinstance(net.refiner, Refiner)
+    idx = torch.arange(len(maps))
+    refiner, net.refiner = net.refiner, None
+    plain = evaluation.initialization(cfg, net, maps, idx)  # the selected candidates
+    net.refiner = refiner
+    torch.nn.init.normal_(net.refiner.head.weight, std=1.0)  # a refiner that moves states
+    moved = net.refiner(plain, maps.sdf)[1]
+    init = evaluation.initialization(cfg, net, maps, idx)
+    before, after = (problem.clearance(t, maps.sdf, SMALL) for t in (plain, moved))
+    keep = (after > SMALL.robot_radius) | (after >= before)
+    for k in range(len(maps)):
+        assert torch.equal(init[k], moved[k] if keep[k] else plain[k])
+    net.zero_grad()
+    sum(train.loss(cfg, net, maps, [0, 1])).backward()
+    assert net.refiner.head.weight.grad is not None
+    assert bool((net.refiner.head.weight.grad != 0).any())
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_unrolled_planner_trains_the_network(tmp_path: Path, app_config, refine: bool) -> None:
+    """With ``backward=unroll`` the solution terms of the loss reach the network (the stage
+    whose output the planner starts from: the refiner with ``model.refine``): its gradient
+    differs from the one of the imitation terms alone."""
+    cfg = app_config("motion_planning", tmp_path, "optimizer.backward=unroll",
+                     "model.augment=false", f"model.refine={str(refine).lower()}")
     samples = make_samples(SMALL, list(range(2)))
     maps = train.prepare(cfg, samples, torch.device("cpu"))
     torch.manual_seed(0)
     net = train.model(cfg, maps)
     torch.nn.init.normal_(net.head.weight, std=0.01)  # off the straight line
+    head = net.refiner.head if refine else net.head
+    if refine:
+        torch.nn.init.normal_(head.weight, std=0.01)
 
     def grad(**weights: float) -> torch.Tensor:
         for k, v in weights.items():
             cfg.loss[k] = v
         net.zero_grad()
         sum(train.loss(cfg, net, maps, [0, 1])).backward()
-        return net.head.weight.grad.clone()
+        return head.weight.grad.clone()
 
     full = grad(lanes=1.0, initial=1.0, solution=1.0, objective=1e-3)
     alone = grad(lanes=1.0, initial=1.0, solution=0.0, objective=0.0)
