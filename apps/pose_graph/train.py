@@ -132,6 +132,13 @@ class PoseGraphConfig(TrainConfig):
             outliers.
         eval_g2o_gtsam: also run GTSAM's GNC on the real files (slow on the large ones: more
             than 9 minutes for sphere2500 with 20% outliers on 2 CPU cores).
+        ragged: solve a batch's graphs (training and evaluation) in one
+            ``OptimizationLayer.ragged`` call (``core.ragged``) instead of one layer call per
+            graph; same metrics. Off by default: measured no faster for the default run
+            (train 54.8 s both; held-out solve time 0.18 s vs 0.08 s per graph, 2026-12-02,
+            2-core machine under load 4): batches of 4 warm-started graphs of different
+            iteration counts are all carried to the slowest one's (``bench.train_step``'s 16
+            cold-started graphs gain).
     """
 
     epochs: int = 6
@@ -145,6 +152,7 @@ class PoseGraphConfig(TrainConfig):
     eval_g2o: list[str] = field(default_factory=list)
     eval_g2o_outlier_ratio: float = 0.2
     eval_g2o_gtsam: bool = True
+    ragged: bool = False
 
 
 register(APP, PoseGraphConfig)
@@ -185,12 +193,16 @@ def model(cfg: Any, train: Graphs) -> EdgeWeightNet:
 
 def loss(cfg: Any, net: torch.nn.Module, graphs: Graphs, batch: Sequence[int]
          ) -> list[torch.Tensor]:
-    """The RMS pose error of each graph of ``batch`` solved with the network's weights, all
-    graphs of the batch in one ragged layer call (``core.ragged``)."""
+    """The RMS pose error of each graph of ``batch`` solved with the network's weights: one
+    layer call per graph, or (``cfg.ragged``) all of them in one ragged call (``core.ragged``)."""
     weights, scale = common.weights_per_item(net, [graphs.features[k] for k in batch])
     if not batch:
         return []
-    sols, _ = solve_graphs(graphs, list(batch), weights, scale, graphs.starts)
+    if cfg.ragged:
+        sols, _ = solve_graphs(graphs, list(batch), weights, scale, graphs.starts)
+    else:
+        sols = [solve_graphs(graphs, [k], [w], scale, graphs.starts)[0][0]
+                for w, k in zip(weights, batch)]
     return [pose_loss(sol["poses"], graphs.samples[k].truth, graphs.samples[k].space)[0]
             for sol, k in zip(sols, batch)]
 
@@ -200,21 +212,24 @@ def solve_graphs(graphs: Graphs, items: list[int], weights: Sequence[torch.Tenso
                  ) -> tuple[list[dict[str, torch.Tensor]], core.Info]:
     """Graphs ``items`` with loop weights ``weights[i] (L_k,)`` and the robust-loss ``scale``,
     started from ``starts[k]``, solved together by one ``OptimizationLayer.ragged`` call (the
-    layers of all graphs share one configuration); each graph's solution and the per-graph
-    info ``(len(items),)``."""
+    layers of all graphs share one configuration; one graph: its own layer); each graph's
+    solution and the per-graph info ``(len(items),)``."""
     problems = [graphs.problems[k] for k in items]
     inputs = [p.inputs(w, scale, init=starts[k]) for p, w, k in zip(problems, weights, items)]
+    if len(items) == 1:  # its own layer (a same-structure solve)
+        sol, info = graphs.layers[items[0]](inputs[0])
+        return [sol], info
     return graphs.layers[items[0]].ragged([p.objective for p in problems], inputs)
 
 
 @torch.no_grad()
 def evaluate(cfg: Any, net: torch.nn.Module, graphs: Graphs
              ) -> tuple[Scores, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Scores of the learned layer on ``graphs``, solved ``cfg.batch_size`` at a time in one
-    ragged call each (a graph's ``solve_time_s`` is its share of its call); outputs: each
-    graph's weights and solution."""
+    """Scores of the learned layer on ``graphs``, one layer call per graph (``cfg.ragged``:
+    ``batch_size`` graphs per ragged call, a graph's ``solve_time_s`` its share of the call);
+    outputs: each graph's weights and solution."""
     scores, outputs = Scores(), []
-    size = max(1, int(cfg.batch_size))
+    size = max(1, int(cfg.batch_size)) if cfg.ragged else 1
     for first in range(0, len(graphs.samples), size):
         items = list(range(first, min(first + size, len(graphs.samples))))
         weights, scale = common.weights_per_item(net, [graphs.features[k] for k in items])

@@ -563,7 +563,8 @@ def test_batch_solved_in_one_ragged_call_equals_the_per_scene_loop(
     """train.loss solves a batch's scenes (different cameras and tracks) in one
     OptimizationLayer.ragged call (a Schur solver made for the merged scenes): the losses and
     the network's gradients are those of one layer call per scene (what the app did before)."""
-    cfg = app_config("bundle_adjustment", tmp_path, "preset=smoke", f"solver={solver}")
+    cfg = app_config("bundle_adjustment", tmp_path, "preset=smoke", f"solver={solver}",
+                     "ragged=true")
     scenes = [make_scene(replace(SMALL, num_cameras=c), seed)
               for c, seed in ((6, 1), (7, 2), (8, 3))]
     prepared = train.prepare(cfg, scenes, torch.device("cpu"))

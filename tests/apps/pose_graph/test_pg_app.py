@@ -460,7 +460,7 @@ def test_batch_solved_in_one_ragged_call_equals_the_per_graph_loop(
     """train.loss and train.evaluate solve a batch's graphs (of different sizes) in one
     OptimizationLayer.ragged call: the losses, the network's gradients and the evaluated poses
     are the per-graph layer calls' (what the app did before)."""
-    cfg = app_config("pose_graph", tmp_path, "preset=smoke", "model.warm_start=none")
+    cfg = app_config("pose_graph", tmp_path, "preset=smoke", "model.warm_start=none", "ragged=true")
     samples = [make_sample(spec, seed) for seed in (1, 2, 3)]
     assert len({s.graph.num_poses for s in samples}) == 3
     graphs = train.prepare(cfg, samples, torch.device("cpu"))
