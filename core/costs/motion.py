@@ -15,6 +15,11 @@ below are ordinary derivatives.
   one body sphere: ``eps`` = robot radius + safety margin) on a signed distance field ``d``
   sampled on a grid and read by bilinear interpolation (:func:`sdf_lookup`);
   ``dr/dp = -grad d(p)`` where the hinge is active, 0 elsewhere.
+  Options for a planner whose Gauss-Newton model stays right where a state starts or stops
+  touching an obstacle: ``interp="bicubic"`` reads the SDF by Catmull-Rom interpolation
+  (continuous gradient, :func:`sdf_lookup`), and ``smooth = s > 0`` rounds the hinge's kink:
+  with ``u = eps - d``, ``r = 0`` for ``u <= -s/2``, ``(u + s/2)^2 / (2 s)`` for ``|u| < s/2``,
+  ``u`` for ``u >= s/2`` (value and slope continuous; the plain hinge outside the band).
 * Boundary priors (start and goal states) are ``core.costs.Prior`` on the same variable.
 
 The SDF grid (:func:`sdf_lookup`): ``sdf[..., row, col]`` holds the distance at the cell centre
@@ -29,9 +34,11 @@ everywhere (at ``p = c`` the outward term and its gradient are 0).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
+from typing_extensions import assert_never
 
 from core.cost import Cost, make_cost
 from core.costs.pose import _as_index
@@ -115,13 +122,30 @@ def GPMotionPrior(  # noqa: N802 (a Cost constructor)
                      residual_dim=storage)
 
 
-def sdf_lookup(sdf: Tensor, p: Tensor, origin: Sequence[float], cell: float
-               ) -> tuple[Tensor, Tensor]:
-    """Signed distance and its gradient at points ``p (B, E, 2)`` of the grid ``sdf (B|1, H, W)``
-    by bilinear interpolation, with the out-of-map rule of the module docstring.
+Interp = Literal["bilinear", "bicubic"]
 
-    ``origin``: the map's lower-left corner ``(x, y)``; ``cell``: the cell size. Returns
-    ``d (B, E)`` and ``grad (B, E, 2)`` (``d/dx, d/dy``; piecewise constant across cells)."""
+
+def _catmull_rom(f: Tensor) -> tuple[Tensor, Tensor]:
+    """Catmull-Rom weights ``(..., 4)`` of the samples at ``-1, 0, 1, 2`` for fractions ``f`` in
+    ``[0, 1]``, and their derivatives ``d/df``."""
+    f2, f3 = f * f, f * f * f
+    w = torch.stack([-0.5 * f3 + f2 - 0.5 * f, 1.5 * f3 - 2.5 * f2 + 1,
+                     -1.5 * f3 + 2 * f2 + 0.5 * f, 0.5 * f3 - 0.5 * f2], -1)
+    dw = torch.stack([-1.5 * f2 + 2 * f - 0.5, 4.5 * f2 - 5 * f, -4.5 * f2 + 4 * f + 0.5,
+                      1.5 * f2 - f], -1)
+    return w, dw
+
+
+def sdf_lookup(sdf: Tensor, p: Tensor, origin: Sequence[float], cell: float,
+               interp: Interp = "bilinear") -> tuple[Tensor, Tensor]:
+    """Signed distance and its gradient at points ``p (B, E, 2)`` of the grid ``sdf (B|1, H, W)``
+    with the out-of-map rule of the module docstring.
+
+    ``origin``: the map's lower-left corner ``(x, y)``; ``cell``: the cell size; ``interp``:
+    ``"bilinear"`` (gradient piecewise constant across cells) or ``"bicubic"`` (Catmull-Rom
+    over the 4 x 4 nearest samples, edge samples repeated beyond the grid: value and gradient
+    continuous inside the map; it reproduces linear fields exactly). Returns ``d (B, E)`` and
+    ``grad (B, E, 2)`` (``d/dx, d/dy``)."""
     if sdf.ndim != 3 or p.ndim != 3 or p.shape[-1] != 2:
         raise ValueError(f"sdf_lookup: sdf must be (B|1, H, W) and p (B, E, 2), got "
                          f"{tuple(sdf.shape)} and {tuple(p.shape)}")
@@ -137,6 +161,23 @@ def sdf_lookup(sdf: Tensor, p: Tensor, origin: Sequence[float], cell: float
     f = g - g0  # fractions in [0, 1]
     col, row = g0[..., 0].long(), g0[..., 1].long()
     flat = sdf.expand(p.shape[0], H, W).reshape(p.shape[0], H * W)
+    if interp == "bilinear":
+        d, ddx, ddy = _bilinear(flat, row, col, f, W)
+    elif interp == "bicubic":
+        d, ddx, ddy = _bicubic(flat, row, col, f, H, W)
+    else:
+        assert_never(interp)
+    grad = torch.stack([ddx, ddy], -1) / cell * inside
+    out = p - c
+    dist = out.norm(dim=-1)
+    safe = torch.where(dist > 0, dist, torch.ones_like(dist))
+    grad = grad - out / safe[..., None]
+    return d - dist, grad
+
+
+def _bilinear(flat: Tensor, row: Tensor, col: Tensor, f: Tensor, W: int
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """Value and derivatives in grid units from the 2 x 2 samples at ``(row, col)``."""
 
     def at(dr: int, dc: int) -> Tensor:
         return flat.gather(1, (row + dr) * W + col + dc)
@@ -144,14 +185,25 @@ def sdf_lookup(sdf: Tensor, p: Tensor, origin: Sequence[float], cell: float
     v00, v01, v10, v11 = at(0, 0), at(0, 1), at(1, 0), at(1, 1)
     fx, fy = f[..., 0], f[..., 1]
     d = (v00 * (1 - fx) * (1 - fy) + v01 * fx * (1 - fy) + v10 * (1 - fx) * fy + v11 * fx * fy)
-    ddx = ((v01 - v00) * (1 - fy) + (v11 - v10) * fy) / cell
-    ddy = ((v10 - v00) * (1 - fx) + (v11 - v01) * fx) / cell
-    grad = torch.stack([ddx, ddy], -1) * inside
-    out = p - c
-    dist = out.norm(dim=-1)
-    safe = torch.where(dist > 0, dist, torch.ones_like(dist))
-    grad = grad - out / safe[..., None]
-    return d - dist, grad
+    ddx = (v01 - v00) * (1 - fy) + (v11 - v10) * fy
+    ddy = (v10 - v00) * (1 - fx) + (v11 - v01) * fx
+    return d, ddx, ddy
+
+
+def _bicubic(flat: Tensor, row: Tensor, col: Tensor, f: Tensor, H: int, W: int
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Catmull-Rom value and derivatives in grid units from the 4 x 4 samples around
+    ``(row, col)`` (indices clamped to the grid)."""
+    k = torch.arange(-1, 3, device=row.device)
+    rows = (row[..., None] + k).clamp(0, H - 1)  # (B, E, 4)
+    cols = (col[..., None] + k).clamp(0, W - 1)
+    index = (rows[..., :, None] * W + cols[..., None, :]).flatten(1)  # (B, E * 16)
+    v = flat.gather(1, index).view(*row.shape, 4, 4)  # [..., row offset, col offset]
+    wx, dwx = _catmull_rom(f[..., 0])
+    wy, dwy = _catmull_rom(f[..., 1])
+    vx, vdx = (v @ wx[..., None])[..., 0], (v @ dwx[..., None])[..., 0]  # over columns: (B, E, 4)
+    d = (vx * wy).sum(-1)
+    return d, (vdx * wy).sum(-1), (vx * dwy).sum(-1)
 
 
 def CollisionHinge(  # noqa: N802 (a Cost constructor)
@@ -162,12 +214,16 @@ def CollisionHinge(  # noqa: N802 (a Cost constructor)
     eps: float,
     index: Tensor | None = None,
     *,
+    interp: Interp = "bilinear",
+    smooth: float = 0.0,
     weight: float | Tensor | None = None,
     name: str | None = None,
 ) -> Cost:
     """``r = max(0, eps - d(p))`` per state ``variable[index]`` (default: all), ``p`` the first two
     entries of the state, ``d`` the SDF ``sdf`` (``(H, W)``, ``(B, H, W)``) read by
-    :func:`sdf_lookup` (``origin``, ``cell``: the grid's placement).
+    :func:`sdf_lookup` (``origin``, ``cell``: the grid's placement; ``interp``: its
+    interpolation). ``smooth > 0`` rounds the kink over ``|eps - d| < smooth / 2`` (module
+    docstring); the default 0 is the plain hinge.
 
     The SDF is the aux tensor ``"sdf"`` of shape ``(B|1, E, H, W)`` (a stride-0 view along ``E``:
     no copy); a layer input ``"<name>.sdf"`` replaces it: build it with :func:`expand_sdf`."""
@@ -176,23 +232,38 @@ def CollisionHinge(  # noqa: N802 (a Cost constructor)
                          f"entries are a 2D position, got {variable.space}")
     if cell <= 0:
         raise ValueError(f"CollisionHinge: cell must be > 0, got {cell}")
+    if smooth < 0:
+        raise ValueError(f"CollisionHinge: smooth must be >= 0, got {smooth}")
+    if interp not in ("bilinear", "bicubic"):
+        raise ValueError(f"CollisionHinge: interp must be 'bilinear' or 'bicubic', got {interp!r}")
     idx = torch.arange(variable.count) if index is None else _as_index(index, "CollisionHinge")
     grid = expand_sdf(sdf, idx.shape[0])
     dof = variable.space.dof
 
     def hinge(xs: list[Tensor], aux: list[Tensor], jacobians: bool):
         x = xs[0]
-        d, grad = sdf_lookup(aux[0][:, 0], x[..., :2], origin, cell)
-        active = (eps - d > 0).to(x.dtype)
-        r = ((eps - d) * active)[..., None]
+        d, grad = sdf_lookup(aux[0][:, 0], x[..., :2], origin, cell, interp)
+        r, slope = smoothed_hinge(eps - d, smooth)
         if not jacobians:
-            return r, None
+            return r[..., None], None
         rest = x.new_zeros(*x.shape[:2], dof - 2)
-        J = torch.cat([-grad * active[..., None], rest], -1)[..., None, :]
-        return r, [J]
+        J = torch.cat([-grad * slope[..., None], rest], -1)[..., None, :]
+        return r[..., None], [J]
 
     return make_cost(None, [variable], {"sdf": grid}, index=[idx], weight=weight,
                      name=name or f"collision_{variable.name}", analytic=hinge, residual_dim=1)
+
+
+def smoothed_hinge(u: Tensor, smooth: float) -> tuple[Tensor, Tensor]:
+    """``max(0, u)`` with its kink rounded over ``|u| < smooth / 2`` (module docstring), and its
+    slope ``dr/du``; ``smooth = 0``: the plain hinge (slope 0 at ``u = 0``)."""
+    if smooth <= 0:
+        active = (u > 0).to(u.dtype)
+        return u * active, active
+    half = 0.5 * smooth
+    band = (u + half).clamp(0, smooth)  # 0 below the band, smooth above it
+    r = torch.where(u >= half, u, band * band / (2 * smooth))
+    return r, band / smooth
 
 
 def expand_sdf(sdf: Tensor, num_factors: int) -> Tensor:

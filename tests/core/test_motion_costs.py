@@ -178,3 +178,95 @@ def test_planner_goes_around_a_disc() -> None:
                                                                           {"x": init})
     d, _ = sdf_lookup(sdf, solution.values["x"][..., :2], (-2.0, -2.0), cell)
     assert bool((d > 0.15).all()), d.min(1).values
+
+
+def kink_crossing_points(sdf: torch.Tensor, eps: float, count: int, seed: int) -> torch.Tensor:
+    """States inside the map whose bicubic distance is near ``eps`` (across the hinge's kink)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.rand(sdf.shape[0], 4000, 2, generator=gen, dtype=torch.float64) * torch.tensor(
+        [2.5, 1.5], dtype=torch.float64) + torch.tensor([-0.8, -1.8], dtype=torch.float64)
+    d, _ = sdf_lookup(sdf, p, ORIGIN, CELL, "bicubic")
+    near = (d - eps).abs().argsort(-1)[:, :count]  # the closest to the kink, on both sides
+    x = torch.randn(sdf.shape[0], count, 4, generator=gen, dtype=torch.float64)
+    x[..., :2] = p.gather(1, near[..., None].expand(-1, -1, 2))
+    return x
+
+
+@pytest.mark.parametrize("smooth", [0.1, 0.4])
+def test_smooth_hinge_jacobians_match_finite_differences_across_the_kink(smooth: float) -> None:
+    """Bicubic SDF + rounded hinge: analytic Jacobians equal central differences everywhere,
+    also at states within the rounded band around ``d = eps`` (and away from it, beyond the map
+    included)."""
+    sdf = random_sdf(2, seed=5)
+    states = core.Variable("x", core.Vector(4), count=9)
+    cost = CollisionHinge(states, sdf, ORIGIN, CELL, eps=0.5, interp="bicubic", smooth=smooth)
+    for x in (kink_crossing_points(sdf, 0.5, 9, seed=1), off_grid_points(2, 9, seed=2)):
+        J, Jn = assembled(cost, x), numeric_jacobian(cost, "x", x)
+        assert torch.allclose(J, Jn, atol=1e-6)
+        assert bool((J != 0).any())
+    d, _ = sdf_lookup(sdf, kink_crossing_points(sdf, 0.5, 9, 1)[..., :2], ORIGIN, CELL, "bicubic")
+    assert bool(((0.5 - d).abs() < smooth / 2).all())  # the first set lies in the band
+
+
+def test_bicubic_lookup_gradcheck_exact_at_centres_and_linear_fields() -> None:
+    sdf = random_sdf(1)
+    p = off_grid_points(1, 20, seed=3)[..., :2].requires_grad_()
+    torch.autograd.gradcheck(lambda q: sdf_lookup(sdf, q, ORIGIN, CELL, "bicubic")[0], (p,))
+    d, grad = sdf_lookup(sdf, p, ORIGIN, CELL, "bicubic")
+    (auto,) = torch.autograd.grad(d.sum(), p)
+    assert torch.allclose(grad, auto)
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(12), indexing="ij")
+    centres = torch.stack([ORIGIN[0] + (cols + 0.5) * CELL, ORIGIN[1] + (rows + 0.5) * CELL], -1)
+    d, _ = sdf_lookup(sdf, centres.reshape(1, -1, 2).double(), ORIGIN, CELL, "bicubic")
+    assert torch.allclose(d, sdf.reshape(1, -1))
+    # a linear field is reproduced exactly away from the edge cells (Catmull-Rom is exact there)
+    plane = (0.3 * centres[..., 0] - 0.7 * centres[..., 1] + 0.2)[None].double()
+    q = torch.tensor([[[-0.3, -1.4], [0.61, -0.77], [1.1, -1.05]]], dtype=torch.float64)
+    d, grad = sdf_lookup(plane, q, ORIGIN, CELL, "bicubic")
+    assert torch.allclose(d, 0.3 * q[..., 0] - 0.7 * q[..., 1] + 0.2)
+    assert torch.allclose(grad, torch.tensor([0.3, -0.7], dtype=torch.float64).expand_as(grad))
+
+
+def test_bicubic_gradient_and_smooth_hinge_are_continuous() -> None:
+    """Along a line through many cells: the bilinear gradient jumps at cell-centre lines, the
+    bicubic one does not; the rounded hinge's residual and slope have no jump at ``d = eps``."""
+    sdf = random_sdf(1, seed=7)
+    t = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    p = torch.stack([-0.8 + 2.5 * t, -1.7 + 1.4 * t], -1)[None]
+    steps = {}
+    for interp in ("bilinear", "bicubic"):
+        _, grad = sdf_lookup(sdf, p, ORIGIN, CELL, interp)  # type: ignore[arg-type]
+        steps[interp] = float((grad[0, 1:] - grad[0, :-1]).norm(dim=-1).max())
+    assert steps["bicubic"] < 0.05 < steps["bilinear"]
+    from core.costs.motion import smoothed_hinge
+
+    u = torch.linspace(-0.3, 0.3, 60001, dtype=torch.float64)
+    r, slope = smoothed_hinge(u, 0.2)
+    assert float((r[1:] - r[:-1]).abs().max()) < 1e-4
+    assert float((slope[1:] - slope[:-1]).abs().max()) < 1e-3
+    assert torch.equal(r[u >= 0.1], u[u >= 0.1]) and bool((r[u <= -0.1] == 0).all())
+    assert bool((r >= u.clamp(min=0)).all())  # never cheaper than the plain hinge
+    r0, slope0 = smoothed_hinge(u, 0.0)
+    assert torch.equal(r0, u.clamp(min=0)) and torch.equal(slope0, (u > 0).double())
+
+
+def test_bicubic_out_of_map_points_continue_the_edge_value() -> None:
+    """The out-of-map rule is the same with the bicubic lookup: finite, never wrapped."""
+    sdf = torch.zeros(1, 8, 12, dtype=torch.float64)
+    sdf[0, :, -1] = 5.0
+    left, right = ORIGIN[0] + 0.5 * CELL, ORIGIN[0] + 11.5 * CELL
+    p = torch.tensor([[[left - 0.3, -1.0], [right + 0.3, -1.0], [right + 1e6, -1e6],
+                       [0.0, -1e9]]], dtype=torch.float64)
+    d, grad = sdf_lookup(sdf, p, ORIGIN, CELL, "bicubic")
+    assert d[0, 0] == pytest.approx(-0.3) and d[0, 1] == pytest.approx(5.0 - 0.3)
+    assert torch.isfinite(d).all() and torch.isfinite(grad).all()
+    assert grad[0, 0, 0] == pytest.approx(1.0) and grad[0, 1, 0] == pytest.approx(-1.0)
+    assert grad[0, 3, 1] == pytest.approx(1.0)
+
+
+def test_bad_smoothing_options_are_named() -> None:
+    states = core.Variable("x", core.Vector(4), count=3)
+    with pytest.raises(ValueError, match="smooth must be >= 0"):
+        CollisionHinge(states, torch.zeros(8, 8), ORIGIN, CELL, 0.1, smooth=-0.1)
+    with pytest.raises(ValueError, match="interp must be"):
+        CollisionHinge(states, torch.zeros(8, 8), ORIGIN, CELL, 0.1, interp="nearest")  # type: ignore[arg-type]
