@@ -65,8 +65,10 @@ def applies(cost: Cost, values: Mapping[str, Tensor]) -> bool:
     if not usable:
         return False
     grad = torch.is_grad_enabled()
-    if grad and any(t.requires_grad for t in tensors):
-        return False
+    if grad:
+        for t in tensors:  # a loop, not any(<generator>): no Python call per tensor
+            if t.requires_grad:
+                return False
     for v in cost.optimized:
         x = values[v.name]
         if x.device.type != "cpu" or x.dtype != torch.float64 or (grad and x.requires_grad):
@@ -75,7 +77,8 @@ def applies(cost: Cost, values: Mapping[str, Tensor]) -> bool:
 
 
 def _array(t: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().numpy())
+    a = t.detach().numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _lead(t: Tensor, ndim: int) -> np.ndarray:
