@@ -5,7 +5,8 @@ One trajectory is the variable ``"states"``: ``Vector(4)`` x ``N`` support state
 
 * ``"gp"``: the constant-velocity GP prior between consecutive states (``core.costs``);
 * ``"collision"``: the hinge ``max(0, eps - d(p))`` on each state's position, ``d`` the map's SDF
-  (bilinear; the layer input ``"collision.sdf"`` holds the batch's maps);
+  (``spec.sdf_interp``, the kink rounded over ``spec.hinge_smooth``; the layer input
+  ``"collision.sdf"`` holds the batch's maps);
 * ``"start"``, ``"goal"``: priors on the first and last positions (velocities are left free: the
   GP prior alone sets them; inputs ``"start.target"``, ``"goal.target"``).
 
@@ -41,7 +42,9 @@ def make_objective(spec: MapSpec, dtype: torch.dtype = torch.float64) -> core.Ob
         core.costs.GPMotionPrior(states, spec.dt, spec.qc, dtype=dtype, name="gp"),
         core.costs.CollisionHinge(states, torch.zeros(spec.size, spec.size, dtype=dtype),
                                   spec.origin, spec.cell, spec.eps,
-                                  weight=spec.collision_weight, name="collision"),
+                                  interp=spec.sdf_interp,  # type: ignore[arg-type]
+                                  smooth=spec.hinge_smooth, weight=spec.collision_weight,
+                                  name="collision"),
         core.costs.Prior(states, zero, index=0, weight=ends, name="start"),
         core.costs.Prior(states, zero, index=n - 1, weight=ends, name="goal"),
     ])

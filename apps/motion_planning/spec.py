@@ -29,6 +29,11 @@ class MapSpec:
         robot_radius: the robot is a disc of this radius (success: clearance > radius).
         safety: the collision hinge's margin beyond the radius (``eps = robot_radius + safety``).
         collision_weight: weight of the collision hinge's residual.
+        sdf_interp: how the planner reads the SDF: ``bilinear`` (gradient piecewise constant
+            across cells) or ``bicubic`` (Catmull-Rom: continuous gradient); see
+            ``core.costs.motion.sdf_lookup``. Success is always judged on the bilinear SDF.
+        hinge_smooth: width over which the collision hinge's kink at ``d = eps`` is rounded
+            (``core.costs.motion.smoothed_hinge``; 0: the plain hinge ``max(0, eps - d)``).
         boundary_weight: weight of the start/goal position priors.
         expert_iters: Levenberg-Marquardt iterations of the expert's long solves.
         goal_tolerance: a plan reaches the goal (and leaves the start) within this distance.
@@ -48,6 +53,8 @@ class MapSpec:
     robot_radius: float = 0.3
     safety: float = 0.15
     collision_weight: float = 100.0
+    sdf_interp: str = "bilinear"
+    hinge_smooth: float = 0.2
     boundary_weight: float = 100.0
     expert_iters: int = 150
     goal_tolerance: float = 0.1
@@ -67,6 +74,9 @@ class MapSpec:
             (self.total_time > 0, f"data.total_time must be > 0, got {self.total_time}"),
             (self.qc > 0, f"data.qc must be > 0, got {self.qc}"),
             (self.robot_radius > 0, f"data.robot_radius must be > 0, got {self.robot_radius}"),
+            (self.sdf_interp in ("bilinear", "bicubic"),
+             f"data.sdf_interp must be 'bilinear' or 'bicubic', got {self.sdf_interp!r}"),
+            (self.hinge_smooth >= 0, f"data.hinge_smooth must be >= 0, got {self.hinge_smooth}"),
             (self.safety >= 0, f"data.safety must be >= 0, got {self.safety}"),
             (0 < self.min_distance < 2 * self.extent,
              f"data.min_distance must be in (0, {2 * self.extent}), got {self.min_distance}"),

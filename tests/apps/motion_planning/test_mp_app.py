@@ -166,7 +166,7 @@ def test_refined_initialization_keeps_clear_of_obstacles(tmp_path: Path, app_con
     than the candidate itself; the refiner's loss trains it."""
     cfg = app_config("motion_planning", tmp_path, "model.symmetries=false", "model.refine=true",
                      "model.augment=false")
-    samples = make_samples(SMALL, list(range(2)))
+    samples = make_samples(SMALL, [4, 5])  # experts within the refiner's tube of the line
     maps = train.prepare(cfg, samples, torch.device("cpu"))
     net = train.model(cfg, maps)
     assert isinstance(net.refiner, Refiner)
@@ -194,7 +194,7 @@ def test_unrolled_planner_trains_the_network(tmp_path: Path, app_config, refine:
     differs from the one of the imitation terms alone."""
     cfg = app_config("motion_planning", tmp_path, "optimizer.backward=unroll",
                      "model.augment=false", f"model.refine={str(refine).lower()}")
-    samples = make_samples(SMALL, list(range(2)))
+    samples = make_samples(SMALL, [4, 5])  # experts within the refiner's tube of the line
     maps = train.prepare(cfg, samples, torch.device("cpu"))
     torch.manual_seed(0)
     net = train.model(cfg, maps)
@@ -271,6 +271,8 @@ def test_bad_start_and_goal_are_named() -> None:
 def test_bad_settings_are_named(tmp_path: Path, app_config) -> None:
     for override, message in [("data.kinds=[forest,maze]", "data.kinds must be"),
                               ("data.gap=0.5", "data.gap must exceed"),
+                              ("data.sdf_interp=nearest", "data.sdf_interp must be"),
+                              ("data.hinge_smooth=-0.1", "data.hinge_smooth must be >= 0"),
                               ("eval_iters=0", "eval_iters must be >= 1"),
                               ("converge_iters=0", "converge_iters must be >= 1"),
                               ("optimizer.max_iters=0", "max_iters")]:
