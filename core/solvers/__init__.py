@@ -35,11 +35,18 @@ __all__ = [
 ]
 
 
+#: the largest system ``"auto"`` factors densely on CUDA without cuDSS (``make_solver``)
+DENSE_CUDA_MAX = 4000
+
+
 def make_solver(name: SolverName | LinearSolver, n: int, device: str = "cpu") -> LinearSolver:
     """A solver from its name. ``"auto"``: dense for ``n <= 500``; above, sparse Cholesky on the
-    CPU, cuDSS on CUDA when installed (else dense). ``"supernodal"``: the batched supernodal
-    Cholesky in torch (``core.solvers.supernodal``; CPU or CUDA, one symbolic analysis for a
-    same-structure batch; not chosen by ``"auto"`` until measured faster, see bench/RESULTS.md)."""
+    CPU; on CUDA cuDSS when installed, else dense up to ``DENSE_CUDA_MAX`` unknowns and the
+    batched supernodal Cholesky above (a dense factor needs ``8 n^2`` bytes per batch element:
+    3.2 GB at 20,000 unknowns, which is where a GPU batch runs out of memory; the sparse factor
+    grows with its fill). ``"supernodal"``: the batched supernodal Cholesky in torch
+    (``core.solvers.supernodal``; CPU or CUDA, one symbolic analysis for a same-structure batch;
+    on the CPU ``"sparse"`` runs its compiled form for batches, see bench/RESULTS.md)."""
     if not isinstance(name, str):
         return name
     if name == "auto":
@@ -49,7 +56,8 @@ def make_solver(name: SolverName | LinearSolver, n: int, device: str = "cpu") ->
         elif on_cpu:
             name = "sparse"
         else:
-            name = "cudss" if cudss.available() else "dense"
+            name = "cudss" if cudss.available() else (
+                "dense" if n <= DENSE_CUDA_MAX else "supernodal")
     if name == "dense":
         return DenseCholesky()
     if name == "sparse":

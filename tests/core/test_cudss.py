@@ -56,8 +56,10 @@ def test_cudss_rejects_cpu_tensors() -> None:
 def test_make_solver_names_cudss() -> None:
     assert isinstance(make_solver("cudss", 10), CuDSS)
     assert isinstance(make_solver("auto", 10_000, "cpu"), core.solvers.SparseCholesky)
-    expected = CuDSS if cudss_module.available() else core.solvers.DenseCholesky
+    expected = CuDSS if cudss_module.available() else core.solvers.SupernodalCholesky
     assert isinstance(make_solver("auto", 10_000, "cuda"), expected)
+    small = CuDSS if cudss_module.available() else core.solvers.DenseCholesky
+    assert isinstance(make_solver("auto", 2_000, "cuda"), small)
 
 
 # --------------------------------------------------------------------------- on a GPU
