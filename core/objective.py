@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -327,49 +328,55 @@ class Objective:
     @cached_property
     def _cpu_pattern(self) -> Pattern:
         """Block-level symbolic assembly: every variable element is a block; the unique block
-        pairs (one sort over ``E k^2`` keys, not ``E D^2``) give the scalar CSC structure."""
-        sizes = torch.cat([torch.full((v.count,), v.space.dof) for v in self.variables])
-        starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-        num_blocks, first, k = sizes.numel(), {}, 0
+        pairs (one sort over ``E k^2`` keys, not ``E D^2``) give the scalar CSC structure. In
+        NumPy: dozens of small index operations, each of which in torch could wake its OpenMP
+        threads (on a loaded machine that cost more than the arithmetic)."""
+        sizes = np.concatenate([np.full(v.count, v.space.dof, np.int64) for v in self.variables])
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        num_blocks, first, k = sizes.size, {}, 0
         for v in self.variables:
             first[v.name], k = k, k + v.count
         blocks = [
-            torch.stack([first[v.name] + i.cpu() for v, i in zip(c.optimized, c.index)], 1)
+            np.stack([first[v.name] + i.cpu().numpy().astype(np.int64)
+                      for v, i in zip(c.optimized, c.index)], 1)
             for c in self.costs
         ]  # (E, k): block of each slot
-        keys = torch.cat([(b[:, None, :] * num_blocks + b[:, :, None]).reshape(-1) for b in blocks])
-        unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)  # CSC block order
+        keys = np.concatenate([(b[:, None, :] * num_blocks + b[:, :, None]).reshape(-1)
+                               for b in blocks])
+        unique, inverse = np.unique(keys, return_inverse=True)  # CSC block order
+        inverse = inverse.reshape(-1)
         R, C = unique % num_blocks, unique // num_blocks
         dR = sizes[R]
-        below = dR.cumsum(0) - dR
-        row_offset = below - below[torch.searchsorted(C, C)]  # rows above, in the block column
-        col_nnz = sizes.new_zeros(num_blocks).index_add(0, C, dR)
+        below = np.cumsum(dR) - dR
+        row_offset = below - below[np.searchsorted(C, C)]  # rows above, in the block column
+        col_nnz = np.bincount(C, weights=dR, minlength=num_blocks).astype(np.int64)
         if bool((col_nnz == 0).any()):
-            free = int(starts[torch.nonzero(col_nnz == 0)[0]])
+            free = int(starts[np.flatnonzero(col_nnz == 0)[0]])
             raise ValueError(f"unknown {free} ({self.describe_column(free)}) appears in no cost")
-        per_column = col_nnz.repeat_interleave(sizes)
-        indptr = torch.cat([per_column.new_zeros(1), per_column.cumsum(0)])
+        per_column = np.repeat(col_nnz, sizes)
+        indptr = np.concatenate([[0], np.cumsum(per_column)]).astype(np.int64)
         n, nnz = self.dim, int(indptr[-1])
-        rows = torch.empty(nnz, dtype=torch.long)
+        rows = np.empty(nnz, dtype=np.int64)
         dC = sizes[C]
-        kinds = torch.unique(dR * (int(sizes.max()) + 1) + dC)  # the (rows, cols) block shapes
-        for kind in kinds.tolist():
-            dr, dc = divmod(kind, int(sizes.max()) + 1)
-            u = torch.nonzero((dR == dr) & (dC == dc))[:, 0]
-            q, p = torch.arange(dc), torch.arange(dr)
+        top = int(sizes.max()) + 1
+        for kind in np.unique(dR * top + dC).tolist():  # the (rows, cols) block shapes
+            dr, dc = divmod(kind, top)
+            u = np.flatnonzero((dR == dr) & (dC == dc))
+            q, p = np.arange(dc), np.arange(dr)
             at = indptr[starts[C[u]][:, None, None] + q[:, None]] + row_offset[u][:, None, None] + p
-            rows[at.reshape(-1)] = (starts[R[u]][:, None, None] + p).expand_as(at).reshape(-1)
-        cols = torch.arange(n).repeat_interleave(per_column)
-        own = torch.searchsorted(unique, torch.arange(num_blocks) * (num_blocks + 1))
-        local = torch.arange(n) - starts.repeat_interleave(sizes)
-        diag = indptr[:-1] + row_offset[own].repeat_interleave(sizes) + local
+            rows[at.reshape(-1)] = np.broadcast_to(starts[R[u]][:, None, None] + p,
+                                                   at.shape).reshape(-1)
+        cols = np.repeat(np.arange(n), per_column)
+        own = np.searchsorted(unique, np.arange(num_blocks) * (num_blocks + 1))
+        local = np.arange(n) - np.repeat(starts, sizes)
+        diag = indptr[:-1] + np.repeat(row_offset[own], sizes) + local
         positions, columns, done = [], [], 0
         for c, b in zip(self.costs, blocks):
             E, slots = b.shape
-            dofs = torch.tensor([v.space.dof for v in c.optimized])
-            slot = torch.arange(slots).repeat_interleave(dofs)  # (D,)
-            within = torch.arange(int(dofs.sum())) - (dofs.cumsum(0) - dofs)[slot]
-            u = inverse[done : done + E * slots * slots].view(E, slots, slots)
+            dofs = np.array([v.space.dof for v in c.optimized], np.int64)
+            slot = np.repeat(np.arange(slots), dofs)  # (D,)
+            within = np.arange(int(dofs.sum())) - (np.cumsum(dofs) - dofs)[slot]
+            u = inverse[done : done + E * slots * slots].reshape(E, slots, slots)
             done += E * slots * slots
             col = starts[b][:, slot] + within  # (E, D) global columns
             # rows above each slot pair's block in its column, (E, k, k) -> (E, D, D) in one
@@ -378,9 +385,10 @@ class Objective:
             pos = row_offset[u][:, slot[:, None], slot[None, :]]
             pos += indptr[col][:, None, :]
             pos += within[:, None]
-            positions.append(pos)
-            columns.append(col)
-        return Pattern(n, indptr, rows, cols, diag, tuple(positions), tuple(columns))
+            positions.append(torch.from_numpy(pos))
+            columns.append(torch.from_numpy(col))
+        return Pattern(n, *(torch.from_numpy(a) for a in (indptr, rows, cols, diag)),
+                       tuple(positions), tuple(columns))
 
     def describe_column(self, col: int) -> str:
         """Human-readable name of unknown ``col``, e.g. ``poses[12].3``."""
