@@ -107,6 +107,30 @@ def test_schur_matches_direct_solve(gen: torch.Generator, reduced: str, shared: 
         torch.testing.assert_close(x, sparse, rtol=0, atol=1e-9 * scale)
 
 
+def test_auto_factors_a_block_diagonal_reduced_system_sparsely(gen: torch.Generator) -> None:
+    """reduced="auto": dense for a filled S, sparse (on the CPU) for the block-diagonal S of a
+    ragged batch of scenes, the same solution either way."""
+    from core import ragged
+
+    objective, lin = ba_system(gen, batch=1)
+    solver = Schur(objective, "points")
+    reduced = solver.maps(lin.pattern).reduced
+    assert reduced.nnz >= 0.25 * reduced.n**2 and solver.dense(reduced, torch.device("cpu"))
+    scenes = [synthetic_ba(gen, num_cameras=c, num_points=20 + c) for c in (5, 6, 7, 8, 9)]
+    batch = ragged.merge([core.Objective([cost]) for _, cost, _ in scenes],
+                         cache=ragged.RaggedCache(1))
+    lin = core.linearize(batch.objective, batch.join_values([init for _, _, init in scenes]))
+    auto = Schur(batch.objective, "points")
+    reduced = auto.maps(lin.pattern).reduced
+    assert reduced.nnz < 0.25 * reduced.n**2
+    assert not auto.dense(reduced, torch.device("cpu"))
+    assert auto.dense(reduced, torch.device("meta"))  # off the CPU: dense up to dense_max
+    damping = torch.full_like(lin.g, 1e-2)
+    x = auto.factor(lin.H, lin.pattern, damping).solve(-lin.g)
+    expected = dense_solve(lin, damping, -lin.g)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-9 * float(expected.abs().max()))
+
+
 def test_schur_eliminating_cameras_too(gen: torch.Generator) -> None:
     """Any variable with a block-diagonal block can be eliminated, e.g. the intrinsics."""
     objective, lin = ba_system(gen, batch=1)
