@@ -54,7 +54,7 @@ class MapSpec:
     safety: float = 0.15
     collision_weight: float = 100.0
     sdf_interp: str = "bilinear"
-    hinge_smooth: float = 0.2
+    hinge_smooth: float = 0.3
     boundary_weight: float = 100.0
     expert_iters: int = 150
     goal_tolerance: float = 0.1
