@@ -378,11 +378,13 @@ class Objective:
             within = np.arange(int(dofs.sum())) - (np.cumsum(dofs) - dofs)[slot]
             u = inverse[done : done + E * slots * slots].reshape(E, slots, slots)
             done += E * slots * slots
-            col = starts[b][:, slot] + within  # (E, D) global columns
+            # C order (NumPy lays a slice-then-arrays gather out column-major): the compiled
+            # kernels read these in place (core.fused keeps views, no copy per linearization)
+            col = np.ascontiguousarray(starts[b][:, slot] + within)  # (E, D) global columns
             # rows above each slot pair's block in its column, (E, k, k) -> (E, D, D) in one
             # gather, then the column starts and the rows within the block added in place (no
             # further (E, D, D) temporaries: each would be fresh pages, 50 MB for BA)
-            pos = row_offset[u][:, slot[:, None], slot[None, :]]
+            pos = np.ascontiguousarray(row_offset[u][:, slot[:, None], slot[None, :]])
             pos += indptr[col][:, None, :]
             pos += within[:, None]
             positions.append(torch.from_numpy(pos))

@@ -265,10 +265,11 @@ def _merge_patterns(objectives: Sequence[Objective], costs: list, order: dict,
     P = len(objectives)
     for _, members, _ in costs:
         pats = [objectives[p]._cpu_pattern for p, _ in members]
-        positions.append(torch.from_numpy(np.concatenate(
-            [where[p][pat.positions[k].numpy()] for (p, k), pat in zip(members, pats)])))
-        columns.append(torch.from_numpy(np.concatenate(
-            [maps[p][pat.columns[k].numpy()] for (p, k), pat in zip(members, pats)])))
+        # C order: the compiled kernels read the maps in place (core.fused keeps views)
+        positions.append(torch.from_numpy(np.ascontiguousarray(np.concatenate(
+            [where[p][pat.positions[k].numpy()] for (p, k), pat in zip(members, pats)]))))
+        columns.append(torch.from_numpy(np.ascontiguousarray(np.concatenate(
+            [maps[p][pat.columns[k].numpy()] for (p, k), pat in zip(members, pats)]))))
         sizes = np.zeros(P, np.int64)
         for p, k in members:
             sizes[p] += objectives[p].costs[k].num_factors
