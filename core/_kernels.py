@@ -1,16 +1,19 @@
 """Compiled (Numba) CPU kernels: fused linearization of the library's pose and reprojection costs.
 
 One kernel per cost type evaluates, for every batch element ``b`` and factor ``e``, the residual,
-its Jacobian blocks, the weighting ``W = w U`` and the products ``J^T J`` / ``J^T r``, and adds
-them straight into the normal equations' values ``H (B, nnz)``, ``g (B, n)`` and the cost
-``(B,)``. Every formula is the torch reference's (``core.lie``, ``core.costs``), written out per
-element with the same Taylor series, thresholds and branch choices, so the two paths agree to
-rounding (``tests/core/test_kernels.py`` holds them equal to 1e-12). ``core.fused`` decides when
-a kernel is used; nothing here is differentiable.
+its Jacobian blocks, the weighting ``W = w U``, the robust loss's IRLS weight and the products
+``J^T J`` / ``J^T r``, and adds them straight into the normal equations' values ``H (B, nnz)``,
+``g (B, n)`` and the cost ``(B, P)`` (``P`` problems of a ragged batch, factor ``e``'s problem
+``grp[e]``; ``P = 1`` and ``grp`` empty otherwise). Every formula is the torch reference's
+(``core.lie``, ``core.costs``, ``core.loss``), written out per element with the same Taylor
+series, thresholds and branch choices, so the two paths agree to rounding
+(``tests/core/test_kernels.py`` holds them equal to 1e-12). ``core.fused`` decides when a kernel
+is used; nothing here is differentiable.
 
 Array conventions (all C-contiguous): values ``(B, F, S)`` float64; indices ``(E,)`` int64;
 measurements ``(B|1, E, S)``; ``U (B|1, E|1, d, d)`` (``has_u`` False: identity) and ``w (B|1,
-E|1, d|1)``; ``pos (E, D, D)`` and ``col (E, D)`` int64 from ``Objective.pattern``.
+E|1, d|1)``; ``pos (E, D, D)`` and ``col (E, D)`` int64 from ``Objective.pattern``; ``kind``
+the robust loss's code (``LOSSES``, 0: none) and ``scale (B|1, E|1)`` its scale.
 """
 
 from __future__ import annotations
@@ -223,14 +226,39 @@ def _se3_adjoint(x: np.ndarray, out: np.ndarray, s: np.ndarray) -> None:
             out[a, b + 3] = P[a, 0] * R[0, b] + P[a, 1] * R[1, b] + P[a, 2] * R[2, b]
 
 
+LOSSES = {"huber": 1, "cauchy": 2, "welsch": 3, "geman_mcclure": 4}
+"""The robust-loss kinds of ``core.loss`` by the code the kernels take (0: no loss)."""
+
+
+@_jit
+def _robust(kind: int, s: float, c: float) -> tuple[float, float]:
+    """``rho(s), rho'(s)`` of loss ``kind`` (``LOSSES``) with scale ``c``: ``RobustLoss.__call__``
+    per element, the same formulas and branch."""
+    c2 = c * c
+    if kind == 1:  # huber
+        if s <= c2:
+            return s, 1.0
+        root = math.sqrt(s)
+        return 2 * c * root - c2, c / root
+    if kind == 2:  # cauchy
+        return c2 * math.log1p(s / c2), 1 / (1 + s / c2)
+    if kind == 3:  # welsch
+        return -c2 * math.expm1(-s / c2), math.exp(-s / c2)
+    t = c2 / (s + c2)  # geman_mcclure
+    return s * c2 / (s + c2), t * t
+
+
 @_jit
 def _accumulate(
     b: int, e: int, r: np.ndarray, J: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
     pos: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray, cost: np.ndarray,
-    rw: np.ndarray, Jw: np.ndarray,
+    kind: int, scale: np.ndarray, grp: np.ndarray, rw: np.ndarray, Jw: np.ndarray,
 ) -> None:
-    """Weigh ``r (d,)`` and ``J (d, D)`` by ``w (U r)`` (``cost._weigh``) and add factor ``e``'s
-    ``J^T J``, ``J^T r`` and ``0.5 |r|^2`` into batch element ``b``; ``rw, Jw`` scratch."""
+    """Weigh ``r (d,)`` and ``J (d, D)`` by ``w (U r)`` and the robust loss ``kind`` (``LOSSES``;
+    0: none) of scale ``scale (B|1, E|1)`` as ``cost._weigh`` does (IRLS: both times
+    ``sqrt(rho'(s))``, ``s = |w U r|^2``), and add factor ``e``'s ``J^T J``, ``J^T r`` into batch
+    element ``b`` and ``0.5 rho(s)`` into ``cost[b, grp[e]]`` (``grp`` empty: ``cost[b, 0]``;
+    ``cost (B, P)``: per problem of a ragged batch); ``rw, Jw`` scratch."""
     d, D = J.shape
     ub = U[b if U.shape[0] > 1 else 0, e if U.shape[1] > 1 else 0]
     wb = w[b if w.shape[0] > 1 else 0, e if w.shape[1] > 1 else 0]
@@ -253,7 +281,18 @@ def _accumulate(
     s = 0.0
     for k in range(d):
         s += rw[k] * rw[k]
-    cost[b] += 0.5 * s
+    prob = grp[e] if grp.shape[0] > 0 else 0
+    if kind == 0:
+        cost[b, prob] += 0.5 * s
+    else:
+        c = scale[b if scale.shape[0] > 1 else 0, e if scale.shape[1] > 1 else 0]
+        rho, drho = _robust(kind, s, c)
+        cost[b, prob] += 0.5 * rho
+        root = math.sqrt(drho)
+        for k in range(d):
+            rw[k] *= root
+            for q in range(D):
+                Jw[k, q] *= root
     Hb, gb, pe, ce = H[b], g[b], pos[e], col[e]
     for p in range(D):
         acc = 0.0
@@ -273,7 +312,8 @@ def _accumulate(
 def se3_between(
     Xi: np.ndarray, Xj: np.ndarray, ii: np.ndarray, jj: np.ndarray, Z: np.ndarray,
     U: np.ndarray, has_u: bool, w: np.ndarray, pos: np.ndarray, col: np.ndarray,
-    H: np.ndarray, g: np.ndarray, cost: np.ndarray,
+    H: np.ndarray, g: np.ndarray, cost: np.ndarray, kind: int, scale: np.ndarray,
+    grp: np.ndarray,
 ) -> None:
     """``r = Log(z^-1 x_i^-1 x_j)``, ``J_j = Jr^-1(r)``, ``J_i = -J_j Ad(x_j^-1 x_i)``
     (``core.costs.pose.Between`` on SE3)."""
@@ -303,13 +343,15 @@ def se3_between(
                         acc += Jj[p, m] * Ad[m, q]
                     J[p, q] = -acc
                     J[p, q + 6] = Jj[p, q]
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, rw, Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
+                        Jw)
 
 
 @_jit
 def se3_prior(
     X: np.ndarray, ii: np.ndarray, Z: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
     pos: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray, cost: np.ndarray,
+    kind: int, scale: np.ndarray, grp: np.ndarray,
 ) -> None:
     """``r = Log(z^-1 x)``, ``J = Jr^-1(r)`` (``core.costs.pose.Prior`` on SE3)."""
     B, E = X.shape[0], ii.shape[0]
@@ -323,7 +365,8 @@ def se3_prior(
             _se3_compose(a7, X[bb, ii[e]], m7, tmp)
             _se3_log(m7, r)
             _se3_jr_inv(r, J, s33)
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, rw, Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
+                        Jw)
 
 
 @_jit
@@ -386,7 +429,8 @@ def _se2_jr_inv(r: np.ndarray, out: np.ndarray) -> None:
 def se2_between(
     Xi: np.ndarray, Xj: np.ndarray, ii: np.ndarray, jj: np.ndarray, Z: np.ndarray,
     U: np.ndarray, has_u: bool, w: np.ndarray, pos: np.ndarray, col: np.ndarray,
-    H: np.ndarray, g: np.ndarray, cost: np.ndarray,
+    H: np.ndarray, g: np.ndarray, cost: np.ndarray, kind: int, scale: np.ndarray,
+    grp: np.ndarray,
 ) -> None:
     """``core.costs.pose.Between`` on SE2; ``Ad(x) = [[R, (y, -x)^T], [0, 1]]``."""
     B, E = Xi.shape[0], ii.shape[0]
@@ -413,13 +457,15 @@ def se2_between(
                 for q in range(3):
                     J[p, q] = -(Jj[p, 0] * Ad[0, q] + Jj[p, 1] * Ad[1, q] + Jj[p, 2] * Ad[2, q])
                     J[p, q + 3] = Jj[p, q]
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, rw, Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
+                        Jw)
 
 
 @_jit
 def se2_prior(
     X: np.ndarray, ii: np.ndarray, Z: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
     pos: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray, cost: np.ndarray,
+    kind: int, scale: np.ndarray, grp: np.ndarray,
 ) -> None:
     """``core.costs.pose.Prior`` on SE2."""
     B, E = X.shape[0], ii.shape[0]
@@ -432,7 +478,8 @@ def se2_prior(
             _se2_compose(a4, X[bb, ii[e]], m4)
             _se2_log(m4, r)
             _se2_jr_inv(r, J)
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, rw, Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
+                        Jw)
 
 
 @_jit
@@ -440,6 +487,7 @@ def bal_reprojection(
     T: np.ndarray, K: np.ndarray, X: np.ndarray, ci: np.ndarray, ki: np.ndarray,
     pi: np.ndarray, obs: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
     pos: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray, cost: np.ndarray,
+    kind: int, scale: np.ndarray, grp: np.ndarray,
 ) -> None:
     """``core.costs.reprojection.Reprojection``: ``P = R X + t``, ``p = -P[:2] / P[2]``,
     ``r = f (1 + k1 |p|^2 + k2 |p|^4) p - observed``; Jacobians as its ``_jacobians``."""
@@ -484,7 +532,8 @@ def bal_reprojection(
                 J[a, 6] = s * pp[a]
                 J[a, 7] = f * r2 * pp[a]
                 J[a, 8] = f * (r2 * r2) * pp[a]
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, rw, Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
+                        Jw)
 
 
 @_jit

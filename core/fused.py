@@ -2,8 +2,8 @@
 
 A library cost names its kernel (``Cost.kernel``: ``"between_se3"``, ``"prior_se3"``,
 ``"between_se2"``, ``"prior_se2"``, ``"reprojection_bal"``). ``linearize`` uses the kernel when
-:func:`applies`: Numba is installed, every tensor the cost reads is a float64 CPU tensor, the
-cost has no robust loss, and autograd needs no gradient through it (grad mode off, or nothing it
+:func:`applies`: Numba is installed, every tensor the cost reads (its robust loss's scale too) is
+a float64 CPU tensor, and autograd needs no gradient through it (grad mode off, or nothing it
 reads requires grad). Everywhere else (GPU, float32, unroll/implicit backward, custom costs) the
 torch path runs: it is the reference, and the kernels compute the same numbers.
 """
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("between_se3", "prior_se3", "between_se2", "prior_se2", "reprojection_bal")
 _NO_U = np.zeros((1, 1, 1, 1))
+_NO_GROUPS = np.zeros(0, np.int64)
 # (storage size, tangent size) of each slot's variable, per kernel
 _SLOTS = {
     "between_se3": ((7, 6), (7, 6)),
@@ -47,7 +48,9 @@ def _inputs(cost: Cost) -> tuple[bool, list[Tensor]]:
     hit = _INPUTS.get(cost)
     if hit is not None:
         return hit
-    tensors = list(cost.aux.values()) + [t for t in (cost.weight, cost.sqrt_info) if t is not None]
+    scale = None if cost.loss is None else cost.loss.scale
+    tensors = list(cost.aux.values()) + [t for t in (cost.weight, cost.sqrt_info, scale)
+                                         if isinstance(t, Tensor)]
     usable = all(
         t.device.type == "cpu" and (t.dtype == torch.float64 or (t.ndim == 0 and
                                                                  t.is_floating_point()))
@@ -59,7 +62,7 @@ def _inputs(cost: Cost) -> tuple[bool, list[Tensor]]:
 
 def applies(cost: Cost, values: Mapping[str, Tensor]) -> bool:
     """Whether ``cost`` can be linearized by its kernel at ``values`` (see the module doc)."""
-    if cost.kernel is None or cost.loss is not None or not _kernels.AVAILABLE:
+    if cost.kernel is None or not _kernels.AVAILABLE:
         return False
     usable, tensors = _inputs(cost)
     if not usable:
@@ -72,6 +75,12 @@ def applies(cost: Cost, values: Mapping[str, Tensor]) -> bool:
     for v in cost.optimized:
         x = values[v.name]
         if x.device.type != "cpu" or x.dtype != torch.float64 or (grad and x.requires_grad):
+            return False
+    scale = None if cost.loss is None else cost.loss.scale
+    if isinstance(scale, Tensor) and scale.ndim:  # (B|1,) or (B|1, E|1), as the kernel reads it
+        batch = values[cost.optimized[0].name].shape[0]
+        if scale.ndim > 2 or scale.shape[0] not in (1, batch) or (
+                scale.ndim == 2 and scale.shape[1] not in (1, cost.num_factors)):
             return False
     return True
 
@@ -111,7 +120,7 @@ def prepare(kind: str) -> float:
     pos = np.zeros((1, D, D), np.int64)
     col = np.zeros((1, D), np.int64)
     tail = (_NO_U, False, np.ones((1, 1, 1)), pos, col, np.zeros((1, 1)), np.zeros((1, 1)),
-            np.zeros(1))
+            np.zeros((1, 1)), 0, np.ones((1, 1)), _NO_GROUPS)
     _call(kind, xs, index[: len(xs)], aux, tail)
     retract = _kernels.se2_retract if xs[0].shape[-1] == 4 else _kernels.se3_retract
     retract(xs[0], np.zeros((1, 2, _SLOTS[kind][0][1])), np.empty_like(xs[0]))
@@ -142,22 +151,28 @@ def accumulate(
     H: Tensor,
     g: Tensor,
     total: Tensor,
+    groups: Tensor | None = None,
 ) -> None:
     """Add ``cost``'s ``J^T J`` into ``H (B, nnz)``, ``J^T r`` into ``g (B, n)`` and its cost into
     ``total (B,)`` in place (CPU float64 tensors; ``positions (E, D, D)``, ``columns (E, D)`` the
-    pattern's maps for this cost)."""
+    pattern's maps for this cost); with ``groups (E,)``, each factor's problem of a ragged batch
+    (``Grouping.factors``), into ``total (B, P)`` per problem, in the same one call."""
     xs = [_array(values[v.name]) for v in cost.optimized]
-    index, aux, static = _static(cost, positions, columns)
-    _call(cost.kernel, xs, index, aux, (*static, H.numpy(), g.numpy(), total.numpy()))
+    index, aux, static, loss = _static(cost, positions, columns)
+    cost_out = total.numpy().reshape(total.shape[0], -1)
+    grp = _NO_GROUPS if groups is None else _array(groups)
+    _call(cost.kernel, xs, index, aux, (*static, H.numpy(), g.numpy(), cost_out, *loss, grp))
 
 
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _static(cost: Cost, positions: Tensor, columns: Tensor) -> tuple[list, np.ndarray, tuple]:
+def _static(cost: Cost, positions: Tensor, columns: Tensor
+            ) -> tuple[list, np.ndarray, tuple, tuple[int, np.ndarray]]:
     """The arrays of ``cost`` that do not change between iterations: indices, measurements,
-    weights and the pattern maps. Kept per cost (weakly) when every one of them is a view of its
-    tensor (so an in-place change of a tensor is seen), else rebuilt at every call."""
+    weights, the pattern maps and the robust loss (its kernel code and scale ``(B|1, E|1)``).
+    Kept per cost (weakly) when every one of them is a view of its tensor (so an in-place change
+    of a tensor is seen), else rebuilt at every call."""
     weight = cost.weight
     scalar = weight is not None and weight.ndim == 0  # a copy: its value is checked at each hit
     hit = _STATIC.get(cost)
@@ -167,17 +182,32 @@ def _static(cost: Cost, positions: Tensor, columns: Tensor) -> tuple[list, np.nd
     aux_t = next(iter(cost.aux.values()))
     U = _NO_U if cost.sqrt_info is None else _lead(cost.sqrt_info, 4)
     w = _lead(weight if weight is not None else torch.ones(()), 3)
+    kind, scale_t, scale = _loss(cost)
     out = (index, _array(aux_t), (U, cost.sqrt_info is not None, w, _array(positions),
-                                  _array(columns)))
+                                  _array(columns)), (kind, scale))
     pairs = [*zip(cost.index, index), (aux_t, out[1]), (positions, out[2][3]),
              (columns, out[2][4])]
     if cost.sqrt_info is not None:
         pairs.append((cost.sqrt_info, U))
     if weight is not None and not scalar:
         pairs.append((weight, w))
+    if scale_t is not None:
+        pairs.append((scale_t, scale))
     if all(a.ctypes.data == t.data_ptr() for t, a in pairs):
         _STATIC[cost] = (positions, out)
     return out
+
+
+def _loss(cost: Cost) -> tuple[int, Tensor | None, np.ndarray]:
+    """The robust loss's kernel code (0: none), its scale tensor (None for a float) and the scale
+    as ``(B|1, E|1)`` (``RobustLoss.__call__``'s broadcasting: ``(B,)`` is per batch element)."""
+    if cost.loss is None:
+        return 0, None, np.ones((1, 1))
+    c = cost.loss.scale
+    if not isinstance(c, Tensor):
+        return _kernels.LOSSES[cost.loss.kind], None, np.full((1, 1), float(c))
+    t = c[:, None] if c.ndim == 1 else c
+    return _kernels.LOSSES[cost.loss.kind], c, _lead(t, 2)
 
 
 def retract(space: object, x: Tensor, delta: Tensor) -> Tensor | None:

@@ -7,7 +7,6 @@ with the number of cost types, never with the number of factors.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,7 +15,6 @@ import torch
 from torch import Tensor
 
 from core import fused as _fused
-from core.cost import Cost
 from core.objective import Elements, Objective, Pattern
 
 
@@ -88,8 +86,8 @@ def linearize(
     """Evaluate all costs with Jacobians at ``values`` and assemble ``H``, ``g`` and the cost.
 
     ``fused``: costs with a compiled kernel are linearized by it where ``core.fused.applies``
-    (CPU, float64, no gradient needed through them), in one pass each (one per problem for a
-    ragged batch: the kernels sum the cost per batch element); ``False`` forces the torch path
+    (CPU, float64, no gradient needed through them), in one pass each (a ragged batch's too: the
+    kernels add each factor's cost to its problem's); ``False`` forces the torch path
     for every cost (the reference the kernels are tested against). The cost is per element
     (``Objective.elements``): per problem of a ragged batch, a segment sum of factor costs.
     """
@@ -113,11 +111,10 @@ def linearize(
         # (not once a torch-path cost before it has made H, g or the cost part of a graph)
         graph = H.requires_grad or g.requires_grad or cost.requires_grad
         if fused and not graph and _fused.applies(c, values):
-            if groups is None:
-                _fused.accumulate(c, values, positions, columns, H, g, cost)  # outside autograd
-            else:
-                _fused_per_problem(c, values, positions, columns, groups.factor_ptr[k], H, g,
-                                   cost.view(batch, problems))
+            # outside autograd; a ragged batch's factors each add to their problem's cost
+            _fused.accumulate(c, values, positions, columns, H, g,
+                              cost if groups is None else cost.view(batch, problems),
+                              None if groups is None else groups.factors[k])
             continue
         num = c.num_factors
         step = num if device.type != "cpu" else max(1, CHUNK // batch)
@@ -139,24 +136,3 @@ def linearize(
                 per = per.index_add(1, groups.factors[k][start:stop], terms.factor_cost)
                 cost = cost + per.reshape(-1)
     return Linearization(cost, g, H, pattern)
-
-
-_PARTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _fused_per_problem(cost: Cost, values: Mapping[str, Tensor], positions: Tensor,
-                       columns: Tensor, ptr: tuple[int, ...], H: Tensor, g: Tensor,
-                       total: Tensor) -> None:
-    """A ragged batch's cost by its kernel, one call per problem's factors ``ptr[p]:ptr[p+1]``
-    (the kernels sum the cost per batch element only); ``total (B, P)`` gets each problem's.
-    The per-problem views of the cost and of the pattern's maps are made once per cost."""
-    hit = _PARTS.get(cost)
-    if hit is None or hit[0] is not positions:
-        parts = [(p, cost.factors(a, b), positions[a:b], columns[a:b])
-                 for p, (a, b) in enumerate(zip(ptr[:-1], ptr[1:])) if b > a]
-        hit = _PARTS[cost] = (positions, parts)
-    scratch = np.zeros(total.shape[0], total.numpy().dtype)
-    for p, part, pos, col in hit[1]:
-        scratch[:] = 0.0
-        _fused.accumulate(part, values, pos, col, H, g, torch.from_numpy(scratch))
-        total[:, p] += torch.from_numpy(scratch)

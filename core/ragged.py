@@ -13,9 +13,9 @@ same-structure batch with elements ``(B, P)`` flattened (``core.objective.Elemen
 * Costs: costs of the same *kind* (name, residual function (code and closure), kernel, slot
   variables, robust-loss kind, aux layout, weight form) become ONE cost whose factor table is the
   concatenation of theirs, indices offset: the number of cost evaluations per iteration does not
-  grow with ``P`` (a compiled kernel, ``core.fused``, runs once per problem's factors since it
-  sums the cost per batch element). Kinds that differ stay separate costs (a name met with two
-  kinds: the second is ``"<name>#1"``).
+  grow with ``P`` (a compiled kernel, ``core.fused``, runs once too, adding each factor's cost to
+  its problem's through ``Grouping.factors``). Kinds that differ stay separate costs (a name met
+  with two kinds: the second is ``"<name>#1"``).
 * Pattern: the block-diagonal concatenation of the components' cached patterns
   (``Objective._cpu_pattern``) through each problem's column map, ``O(nnz)`` gathers, no
   symbolic assembly from scratch.

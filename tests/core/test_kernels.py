@@ -150,6 +150,95 @@ def test_reprojection_kernel_equals_torch(weights: str) -> None:
     both(core.Objective([cost]), {"cameras": T, "intrinsics": K, "points": X})
 
 
+LOSSES = ["huber", "cauchy", "welsch", "geman_mcclure"]
+SCALES = ["float", "scalar_tensor", "per_batch", "per_factor"]
+
+
+def robust_scale(form: str, gen: torch.Generator, batch: int, num: int) -> float | torch.Tensor:
+    """A robust-loss scale of each form the kernels read, around the residual norms (some
+    factors inside Huber's quadratic region, some outside)."""
+    if form == "float":
+        return 6.0
+    if form == "scalar_tensor":
+        return torch.tensor(5.0, dtype=DT)
+    if form == "per_batch":
+        return torch.rand(batch, generator=gen, dtype=DT) * 4 + 3
+    return torch.rand(1, num, generator=gen, dtype=DT) * 8 + 1
+
+
+@pytest.mark.parametrize("G", [core.SE3, core.SE2], ids=repr)
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("form", SCALES)
+def test_robust_pose_kernels_equal_torch(G: LieGroup, kind: str, form: str) -> None:
+    """The IRLS weighting (cost._weigh: residual and Jacobian times sqrt(rho'(s)), cost
+    0.5 rho(s)) inside the kernels equals the torch path's, for every loss and scale form."""
+    gen = torch.Generator().manual_seed(100 * (G == core.SE3) + 10 * LOSSES.index(kind)
+                                        + SCALES.index(form))
+    objective, values = pose_graph(G, gen, batch=2, num=2 * len(ANGLES), weights="sqrt_info")
+    between = objective.costs[0]
+    loss = core.RobustLoss(kind, robust_scale(form, gen, 2, between.num_factors))
+    objective = core.Objective([between.replace(loss=loss), objective.costs[1]])
+    plain = objective.costs[0].replace(loss=None).evaluate(values, jacobians=False)
+    assert plain.factor_cost is not None
+    s, c = 2 * plain.factor_cost, torch.as_tensor(loss.scale)
+    c2 = (c[:, None] if c.ndim == 1 else c) ** 2
+    assert bool((s <= c2).any()) and bool((s > c2).any())  # both sides of Huber's kink
+    both(objective, values)
+
+
+@pytest.mark.parametrize("kind", ["huber", "cauchy"])
+def test_robust_reprojection_kernel_equals_torch(kind: str) -> None:
+    gen = torch.Generator().manual_seed(17)
+    C, P, O, B = 3, 20, 60, 2
+    T = core.SE3.random(B, C, generator=gen, dtype=DT)
+    ci = torch.randint(0, C, (O,), generator=gen)
+    pi = torch.randint(0, P, (O,), generator=gen)
+    pi[:P] = torch.arange(P)
+    first = torch.zeros(P, dtype=torch.long).index_copy(0, pi[:P], ci[:P])
+    X = core.lie.se3.act(core.lie.se3.inverse(T[:, first]),
+                         torch.randn(B, P, 3, generator=gen, dtype=DT) * 0.3
+                         + torch.tensor([0, 0, -5.0], dtype=DT))
+    K = torch.tensor([500.0, 0.1, -0.05], dtype=DT).expand(B, C, 3).clone()
+    observed = torch.randn(1, O, 2, generator=gen, dtype=DT) * 50
+    v = (core.Variable("cameras", core.SE3, C), core.Variable("intrinsics", core.Vector(3), C),
+         core.Variable("points", core.Vector(3), P))
+    cost = core.costs.Reprojection(*v, ci, pi, observed,
+                                   weight=torch.rand(B, O, 1, generator=gen, dtype=DT) + 0.5,
+                                   loss=core.RobustLoss(kind, torch.tensor(40.0, dtype=DT)))
+    both(core.Objective([cost]), {"cameras": T, "intrinsics": K, "points": X})
+
+
+def test_ragged_kernels_sum_each_problem_in_one_call() -> None:
+    """A ragged batch (core.ragged) of robust pose graphs: one kernel call per cost adds each
+    factor's cost to its problem's, equal to the torch path's segment sums."""
+    from core import ragged
+
+    gen = torch.Generator().manual_seed(23)
+    objectives, inits = [], []
+    for num in (3, 5, 4):
+        objective, values = pose_graph(core.SE3, gen, batch=1, num=num, weights="sqrt_info")
+        loss = core.RobustLoss("cauchy", torch.tensor(1.0, dtype=DT))
+        objectives.append(core.Objective([objective.costs[0].replace(loss=loss),
+                                          objective.costs[1]]))
+        inits.append(values)
+    batch = ragged.merge(objectives, cache=ragged.RaggedCache(1))
+    values = batch.join_values(inits)
+    calls = []
+    original = fused._call
+    try:
+        fused._call = lambda *a: (calls.append(a[0]), original(*a))[1]  # type: ignore
+        fast = linearize(batch.objective, values)
+    finally:
+        fused._call = original
+    assert len(calls) == len(batch.objective.costs)
+    ref = linearize(batch.objective, values, fused=False)
+    assert fast.cost.shape == (3,)
+    assert_equal(fast.cost, ref.cost, "cost per problem")
+    p = ref.pattern
+    diag = ref.H[:, p.diag]
+    assert_equal(fast.H, ref.H, "H", torch.sqrt(diag[:, p.rows] * diag[:, p.cols]))
+
+
 def test_torch_path_where_kernels_do_not_apply() -> None:
     gen = torch.Generator().manual_seed(5)
     objective, values = pose_graph(core.SE3, gen, batch=1, num=4, weights="sqrt_info")
@@ -161,7 +250,14 @@ def test_torch_path_where_kernels_do_not_apply() -> None:
         assert fused.applies(between, grad)
     assert not fused.applies(between, {"x": values["x"].float()})
     robust = between.replace(loss=core.RobustLoss("huber", 1.0))
-    assert not fused.applies(robust, values)
+    assert fused.applies(robust, values)  # robust losses are fused too
+    scale = torch.tensor(1.0, dtype=DT, requires_grad=True)
+    learned = between.replace(loss=core.RobustLoss("huber", scale))
+    assert not fused.applies(learned, values)  # autograd needs the scale's graph
+    with torch.no_grad():
+        assert fused.applies(learned, values)
+    odd = between.replace(loss=core.RobustLoss("huber", torch.ones(1, 1, 3, dtype=DT)))
+    assert not fused.applies(odd, values)  # a scale the kernel does not read
     lin = linearize(objective, grad)  # the torch path: differentiable
     (dH,) = torch.autograd.grad(lin.H.sum(), grad["x"])
     assert torch.isfinite(dH).all() and dH.abs().max() > 0
