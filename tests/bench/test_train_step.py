@@ -10,4 +10,5 @@ def test_train_step_smoke() -> None:
     assert [r["mode"] for r in rows] == ["loop", "ragged", "ragged-new"]
     for r in rows:
         assert r["step_s"] > 0 and r["grad_rel_diff"] < 1e-8
+        assert 0 < r["factor_s"] < r["step_s"]
     assert rows[1]["iterations"] <= 3 < rows[0]["iterations"]
