@@ -53,7 +53,7 @@ import difflib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,7 @@ from core.ragged import RaggedCache, merge
 from core.solvers import LinearSolver, make_solver, solve
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Backward = Literal["unroll", "truncated", "implicit", "dlm"]
 
@@ -148,22 +149,18 @@ class OptimizationLayer(nn.Module):
         optimizer = self._resolved(device)
         batch = objective.check_values(init)
         causes = _bad_inputs(objective, init, batch)
-        keep = [b for b in range(batch) if b not in causes]
-        values, info = init, None
-        while keep:
+
+        def attempt(keep: list[int]) -> tuple[dict[str, Tensor], Info, dict[int, str]]:
+            if len(keep) == batch:
+                return self._solve(optimizer, objective, init)
             index = torch.tensor(keep, device=device)
-            sub_objective, sub_init = objective, init
-            if len(keep) < batch:
-                sub_objective = objective.select(index, batch)
-                sub_init = {k: v.index_select(0, index) for k, v in init.items()}
-            values, info, failed = self._solve(optimizer, sub_objective, sub_init)
-            if not failed:
-                break
-            causes.update({keep[k]: why for k, why in failed.items()})
-            keep = [b for k, b in enumerate(keep) if k not in failed]
-        if causes:
-            log.warning("OptimizationLayer: %d of %d batch elements failed: %s", len(causes),
-                        batch, "; ".join(f"{b}: {why}" for b, why in sorted(causes.items())))
+            return self._solve(optimizer, objective.select(index, batch),
+                               {k: v.index_select(0, index) for k, v in init.items()})
+
+        keep, solved, info = _without_failures(
+            [b for b in range(batch) if b not in causes], causes, attempt, "batch elements",
+            batch)
+        values = init if solved is None else solved
         if info is not None and len(keep) == batch:
             return values, info
         return _scatter(values, info, keep, batch, causes, init)
@@ -223,25 +220,20 @@ class OptimizationLayer(nn.Module):
             bad = _bad_inputs(mine, init, 1)
             if bad:
                 causes[p] = bad[0]
-        keep = [p for p in range(len(problems)) if p not in causes]
-        values: list[dict[str, Tensor]] = []
-        info = None
-        while keep:
+
+        def attempt(keep: list[int]) -> tuple[list[dict[str, Tensor]], Info, dict[int, str]]:
             batch = merge([problems[p] for p in keep], [auxes[p] for p in keep], cache)
             optimizer = replace(self.optimizer,
                                 solver=_ragged_solver(batch.objective, self.optimizer.solver,
                                                       solver, device))
             init = batch.join_values([inits[p] for p in keep])
             merged, info, failed = self._solve(optimizer, batch.objective, init)
-            values = batch.split_values(merged)
-            if not failed:
-                break
-            causes.update({keep[k]: why for k, why in failed.items()})
-            keep = [p for k, p in enumerate(keep) if k not in failed]
-        if causes:
-            log.warning("OptimizationLayer.ragged: %d of %d problems failed: %s", len(causes),
-                        len(problems),
-                        "; ".join(f"{p}: {why}" for p, why in sorted(causes.items())))
+            return batch.split_values(merged), info, failed
+
+        keep, solved, info = _without_failures(
+            [p for p in range(len(problems)) if p not in causes], causes, attempt, "problems",
+            len(problems))
+        values = [] if solved is None else solved
         out = []
         for p, init in enumerate(inits):
             if p in keep:
@@ -538,6 +530,27 @@ def _failures(objective: Objective, values: dict[str, Tensor], info: Info,
         elif sing:
             failed[k] = SINGULAR
     return failed
+
+
+def _without_failures(
+    keep: list[int], causes: dict[int, str],
+    attempt: Callable[[list[int]], tuple[T, Info, dict[int, str]]], what: str, total: int,
+) -> tuple[list[int], T | None, Info | None]:
+    """Solve the elements ``keep`` by ``attempt(keep) -> (result, info, failed)`` (``failed``:
+    position in ``keep`` -> cause), setting the failed ones aside in ``causes`` and solving the
+    others again until none fails; logs every cause. Returns the elements kept, the last result
+    and its info (None when no element was left to solve)."""
+    result, info = None, None
+    while keep:
+        result, info, failed = attempt(keep)
+        if not failed:
+            break
+        causes.update({keep[k]: why for k, why in failed.items()})
+        keep = [b for k, b in enumerate(keep) if k not in failed]
+    if causes:
+        log.warning("OptimizationLayer: %d of %d %s failed: %s", len(causes), total, what,
+                    "; ".join(f"{b}: {why}" for b, why in sorted(causes.items())))
+    return keep, result, info
 
 
 def _ragged_solver(objective: Objective, spec: object,
