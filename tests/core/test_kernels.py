@@ -121,19 +121,30 @@ def test_between_two_variables(G: LieGroup) -> None:
     both(core.Objective([cost, prior, prior_a]), {"a": xa, "b": xb})
 
 
-@pytest.mark.parametrize("weights", ["none", "scalar", "per_observation", "sqrt_info"])
-def test_reprojection_kernel_equals_torch(weights: str) -> None:
-    gen = torch.Generator().manual_seed(11)
-    C, P, O, B = 4, 30, 90, 2
+def _bal_scene(gen: torch.Generator, C: int, P: int, O: int, B: int  # noqa: N803, E741
+               ) -> tuple[tuple[core.Variable, ...], torch.Tensor, torch.Tensor, torch.Tensor,
+               torch.Tensor]:
+    """A random BAL scene: the variables (cameras, intrinsics, points), camera and point indices
+    ``(O,)`` (every point observed), camera poses ``(B, C, 7)`` and points ``(B, P, 3)``, each
+    point in front of (down -z of) its first observing camera."""
     T = core.SE3.random(B, C, generator=gen, dtype=DT)
     ci = torch.randint(0, C, (O,), generator=gen)
     pi = torch.randint(0, P, (O,), generator=gen)
     pi[:P] = torch.arange(P)
     X = torch.randn(B, P, 3, generator=gen, dtype=DT)
-    # each point in front of (down -z of) its first observing camera
     first = torch.zeros(P, dtype=torch.long).index_copy(0, pi[:P], ci[:P])
-    cam = core.lie.se3.inverse(T[:, first])
-    X = core.lie.se3.act(cam, X * 0.3 + torch.tensor([0, 0, -5.0], dtype=DT))
+    X = core.lie.se3.act(core.lie.se3.inverse(T[:, first]),
+                         X * 0.3 + torch.tensor([0, 0, -5.0], dtype=DT))
+    v = (core.Variable("cameras", core.SE3, C), core.Variable("intrinsics", core.Vector(3), C),
+         core.Variable("points", core.Vector(3), P))
+    return v, ci, pi, T, X
+
+
+@pytest.mark.parametrize("weights", ["none", "scalar", "per_observation", "sqrt_info"])
+def test_reprojection_kernel_equals_torch(weights: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    C, P, O, B = 4, 30, 90, 2
+    v, ci, pi, T, X = _bal_scene(gen, C, P, O, B)
     K = torch.tensor([500.0, 0.1, -0.05], dtype=DT) + 0.01 * torch.randn(B, C, 3, generator=gen,
                                                                            dtype=DT)
     observed = torch.randn(1, O, 2, generator=gen, dtype=DT) * 50
@@ -143,8 +154,6 @@ def test_reprojection_kernel_equals_torch(weights: str) -> None:
         "per_observation": {"weight": torch.rand(B, O, 1, generator=gen, dtype=DT) + 0.5},
         "sqrt_info": {"sqrt_info": upper(gen, O, d=2)},
     }[weights]
-    v = (core.Variable("cameras", core.SE3, C), core.Variable("intrinsics", core.Vector(3), C),
-         core.Variable("points", core.Vector(3), P))
     cost = core.costs.Reprojection(*v, ci, pi, observed, **kw)
     assert cost.kernel == "reprojection_bal"
     both(core.Objective([cost]), {"cameras": T, "intrinsics": K, "points": X})
@@ -190,18 +199,9 @@ def test_robust_pose_kernels_equal_torch(G: LieGroup, kind: str, form: str) -> N
 def test_robust_reprojection_kernel_equals_torch(kind: str) -> None:
     gen = torch.Generator().manual_seed(17)
     C, P, O, B = 3, 20, 60, 2
-    T = core.SE3.random(B, C, generator=gen, dtype=DT)
-    ci = torch.randint(0, C, (O,), generator=gen)
-    pi = torch.randint(0, P, (O,), generator=gen)
-    pi[:P] = torch.arange(P)
-    first = torch.zeros(P, dtype=torch.long).index_copy(0, pi[:P], ci[:P])
-    X = core.lie.se3.act(core.lie.se3.inverse(T[:, first]),
-                         torch.randn(B, P, 3, generator=gen, dtype=DT) * 0.3
-                         + torch.tensor([0, 0, -5.0], dtype=DT))
+    v, ci, pi, T, X = _bal_scene(gen, C, P, O, B)
     K = torch.tensor([500.0, 0.1, -0.05], dtype=DT).expand(B, C, 3).clone()
     observed = torch.randn(1, O, 2, generator=gen, dtype=DT) * 50
-    v = (core.Variable("cameras", core.SE3, C), core.Variable("intrinsics", core.Vector(3), C),
-         core.Variable("points", core.Vector(3), P))
     cost = core.costs.Reprojection(*v, ci, pi, observed,
                                    weight=torch.rand(B, O, 1, generator=gen, dtype=DT) + 0.5,
                                    loss=core.RobustLoss(kind, torch.tensor(40.0, dtype=DT)))
