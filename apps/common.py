@@ -494,3 +494,13 @@ def weights_per_item(model: nn.Module, features: Sequence[Tensor]) -> tuple[list
     x = torch.cat(list(features)) if features else net.mean.new_zeros(0, net.mean.shape[0])
     weights, scale = model(x)
     return list(torch.split(weights, [f.shape[0] for f in features])), scale
+
+
+def solve_items(solve: Callable[[list[int], Sequence[Tensor]], tuple[list[Any], Any]],
+                items: Sequence[int], weights: Sequence[Tensor], ragged: bool) -> list[Any]:
+    """Each item's solution: ``solve(items, weights) -> (solutions, info)`` called once for all
+    of them (``ragged``: one ``OptimizationLayer.ragged`` call) or once per item, item ``k``
+    with its weights ``weights[i]``."""
+    if ragged:
+        return solve(list(items), weights)[0]
+    return [solve([k], [w])[0][0] for k, w in zip(items, weights)]

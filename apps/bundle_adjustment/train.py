@@ -190,15 +190,14 @@ def model(cfg: Any, train: Prepared) -> ObservationWeightNet:
 def loss(cfg: Any, net: torch.nn.Module, prepared: Prepared, batch: Sequence[int]
          ) -> list[torch.Tensor]:
     """``rot_err_deg + center_weight * center_err`` of each scene of ``batch`` (plus
-    ``model.supervised`` times the weights' binary cross-entropy against the inlier labels),
-    the scenes of the batch solved in one ragged layer call (``core.ragged``)."""
+    ``model.supervised`` times the weights' binary cross-entropy against the inlier labels):
+    one layer call per scene, or (``cfg.ragged``) all of them in one ragged call
+    (``core.ragged``)."""
     weights, scale = common.weights_per_item(net, [prepared.scenes[k].features for k in batch])
     if not batch:
         return []
-    if cfg.ragged:
-        sols, _ = solve_scenes(cfg, prepared, list(batch), weights, scale)
-    else:
-        sols = [solve_scenes(cfg, prepared, [k], [w], scale)[0][0] for w, k in zip(weights, batch)]
+    sols = common.solve_items(lambda items, ws: solve_scenes(cfg, prepared, items, ws, scale),
+                              batch, weights, cfg.ragged)
     losses = []
     for w, k, sol in zip(weights, batch, sols):
         s = prepared.scenes[k]

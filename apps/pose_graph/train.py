@@ -198,11 +198,9 @@ def loss(cfg: Any, net: torch.nn.Module, graphs: Graphs, batch: Sequence[int]
     weights, scale = common.weights_per_item(net, [graphs.features[k] for k in batch])
     if not batch:
         return []
-    if cfg.ragged:
-        sols, _ = solve_graphs(graphs, list(batch), weights, scale, graphs.starts)
-    else:
-        sols = [solve_graphs(graphs, [k], [w], scale, graphs.starts)[0][0]
-                for w, k in zip(weights, batch)]
+    sols = common.solve_items(
+        lambda items, ws: solve_graphs(graphs, items, ws, scale, graphs.starts), batch, weights,
+        cfg.ragged)
     return [pose_loss(sol["poses"], graphs.samples[k].truth, graphs.samples[k].space)[0]
             for sol, k in zip(sols, batch)]
 
