@@ -343,29 +343,21 @@ class Objective:
         ]  # (E, k): block of each slot
         keys = np.concatenate([(b[:, None, :] * num_blocks + b[:, :, None]).reshape(-1)
                                for b in blocks])
-        unique, inverse = np.unique(keys, return_inverse=True)  # CSC block order
-        inverse = inverse.reshape(-1)
+        unique, inverse = _unique_inverse(keys)  # CSC block order
         R, C = unique % num_blocks, unique // num_blocks
         dR = sizes[R]
         below = np.cumsum(dR) - dR
-        row_offset = below - below[np.searchsorted(C, C)]  # rows above, in the block column
+        per_block_column = np.bincount(C, minlength=num_blocks)  # unique blocks per column
+        column_first = np.cumsum(per_block_column) - per_block_column
+        row_offset = below - below[column_first[C]]  # rows above, in the block column
         col_nnz = np.bincount(C, weights=dR, minlength=num_blocks).astype(np.int64)
         if bool((col_nnz == 0).any()):
             free = int(starts[np.flatnonzero(col_nnz == 0)[0]])
             raise ValueError(f"unknown {free} ({self.describe_column(free)}) appears in no cost")
         per_column = np.repeat(col_nnz, sizes)
         indptr = np.concatenate([[0], np.cumsum(per_column)]).astype(np.int64)
-        n, nnz = self.dim, int(indptr[-1])
-        rows = np.empty(nnz, dtype=np.int64)
-        dC = sizes[C]
-        top = int(sizes.max()) + 1
-        for kind in np.unique(dR * top + dC).tolist():  # the (rows, cols) block shapes
-            dr, dc = divmod(kind, top)
-            u = np.flatnonzero((dR == dr) & (dC == dc))
-            q, p = np.arange(dc), np.arange(dr)
-            at = indptr[starts[C[u]][:, None, None] + q[:, None]] + row_offset[u][:, None, None] + p
-            rows[at.reshape(-1)] = np.broadcast_to(starts[R[u]][:, None, None] + p,
-                                                   at.shape).reshape(-1)
+        n = self.dim
+        rows = _csc_rows(R, C, row_offset, sizes, starts, indptr, per_block_column, column_first)
         cols = np.repeat(np.arange(n), per_column)
         own = np.searchsorted(unique, np.arange(num_blocks) * (num_blocks + 1))
         local = np.arange(n) - np.repeat(starts, sizes)
@@ -378,14 +370,15 @@ class Objective:
             within = np.arange(int(dofs.sum())) - (np.cumsum(dofs) - dofs)[slot]
             u = inverse[done : done + E * slots * slots].reshape(E, slots, slots)
             done += E * slots * slots
-            # C order (NumPy lays a slice-then-arrays gather out column-major): the compiled
-            # kernels read these in place (core.fused keeps views, no copy per linearization)
+            # C order (the compiled kernels read these in place: core.fused keeps views, no
+            # copy per linearization)
             col = np.ascontiguousarray(starts[b][:, slot] + within)  # (E, D) global columns
-            # rows above each slot pair's block in its column, (E, k, k) -> (E, D, D) in one
-            # gather, then the column starts and the rows within the block added in place (no
-            # further (E, D, D) temporaries: each would be fresh pages, 50 MB for BA)
-            pos = np.ascontiguousarray(row_offset[u][:, slot[:, None], slot[None, :]])
-            pos += indptr[col][:, None, :]
+            # per slot pair the rows above its block in its column, (E, k, k) -> (E, k, D) plus
+            # the column starts, then (E, D, D) by repeating each row slot, plus the rows within
+            # the block, in place (one (E, D, D) array: each is fresh pages, 50 MB for BA)
+            top = np.repeat(row_offset[u], dofs, axis=2)
+            top += indptr[col][:, None, :]
+            pos = np.repeat(top, dofs, axis=1)
             pos += within[:, None]
             positions.append(torch.from_numpy(pos))
             columns.append(torch.from_numpy(col))
@@ -400,6 +393,47 @@ class Objective:
                 f, c = divmod(col - off, v.space.dof)
                 return f"{v.name}[{f}].{c}"
         raise IndexError(col)
+
+
+def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` for ``keys (K,)`` int64, by a stable argsort:
+    NumPy's stable sort finds the runs of presorted keys that a factor list is made of (BA
+    50 x 8,000, 400k keys: 11 ms against 37 ms for ``np.unique``'s quicksort)."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    new = np.empty(keys.size, dtype=bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    inverse = np.empty(keys.size, dtype=np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return ordered[new], inverse
+
+
+def _csc_rows(R: np.ndarray, C: np.ndarray, row_offset: np.ndarray, sizes: np.ndarray,
+              starts: np.ndarray, indptr: np.ndarray, per_block_column: np.ndarray,
+              column_first: np.ndarray) -> np.ndarray:
+    """The row of each entry ``(nnz,)`` of a block CSC pattern from its unique blocks ``R, C
+    (U,)`` (row and column block, in CSC block order) with ``row_offset (U,)`` rows above each
+    in its block column; ``sizes, starts (num_blocks,)``, ``indptr (n + 1,)``; ``per_block_column,
+    column_first (num_blocks,)`` the unique blocks of each block column and the first of them.
+
+    Each (block, scalar column) pair is a run of ``sizes[R]`` consecutive rows at consecutive
+    entries, so ``rows[t] = t + shift`` of ``t``'s run: one repeat over ``nnz``, no per-entry
+    index arithmetic. Runs are placed in CSC order: block column, then scalar column ``q``,
+    then block."""
+    dC = sizes[C]
+    run = np.repeat(np.arange(R.size), dC)  # the block of each run
+    q = np.arange(run.size) - np.repeat(np.cumsum(dC) - dC, dC)  # its column in the block
+    c = C[run]
+    runs_per_column = per_block_column * sizes
+    at = (np.cumsum(runs_per_column) - runs_per_column)[c] + q * per_block_column[c]
+    at += run - column_first[c]
+    shift, length = np.empty(run.size, np.int64), np.empty(run.size, np.int64)
+    shift[at] = starts[R[run]] - indptr[starts[c] + q] - row_offset[run]
+    length[at] = sizes[R[run]]
+    rows = np.repeat(shift, length)
+    rows += np.arange(rows.size)
+    return rows
 
 
 def has_batch_dim(key: str, t: Tensor) -> bool:

@@ -23,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from core.objective import Objective, Pattern
+from core.objective import Objective, Pattern, _unique_inverse
 from core.solvers.dense import DenseCholesky
 from core.solvers.sparse import Backend, SparseCholesky
 
@@ -75,93 +76,108 @@ class SchurMaps:
 
 @dataclass(frozen=True)
 class _Layout:
-    """The unknowns' roles. Per global column ``(n,)``: ``elem`` its reduced element (-1 for
-    points), ``point`` its point (-1 otherwise), ``local`` its index inside the element or point.
-    Per reduced element: ``elem_rows (NE, dmax)`` its reduced indices (``m``: padding) and
-    ``elem_dof (NE,)``. ``keep (m,)`` and ``elim (P, d)`` as in :class:`SchurMaps`."""
+    """The unknowns' roles (NumPy int64). Per global column ``(n,)``: ``elem`` its reduced
+    element (-1 for points), ``point`` its point (-1 otherwise), ``local`` its index inside the
+    element or point. Per reduced element: ``elem_rows (NE, dmax)`` its reduced indices (``m``:
+    padding) and ``elem_dof (NE,)``. ``keep (m,)`` and ``elim (P, d)`` as in :class:`SchurMaps`."""
 
-    elem: Tensor
-    point: Tensor
-    local: Tensor
-    elem_rows: Tensor
-    elem_dof: Tensor
-    keep: Tensor
-    elim: Tensor
+    elem: np.ndarray
+    point: np.ndarray
+    local: np.ndarray
+    elem_rows: np.ndarray
+    elem_dof: np.ndarray
+    keep: np.ndarray
+    elim: np.ndarray
 
 
 def _layout(objective: Objective, eliminate: str) -> _Layout:
     """One reduced element per variable element (contiguous reduced indices)."""
     n = objective.dim
-    elem = torch.full((n,), -1, dtype=torch.long)
-    point = torch.full((n,), -1, dtype=torch.long)
-    local = torch.zeros(n, dtype=torch.long)
+    elem, point = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    local = np.zeros(n, np.int64)
     starts, dofs, num_elems, reduced_index = [], [], 0, 0
     for v in objective.variables:
         off, d = objective.offsets[v.name], v.space.dof
-        ids = torch.arange(v.count).repeat_interleave(d)
-        local[off : off + v.dof] = torch.arange(d).repeat(v.count)
+        ids = np.repeat(np.arange(v.count), d)
+        local[off : off + v.dof] = np.tile(np.arange(d), v.count)
         if v.name == eliminate:
             point[off : off + v.dof] = ids
             continue
         elem[off : off + v.dof] = ids + num_elems
-        starts.append(reduced_index + torch.arange(v.count) * d)
-        dofs.append(torch.full((v.count,), d, dtype=torch.long))
+        starts.append(reduced_index + np.arange(v.count) * d)
+        dofs.append(np.full(v.count, d, np.int64))
         num_elems, reduced_index = num_elems + v.count, reduced_index + v.dof
-    keep = torch.nonzero(point < 0)[:, 0]
+    keep = np.flatnonzero(point < 0)
     var = next(v for v in objective.variables if v.name == eliminate)
-    elim = objective.offsets[eliminate] + torch.arange(var.dof).view(var.count, var.space.dof)
-    elem_dof = torch.cat(dofs)
-    a = torch.arange(int(elem_dof.max()))
-    elem_rows = torch.where(a < elem_dof[:, None], torch.cat(starts)[:, None] + a, keep.numel())
+    elim = objective.offsets[eliminate] + np.arange(var.dof).reshape(var.count, var.space.dof)
+    elem_dof = np.concatenate(dofs)
+    a = np.arange(int(elem_dof.max()))
+    elem_rows = np.where(a < elem_dof[:, None], np.concatenate(starts)[:, None] + a, keep.size)
     return _Layout(elem, point, local, elem_rows, elem_dof, keep, elim)
 
 
-def _merge_elements(lay: _Layout, w_elem: Tensor, w_point: Tensor) -> _Layout:
+def _unique(keys: np.ndarray) -> np.ndarray:
+    """``np.unique(keys)`` by a sort (NumPy 2's hash-based ``unique`` is several times slower
+    on these integer keys: 15 ms against 3 ms for 88k)."""
+    ordered = np.sort(keys)
+    return ordered[np.concatenate([[True], ordered[1:] != ordered[:-1]])] if keys.size else ordered
+
+
+def _merge_elements(lay: _Layout, w_elem: np.ndarray, w_point: np.ndarray) -> _Layout:
     """Merge the reduced elements that touch exactly the same points (a BA camera's pose and its
     intrinsics) into one: fewer, larger ``W`` blocks, and 4x fewer ``S`` products for BA.
 
     Point sets are compared by two random hashes, then verified exactly (no merge on a clash).
     ``w_elem, w_point``: the (element, point) couplings of ``W``, repeats allowed."""
     ne, num_points = lay.elem_dof.shape[0], lay.elim.shape[0]
-    key = torch.unique(w_elem * num_points + w_point)
+    key = _unique(w_elem * num_points + w_point)
     e, p = key // num_points, key % num_points
     rnd = torch.randint(1, 2**31, (2, num_points), generator=torch.Generator().manual_seed(0))
-    h = torch.zeros(2, ne, dtype=torch.long).index_add(1, e, rnd[:, p])
-    count = torch.bincount(e, minlength=ne)
-    lonely = torch.nonzero(count == 0)[:, 0]
+    count = np.bincount(e, minlength=ne)
+    h = np.zeros((2, ne), np.int64)  # per element the sums of its points' hashes (key: by e)
+    present = count > 0
+    if p.size:
+        at = np.cumsum(count)[present] - count[present]
+        h[:, present] = np.add.reduceat(rnd.numpy()[:, p], at, axis=1)
+    lonely = np.flatnonzero(~present)
     h[:, lonely] = -1 - lonely  # elements without points stay on their own
-    _, group = torch.unique(torch.stack([count, h[0], h[1]], 1), dim=0, return_inverse=True)
+    order = np.lexsort((h[1], h[0], count))  # the distinct (count, h0, h1), ascending
+    ranked = np.stack([count, h[0], h[1]])[:, order]
+    step = np.concatenate([[False], (ranked[:, 1:] != ranked[:, :-1]).any(0)])
+    group = np.empty(ne, np.int64)
+    group[order] = np.cumsum(step)
     num_groups = int(group.max()) + 1
-    distinct = torch.bincount(torch.unique(group[e] * num_points + p) // num_points,
-                              minlength=num_groups)
+    distinct = np.bincount(_unique(group[e] * num_points + p) // num_points,
+                           minlength=num_groups)
     if num_groups == ne or not bool((distinct[group[e]] == count[e]).all()):
         return lay
-    order = torch.argsort(group * ne + torch.arange(ne))  # members by element id
-    gdof = torch.zeros(num_groups, dtype=torch.long).index_add(0, group, lay.elem_dof)
-    gstart = gdof.cumsum(0) - gdof
-    offset = torch.empty_like(group)
-    offset[order] = lay.elem_dof[order].cumsum(0) - lay.elem_dof[order] - gstart[group[order]]
-    valid = lay.elem_rows < lay.keep.numel()
-    a = torch.arange(lay.elem_rows.shape[1])
-    rows = torch.full((num_groups, int(gdof.max())), lay.keep.numel(), dtype=torch.long)
-    target = (group[:, None].expand_as(valid)[valid], (offset[:, None] + a)[valid])
-    rows[target] = lay.elem_rows[valid]
+    order = np.argsort(group * ne + np.arange(ne))  # members by element id
+    gdof = np.bincount(group, weights=lay.elem_dof, minlength=num_groups).astype(np.int64)
+    gstart = np.cumsum(gdof) - gdof
+    offset = np.empty_like(group)
+    offset[order] = np.cumsum(lay.elem_dof[order]) - lay.elem_dof[order] - gstart[group[order]]
+    valid = lay.elem_rows < lay.keep.size
+    a = np.arange(lay.elem_rows.shape[1])
+    rows = np.full((num_groups, int(gdof.max())), lay.keep.size, np.int64)
+    rows[np.broadcast_to(group[:, None], valid.shape)[valid], (offset[:, None] + a)[valid]] = (
+        lay.elem_rows[valid])
     red = lay.elem >= 0
-    old = lay.elem.clamp_min(0)
-    elem = torch.where(red, group[old], -1)
-    local = torch.where(red, offset[old] + lay.local, lay.local)
+    old = np.maximum(lay.elem, 0)
+    elem = np.where(red, group[old], -1)
+    local = np.where(red, offset[old] + lay.local, lay.local)
     return _Layout(elem, lay.point, local, rows, gdof, lay.keep, lay.elim)
 
 
-def _w_pairs(w_elem: Tensor, w_point: Tensor, num_points: int) -> tuple[Tensor, Tensor]:
+def _w_pairs(w_elem: np.ndarray, w_point: np.ndarray, num_points: int
+             ) -> tuple[np.ndarray, np.ndarray]:
     """All pairs ``(i, j)`` of W blocks (sorted by point) on the same point with
     ``elem[i] <= elem[j]`` (each element appears once per point, so ``i == j`` on the diagonal)."""
-    counts = torch.bincount(w_point, minlength=num_points)
-    group_start = counts.cumsum(0) - counts
+    counts = np.bincount(w_point, minlength=num_points)
+    group_start = np.cumsum(counts) - counts
     reps = counts[w_point]
-    i = torch.repeat_interleave(torch.arange(w_point.shape[0]), reps)
-    seg = torch.repeat_interleave(reps.cumsum(0) - reps, reps)
-    j = group_start[w_point[i]] + torch.arange(i.shape[0]) - seg
+    i = np.repeat(np.arange(w_point.shape[0]), reps)
+    seg = np.repeat(np.cumsum(reps) - reps, reps)
+    j = group_start[w_point[i]] + np.arange(i.shape[0]) - seg
     upper = w_elem[i] <= w_elem[j]
     return i[upper], j[upper]
 
@@ -173,108 +189,112 @@ whose ``dmax x dmax`` results are scattered one by one (BA 50 x 8,000: 12% paddi
 
 
 def _segments(
-    pair_i: Tensor, pair_j: Tensor, pair_block: Tensor, num_blocks: int, pad: int
-) -> tuple[Tensor, Tensor, Tensor]:
+    pair_i: np.ndarray, pair_j: np.ndarray, pair_block: np.ndarray, num_blocks: int, pad: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs sorted by their ``S`` block and cut into segments of ``SEGMENT`` (the last segment
     of each block padded with ``pad``). Returns ``seg_i, seg_j (NS * SEGMENT,)``, ``seg_block``."""
-    order = torch.argsort(pair_block, stable=True)
+    order = np.argsort(pair_block, kind="stable")
     block = pair_block[order]
-    count = torch.bincount(block, minlength=num_blocks)
+    count = np.bincount(block, minlength=num_blocks)
     per_block = (count + SEGMENT - 1) // SEGMENT
-    rank = torch.arange(block.shape[0]) - (count.cumsum(0) - count)[block]
-    slot = (per_block.cumsum(0) - per_block)[block] * SEGMENT + rank
+    rank = np.arange(block.shape[0]) - (np.cumsum(count) - count)[block]
+    slot = (np.cumsum(per_block) - per_block)[block] * SEGMENT + rank
     total = int(per_block.sum()) * SEGMENT
-    seg_i = torch.full((total,), pad, dtype=torch.long).index_put_((slot,), pair_i[order])
-    seg_j = torch.full((total,), pad, dtype=torch.long).index_put_((slot,), pair_j[order])
-    return seg_i, seg_j, torch.repeat_interleave(torch.arange(num_blocks), per_block)
+    seg_i, seg_j = np.full(total, pad, np.int64), np.full(total, pad, np.int64)
+    seg_i[slot], seg_j[slot] = pair_i[order], pair_j[order]
+    return seg_i, seg_j, np.repeat(np.arange(num_blocks), per_block)
 
 
-def _reduced_pattern(blocks: Tensor, lay: _Layout, dmax: int) -> tuple[Pattern, Tensor]:
+def _reduced_pattern(blocks: np.ndarray, lay: _Layout, dmax: int) -> tuple[Pattern, np.ndarray]:
     """The CSC pattern of ``S`` from its upper element blocks ``blocks (NB, 2)`` and, per entry,
     the flat position in the ``(NB, dmax, dmax)`` block storage (lower entries read transposed)."""
     ne, m = lay.elem_dof.shape[0], lay.keep.shape[0]
-    a = torch.arange(dmax)
-    both = torch.cat([blocks, blocks[blocks[:, 0] != blocks[:, 1]].flip(1)])  # (e_row, e_col)
-    key = torch.minimum(both[:, 0], both[:, 1]) * ne + torch.maximum(both[:, 0], both[:, 1])
-    block_id = torch.searchsorted(blocks[:, 0] * ne + blocks[:, 1], key)
+    a = np.arange(dmax)
+    both = np.concatenate([blocks, blocks[blocks[:, 0] != blocks[:, 1]][:, ::-1]])  # (row, col)
+    key = np.minimum(both[:, 0], both[:, 1]) * ne + np.maximum(both[:, 0], both[:, 1])
+    block_id = np.searchsorted(blocks[:, 0] * ne + blocks[:, 1], key)
     er, ec = both[:, 0, None, None], both[:, 1, None, None]
     ar, ac = a[None, :, None], a[None, None, :]  # local row, local column
     valid = (ar < lay.elem_dof[er]) & (ac < lay.elem_dof[ec])
-    rows = lay.elem_rows[er, ar].expand_as(valid)[valid]
-    cols = lay.elem_rows[ec, ac].expand_as(valid)[valid]
-    upper = (er <= ec).expand_as(valid)
-    first, second = torch.where(upper, ar, ac), torch.where(upper, ac, ar)
+    rows = np.broadcast_to(lay.elem_rows[er, ar], valid.shape)[valid]
+    cols = np.broadcast_to(lay.elem_rows[ec, ac], valid.shape)[valid]
+    upper = np.broadcast_to(er <= ec, valid.shape)
+    first, second = np.where(upper, ar, ac), np.where(upper, ac, ar)
     flat = (block_id[:, None, None] * dmax + first) * dmax + second
-    order = torch.argsort(cols * m + rows)
+    order = np.argsort(cols * m + rows, kind="stable")  # distinct keys; runs: 3x faster
     rows, cols, flat = rows[order], cols[order], flat[valid][order]
-    counts = torch.bincount(cols, minlength=m)
-    indptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    diag = torch.nonzero(rows == cols)[:, 0]
-    return Pattern(m, indptr, rows, cols, diag, (), ()), flat
+    counts = np.bincount(cols, minlength=m)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    diag = np.flatnonzero(rows == cols)
+    return Pattern(m, *(torch.from_numpy(x) for x in (indptr, rows, cols, diag)), (), ()), flat
 
 
-def _column_entries(indptr: Tensor, rows: Tensor, first: Tensor) -> tuple[Tensor, ...]:
+def _column_entries(indptr: np.ndarray, rows: np.ndarray, first: np.ndarray
+                    ) -> tuple[np.ndarray, ...]:
     """The stored entries of the columns ``first (K,)``: per entry its ``k``, position and row,
     and per column its entry count. In a block pattern every column of a block column has the
     same rows, so the entries of an element's first column describe the whole element (its
     column ``c + a`` holds the same rows at ``position + a * count``)."""
     start, count = indptr[first], indptr[first + 1] - indptr[first]
-    k = torch.repeat_interleave(torch.arange(first.shape[0]), count)
-    pos = torch.arange(k.shape[0]) + (start - (count.cumsum(0) - count))[k]
+    k = np.repeat(np.arange(first.shape[0]), count)
+    pos = np.arange(k.shape[0]) + (start - (np.cumsum(count) - count))[k]
     return k, pos, rows[pos], count
 
 
 def build_schur_maps(objective: Objective, eliminate: str, pattern: Pattern) -> SchurMaps:
-    """Index maps for ``pattern`` (computed on the CPU, then moved to the pattern's device).
+    """Index maps for ``pattern`` (computed on the CPU in NumPy, then moved to the pattern's
+    device).
 
     Only the first column of each element is read (see :func:`_column_entries`): a BA pattern's
     millions of entries are never touched one by one."""
     lay = _layout(objective, eliminate)
-    indptr, rows, nnz = pattern.indptr.cpu(), pattern.rows.cpu(), pattern.nnz
+    indptr, rows, nnz = pattern.indptr.cpu().numpy(), pattern.rows.cpu().numpy(), pattern.nnz
     num_points, d = lay.elim.shape
-    a = torch.arange(d)
+    a = np.arange(d)
     # V: a point's rows are consecutive in each of its columns, so (r, c) sits at diag[c] + r - c
-    v_pos = pattern.diag.cpu()[lay.elim][:, None, :] + (a[:, None] - a[None, :])
+    v_pos = pattern.diag.cpu().numpy()[lay.elim][:, None, :] + (a[:, None] - a[None, :])
     p_k, p_pos, p_row, p_count = _column_entries(indptr, rows, lay.elim[:, 0])
     other = lay.point[p_row]
     if bool(((other >= 0) & (other != p_k)).any()):
         raise ValueError(f"Schur: the {eliminate!r} block of H is not block diagonal")
     red = lay.elem[p_row] >= 0  # W entries: a reduced row in a point's column
-    first = red & (lay.local[p_row] == 0)  # one entry per (element, point) block
+    w_row, w_point_of, w_first = p_row[red], p_k[red], p_pos[red]
+    first = lay.local[w_row] == 0  # one entry per (element, point) block
     # reduced elements' first columns, before merging (each spans contiguous columns)
     firsts = lay.keep[lay.local[lay.keep] == 0]
     width = lay.elem_dof[lay.elem[firsts]]
-    lay = _merge_elements(lay, lay.elem[p_row[first]], p_k[first])
+    lay = _merge_elements(lay, lay.elem[w_row[first]], w_point_of[first])
     dmax, ne = lay.elem_rows.shape[1], lay.elem_dof.shape[0]
-    w_row, w_point_of, w_first = p_row[red], p_k[red], p_pos[red]
-    w_key = torch.unique(p_k[first] * ne + lay.elem[p_row[first]])  # the W blocks, sorted
-    w_index = torch.searchsorted(w_key, w_point_of * ne + lay.elem[w_row])
-    w_pos = torch.full((w_key.shape[0], dmax, d), nnz, dtype=torch.long)
-    w_pos[w_index, lay.local[w_row]] = w_first[:, None] + a * p_count[w_point_of][:, None]
+    # the W blocks (sorted by point, then element) and the block of each W entry
+    w_key, w_index = _unique_inverse(w_point_of * ne + lay.elem[w_row])
+    w_pos = np.full((w_key.shape[0], dmax, d), nnz, np.int64)
+    w_pos.reshape(-1, d)[w_index * dmax + lay.local[w_row]] = (
+        w_first[:, None] + a * p_count[w_point_of][:, None])
     w_elem, w_point = w_key % ne, w_key // ne
     pair_i, pair_j = _w_pairs(w_elem, w_point, num_points)
     # U: reduced rows in the reduced elements' columns, upper element blocks
     u_k, u_first, u_row, u_count = _column_entries(indptr, rows, firsts)
     keep = lay.elem[u_row] >= 0
     u_k, u_first, u_row = u_k[keep], u_first[keep], u_row[keep]
-    b = torch.arange(int(width.max()))
+    b = np.arange(int(width.max()))
     valid = b < width[u_k][:, None]
     col = (firsts[u_k][:, None] + b)[valid]
     pos = (u_first[:, None] + b * u_count[u_k][:, None])[valid]
-    row = u_row[:, None].expand_as(valid)[valid]
+    row = np.broadcast_to(u_row[:, None], valid.shape)[valid]
     e_r, e_c, l_r, l_c = lay.elem[row], lay.elem[col], lay.local[row], lay.local[col]
     u = e_r <= e_c
     fill_key = w_elem[pair_i] * ne + w_elem[pair_j]
-    block_key, inverse = torch.unique(torch.cat([e_r[u] * ne + e_c[u], fill_key]),
-                                      return_inverse=True)
+    block_key, inverse = _unique_inverse(np.concatenate([e_r[u] * ne + e_c[u], fill_key]))
     num_u = int(u.sum())
     u_dst = (inverse[:num_u] * dmax + l_r[u]) * dmax + l_c[u]
-    blocks = torch.stack([block_key // ne, block_key % ne], dim=1)
+    blocks = np.stack([block_key // ne, block_key % ne], axis=1)
     reduced, s_gather = _reduced_pattern(blocks, lay, dmax)
     num_blocks = int(block_key.shape[0])
     segments = _segments(pair_i, pair_j, inverse[num_u:], num_blocks, pad=w_key.shape[0])
-    maps = SchurMaps(lay.keep, lay.elim, v_pos, w_pos, w_elem, w_point, lay.elem_rows, pos[u],
-                     u_dst, *segments, num_blocks, dmax, s_gather, reduced)
+    t = torch.from_numpy
+    maps = SchurMaps(t(lay.keep), t(lay.elim), t(v_pos), t(w_pos), t(w_elem), t(w_point),
+                     t(lay.elem_rows), t(pos[u]), t(u_dst), *(t(x) for x in segments),
+                     num_blocks, dmax, t(s_gather), reduced)
     return maps.to(pattern.rows.device)
 
 
