@@ -40,8 +40,11 @@ class SchurMaps:
 
     ``keep (m,)``: global columns of the reduced unknowns (ascending); ``elim (P, d)``: columns of
     each point; ``v_pos (P, d, d)``: ``V`` blocks in the values; ``w_pos (T, dmax, d)``: ``W``
-    blocks in the values (``nnz``: padding, read as 0); ``w_elem, w_point (T,)``: their reduced
-    element and point; ``elem_rows (NE, dmax)``: reduced indices of each element (``m``: padding);
+    blocks in the values (``nnz``: padding, read as 0); ``wt_pos (T + 1, d, dmax)``: the
+    same transposed, plus a zero block (index ``T``), with ``wt_zero (K,)`` the flat indices to
+    zero after the gather (padding, read at position 0, and the zero block); ``w_elem,
+    w_point (T,)``: their reduced element and point; ``elem_rows (NE, dmax)``: reduced indices
+    of each element (``m``: padding);
     ``u_src, u_dst``: ``U`` entries (upper blocks) -> flat positions in the ``(NB, dmax, dmax)``
     blocks of ``S``; ``seg_i, seg_j (NS * SEGMENT,)``: the W-block pairs sharing a point, grouped
     by the ``S`` block they update and cut into segments of ``SEGMENT`` pairs (``T``: padding, a
@@ -53,6 +56,8 @@ class SchurMaps:
     elim: Tensor
     v_pos: Tensor
     w_pos: Tensor
+    wt_pos: Tensor
+    wt_zero: Tensor
     w_elem: Tensor
     w_point: Tensor
     elem_rows: Tensor
@@ -292,7 +297,11 @@ def build_schur_maps(objective: Objective, eliminate: str, pattern: Pattern) -> 
     num_blocks = int(block_key.shape[0])
     segments = _segments(pair_i, pair_j, inverse[num_u:], num_blocks, pad=w_key.shape[0])
     t = torch.from_numpy
-    maps = SchurMaps(t(lay.keep), t(lay.elim), t(v_pos), t(w_pos), t(w_elem), t(w_point),
+    wt_pos = np.concatenate([w_pos.transpose(0, 2, 1), np.full((1, d, dmax), nnz)])
+    wt_zero = np.flatnonzero(wt_pos == nnz)
+    wt_pos[wt_pos == nnz] = 0
+    maps = SchurMaps(t(lay.keep), t(lay.elim), t(v_pos), t(w_pos), t(wt_pos), t(wt_zero),
+                     t(w_elem), t(w_point),
                      t(lay.elem_rows), t(pos[u]), t(u_dst), *(t(x) for x in segments),
                      num_blocks, dmax, t(s_gather), reduced)
     return maps.to(pattern.rows.device)
@@ -320,11 +329,12 @@ def check_eliminable(objective: Objective, eliminate: str) -> None:
 
 @dataclass
 class SchurFactor:
-    """``V^-1 (B, P, d, d)``, ``W (B, T, dmax, d)`` and the factor of ``S``; ``ok (B,)``."""
+    """``V^-1 (B, P, d, d)``, ``W^T (B, T + 1, d, dmax)`` (the last block zero) and the factor
+    of ``S``; ``ok (B,)``."""
 
     maps: SchurMaps
     v_inv: Tensor
-    W: Tensor
+    Wt: Tensor
     reduced: Any
     ok: Tensor
 
@@ -335,12 +345,12 @@ class SchurFactor:
         rows = mp.elem_rows[mp.w_elem]  # (T, dmax)
         bp = b[:, mp.elim]  # (B, P, d)
         u = (self.v_inv @ bp[..., None])[:, mp.w_point]  # (B, T, d, 1)
-        Wu = (self.W @ u)[..., 0]
+        Wu = (self.Wt[:, :-1].transpose(-1, -2) @ u)[..., 0]
         rhs = torch.cat([b[:, mp.keep], b.new_zeros(batch, 1)], dim=1)
         rhs = rhs.index_add(1, rows.reshape(-1), -Wu.reshape(batch, -1))[:, :m]
         xc = self.reduced.solve(rhs)
         xe = torch.cat([xc, xc.new_zeros(batch, 1)], dim=1)[:, rows]  # (B, T, dmax)
-        Wtx = (self.W.transpose(-1, -2) @ xe[..., None])[..., 0]  # (B, T, d)
+        Wtx = (self.Wt[:, :-1] @ xe[..., None])[..., 0]  # (B, T, d)
         xp = (self.v_inv @ bp.index_add(1, mp.w_point, -Wtx)[..., None])[..., 0]
         x = torch.zeros_like(b).index_copy(1, mp.keep, xc)
         return x.index_copy(1, mp.elim.reshape(-1), xp.reshape(batch, -1))
@@ -412,41 +422,47 @@ class Schur:
         return self._sparse is None or (m <= self.dense_max and fill)
 
     def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SchurFactor:
-        """Eliminate the points of ``H (B, nnz) + diag(damping (B, n))`` and factor ``S``."""
+        """Eliminate the points of ``H (B, nnz) + diag(damping (B, n))`` and factor ``S``.
+
+        ``H`` is read in place, never copied: the damping goes onto the diagonals of the ``V``
+        blocks and of ``U`` (in :meth:`_reduced_values`); ``W`` is off the diagonal."""
         mp = self.maps(pattern)
         batch = H.shape[0]
-        # the damped values and a trailing 0 (read by the padding of the maps) in one copy of H
-        padded = torch.cat([H, H.new_zeros(batch, 1)], dim=1).index_add_(1, pattern.diag, damping)
-        values = padded[:, :-1]
-        L, info = torch.linalg.cholesky_ex(padded[:, mp.v_pos])  # (B, P, d, d)
+        V = H[:, mp.v_pos] + torch.diag_embed(damping[:, mp.elim])  # (B, P, d, d)
+        L, info = torch.linalg.cholesky_ex(V)
         good = info == 0
-        eye = torch.eye(mp.v_pos.shape[-1], dtype=values.dtype, device=values.device)
+        eye = torch.eye(mp.v_pos.shape[-1], dtype=H.dtype, device=H.device)
         v_inv = torch.cholesky_inverse(torch.where(good[..., None, None], L, eye))
-        W = padded[:, mp.w_pos]  # (B, T, dmax, d)
-        S = self._reduced_values(values, W, v_inv, mp)
+        Wt = H[:, mp.wt_pos].view(batch, -1).index_fill_(1, mp.wt_zero, 0)
+        Wt = Wt.view(batch, *mp.wt_pos.shape)  # (B, T + 1, d, dmax)
+        S = self._reduced_values(H, damping, Wt, v_inv, mp)
         use_dense = self.reduced == "dense" or (
             self.reduced == "auto" and self.dense(mp.reduced, H.device))
         solver = self._dense if use_dense or self._sparse is None else self._sparse
         factor = solver.factor(S, mp.reduced, S.new_zeros(batch, mp.reduced.n))
-        return SchurFactor(mp, v_inv, W, factor, good.all(-1) & factor.ok)
+        return SchurFactor(mp, v_inv, Wt, factor, good.all(-1) & factor.ok)
 
-    def _reduced_values(self, values: Tensor, W: Tensor, v_inv: Tensor, mp: SchurMaps) -> Tensor:
-        """``S = U - W V^-1 W^T`` as values ``(B, nnz_S)`` of ``mp.reduced``."""
-        batch, dd = values.shape[0], mp.dmax * mp.dmax
-        blocks = values.new_zeros(batch, mp.num_blocks * dd)
-        blocks.index_add_(1, mp.u_dst, values[:, mp.u_src])  # in place: no copy per chunk
+    def _reduced_values(self, H: Tensor, damping: Tensor, Wt: Tensor, v_inv: Tensor,
+                        mp: SchurMaps) -> Tensor:
+        """``S = U + diag(damping_c) - W V^-1 W^T`` as values ``(B, nnz_S)`` of ``mp.reduced``
+        (``H (B, nnz)``, ``damping (B, n)``, ``Wt (B, T + 1, d, dmax)`` as in
+        :class:`SchurFactor`, ``v_inv (B, P, d, d)``)."""
+        batch, dd, d = H.shape[0], mp.dmax * mp.dmax, Wt.shape[-2]
+        blocks = H.new_zeros(batch, mp.num_blocks * dd)
+        blocks.index_add_(1, mp.u_dst, H[:, mp.u_src])  # in place: no copy per chunk
+        # U's diagonal entries each came from one entry of H: now H_ii + damping_i, as in H
+        blocks.index_add_(1, mp.s_gather[mp.reduced.diag], damping[:, mp.keep])
         blocks = blocks.view(batch, -1, dd)
-        # (W V^-1)^T and W^T per W block, and a zero block (index T) for the padding
-        zero = W.new_zeros(batch, 1, W.shape[-1], mp.dmax)
-        Yt = torch.cat([-(v_inv[:, mp.w_point] @ W.transpose(-1, -2)), zero], dim=1)
-        Wt = torch.cat([W.transpose(-1, -2), zero], dim=1)  # (B, T + 1, d, dmax)
-        budget = self.chunk if values.device.type == "cpu" else 64 * self.chunk
+        # (W V^-1)^T = -V^-1 W^T per W block (the zero block's V^-1 is any, here point 0's)
+        Vg = v_inv[:, torch.nn.functional.pad(mp.w_point, (0, 1))]  # (B, T + 1, d, d)
+        Yt = (Vg @ Wt).neg_()
+        budget = self.chunk if H.device.type == "cpu" else 64 * self.chunk
         step = max(128, budget // (batch * SEGMENT * Wt[0, 0].numel()))
         for s in range(0, mp.seg_block.shape[0], step):
             part = slice(s * SEGMENT, (s + step) * SEGMENT)
             # a segment's sum of Y_i W_j^T is A^T B with A, B (SEGMENT * d, dmax) stacked blocks
-            a = Yt[:, mp.seg_i[part]].reshape(batch, -1, SEGMENT * Yt.shape[-2], mp.dmax)
-            b = Wt[:, mp.seg_j[part]].reshape(batch, -1, SEGMENT * Wt.shape[-2], mp.dmax)
+            a = Yt[:, mp.seg_i[part]].reshape(batch, -1, SEGMENT * d, mp.dmax)
+            b = Wt[:, mp.seg_j[part]].reshape(batch, -1, SEGMENT * d, mp.dmax)
             fill = a.transpose(-1, -2) @ b  # (B, segments, dmax, dmax)
             blocks.index_add_(1, mp.seg_block[s : s + step], fill.reshape(batch, -1, dd))
         return blocks.reshape(batch, -1)[:, mp.s_gather]

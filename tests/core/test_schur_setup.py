@@ -173,9 +173,12 @@ def test_schur_maps_address_the_right_entries(seed: int, shared: bool) -> None:
     dense = dense + dense.mT + 100 * torch.eye(pattern.n, dtype=torch.float64)
     values = dense[:, rows, cols]
     solver = core.solvers.Schur(objective, eliminate="points", reduced="dense")
-    W = torch.cat([values, values.new_zeros(1, 1)], 1)[:, mp.w_pos]
+    W = torch.cat([values, values.new_zeros(1, 1)], 1)[:, mp.w_pos]  # padding reads 0
+    Wt = values[:, mp.wt_pos].view(1, -1).index_fill_(1, mp.wt_zero, 0).view(1, *mp.wt_pos.shape)
+    assert torch.equal(Wt[:, :-1], W.transpose(-1, -2)) and not bool(Wt[:, -1].any())
     v_inv = torch.linalg.inv(values[:, mp.v_pos])
-    S = solver._reduced_values(values, W, v_inv, mp)
+    damping = torch.zeros(1, pattern.n, dtype=torch.float64)
+    S = solver._reduced_values(values, damping, Wt, v_inv, mp)
     e = elim.reshape(-1)
     ref = dense[:, keep][:, :, keep] - dense[:, keep][:, :, e] @ torch.linalg.inv(
         dense[:, e][:, :, e]) @ dense[:, e][:, :, keep]
