@@ -458,11 +458,14 @@ class Schur:
         Yt = (Vg @ Wt).neg_()
         budget = self.chunk if H.device.type == "cpu" else 64 * self.chunk
         step = max(128, budget // (batch * SEGMENT * Wt[0, 0].numel()))
+        # blocks as rows: index_select copies whole rows (3x faster than indexing (B, T + 1, d,
+        # dmax) for BA's 27-value blocks)
+        Yr, Wr = Yt.view(batch, Yt.shape[1], -1), Wt.view(batch, Wt.shape[1], -1)
         for s in range(0, mp.seg_block.shape[0], step):
             part = slice(s * SEGMENT, (s + step) * SEGMENT)
             # a segment's sum of Y_i W_j^T is A^T B with A, B (SEGMENT * d, dmax) stacked blocks
-            a = Yt[:, mp.seg_i[part]].reshape(batch, -1, SEGMENT * d, mp.dmax)
-            b = Wt[:, mp.seg_j[part]].reshape(batch, -1, SEGMENT * d, mp.dmax)
+            a = Yr.index_select(1, mp.seg_i[part]).view(batch, -1, SEGMENT * d, mp.dmax)
+            b = Wr.index_select(1, mp.seg_j[part]).view(batch, -1, SEGMENT * d, mp.dmax)
             fill = a.transpose(-1, -2) @ b  # (B, segments, dmax, dmax)
             blocks.index_add_(1, mp.seg_block[s : s + step], fill.reshape(batch, -1, dd))
         return blocks.reshape(batch, -1)[:, mp.s_gather]
