@@ -69,6 +69,7 @@ from core.optimizer import (
     Info,
     LevenbergMarquardt,
     Solution,
+    element_ok,
     resolve_solver,
 )
 from core.ragged import RaggedCache, merge
@@ -301,7 +302,7 @@ class OptimizationLayer(nn.Module):
     def _implicit(
         self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], Info, Tensor | None]:
-        """The IFT step (module docstring); also returns ``(B,)`` True where the normal matrix
+        """The IFT step (module docstring); also returns ``(B * P,)`` True where the normal matrix
         at the solution is singular (None without grad mode: no factorization then)."""
         with torch.no_grad():
             solution = optimizer.solve(objective, {k: v.detach() for k, v in init.items()})
@@ -320,14 +321,14 @@ class OptimizationLayer(nn.Module):
             delta = _ExactSolve.apply(-lin.g, factor, hvp, self.cg_tol, self.cg_iters)
         # read after the solve: solvers that verify their solves (cuDSS, PCG) update ``ok``
         out = objective.retract(x_star, delta - delta.detach())
-        return out, solution.info, ~factor.ok
+        return out, solution.info, ~element_ok(factor, objective.elements(H.shape[0]))
 
 
     def _dlm(
         self, optimizer: LevenbergMarquardt, objective: Objective, init: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], Info, Tensor | None]:
         """The solve without gradient, then :class:`_DLM` (module docstring); also returns
-        ``(B,)`` True where the normal matrix at the solution is singular."""
+        ``(B * P,)`` True where the normal matrix at the solution is singular."""
         with torch.no_grad():
             solution = optimizer.solve(objective, {k: v.detach() for k, v in init.items()})
         x_star = {k: v.detach() for k, v in solution.values.items()}
@@ -341,7 +342,8 @@ class OptimizationLayer(nn.Module):
         names = list(x_star)
         step = _DLMStep(objective, x_star, names, factor, lin.g, self.dlm_epsilon)
         outputs = _DLM.apply(step, len(names), *[x_star[k] for k in names], *thetas)
-        return dict(zip(names, outputs)), solution.info, ~factor.ok
+        return (dict(zip(names, outputs)), solution.info,
+                ~element_ok(factor, objective.elements(lin.H.shape[0])))
 
 
 class _DLMStep:
@@ -515,12 +517,13 @@ def _bad_inputs(objective: Objective, init: dict[str, Tensor], batch: int) -> di
 def _failures(objective: Objective, values: dict[str, Tensor], info: Info,
               singular: Tensor | None) -> dict[int, str]:
     """Elements (index -> cause; problems of a ragged batch) whose solve failed, whose solution
-    is not finite, or (implicit) whose normal matrix at the solution is singular (a ragged
-    batch's one factorization cannot say which problem: all are flagged). One host sync."""
+    is not finite, or (implicit) whose normal matrix at the solution is singular (``singular
+    (B * P,)``, ``core.optimizer.element_ok``: per problem where its factorization says, else
+    every problem of the batch element). One host sync."""
     els = objective.elements(next(iter(values.values())).shape[0])
     flags = [info.status == FAILED, ~els.all_finite(values).to(info.status.device)]
     flags.append(torch.zeros_like(flags[0]) if singular is None
-                 else els.of_batch(singular.to(flags[0].device)))
+                 else singular.to(flags[0].device))
     failed = {}
     for k, (solver, nonfinite, sing) in enumerate(torch.stack(flags, 1).tolist()):
         if solver:

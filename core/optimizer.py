@@ -24,6 +24,8 @@ from torch import Tensor
 from core.linearize import Linearization, linearize
 from core.objective import Elements, Objective
 from core.solvers import LinearSolver, SolverName, damped, make_solver, solve
+from core.solvers.base import Factor
+from core.solvers.sparse import RaggedCholesky, RaggedFactor, SparseCholesky
 from core.threads import solve_threads
 
 log = logging.getLogger(__name__)
@@ -174,14 +176,23 @@ def GaussNewton(**options: object) -> LevenbergMarquardt:  # noqa: N802 (a const
 
 def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMarquardt) -> Solution:
     """The batched loop shared by LM and GN; see the module docstring. On the CPU it runs with
-    the thread counts of ``core.threads.solve_threads``."""
+    the thread counts of ``core.threads.solve_threads`` (for the largest problem of a ragged
+    batch)."""
     start = time.perf_counter()
     objective.check_names(values)  # before any lookup: a misspelt name is a clear error
     first = values[objective.variables[0].name]
     if first.device.type != "cpu":
         return _optimize(objective, values, opts, start)
-    with solve_threads(objective.dim, opts.threads):
+    with solve_threads(_block_dim(objective), opts.threads):
         return _optimize(objective, values, opts, start)
+
+
+def _block_dim(objective: Objective) -> int:
+    """The unknowns of the largest diagonal block: the objective's, or its largest problem's
+    in a ragged batch (whose factorizations, and their supernodes, are no larger)."""
+    if objective.groups is None:
+        return objective.dim
+    return int(torch.bincount(objective.groups.columns.cpu()).max())
 
 
 def _optimize(
@@ -211,8 +222,9 @@ def _optimize(
         active = status == RUNNING
         if it % opts.check_every == 0 and not bool(active.any()):
             break
-        delta, cand, gain, new, factor_ok = _trial(objective, values, lin, lam, solver, opts, els)
-        finite = torch.isfinite(new.cost) & els.of_batch(factor_ok)
+        delta, cand, gain, new, factor_ok = _trial(objective, values, lin, lam, solver, opts, els,
+                                                   active)
+        finite = torch.isfinite(new.cost) & factor_ok
         step = els.max_columns(delta.abs())
         noise = _rounding_noise(lin.cost, new.cost, step.detach())
         accept = active & finite & ((gain > opts.min_gain) | noise | (not opts.adaptive))
@@ -222,7 +234,7 @@ def _optimize(
         small = small | (step <= opts.step_tol)
         lin = new.select(accept, lin, els)
         iterations = iterations + active.long()
-        failures = failures + (active & ~els.of_batch(factor_ok)).long()
+        failures = failures + (active & ~factor_ok).long()
         lam, nu = _update_damping(lam, nu, gain, accept, active & ~accept, opts)
         done = (accept & small) | (lam > opts.damping_max)
         status = torch.where(active & done, CONVERGED, status)
@@ -259,7 +271,8 @@ def resolve_solver(
 ) -> LinearSolver:
     """``spec`` itself, or the solver of that name made once per objective structure and device
     (kept in ``objective.solvers``): a re-solve of the same structure reuses its symbolic
-    analysis and index maps."""
+    analysis and index maps. A ragged batch's sparse Cholesky factors its problems' blocks
+    one by one (``RaggedCholesky``), so the loop factors only the problems still running."""
     if not isinstance(spec, str):
         return spec
     solvers = getattr(objective, "solvers", None)
@@ -267,7 +280,10 @@ def resolve_solver(
         return make_solver(spec, objective.dim, device)
     key = (spec, str(device))
     if key not in solvers:
-        solvers[key] = make_solver(spec, objective.dim, device)
+        made = make_solver(spec, objective.dim, device)
+        if objective.groups is not None and isinstance(made, SparseCholesky):
+            made = RaggedCholesky(objective.groups, made)  # per problem, active ones only
+        solvers[key] = made
     return solvers[key]  # type: ignore[return-value]
 
 
@@ -279,11 +295,14 @@ def _trial(
     solver: LinearSolver,
     opts: LevenbergMarquardt,
     els: Elements,
+    active: Tensor,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor, Linearization, Tensor]:
     """Solve ``(H + lambda D) delta = -g`` and linearize at the candidate.
 
     Returns ``delta (B, n)``, the candidate values, the gain ratio ``(B * P,)``, the
-    candidate's linearization and the factorization's ``ok (B,)``. With ``(H + D') delta = -g``
+    candidate's linearization and the factorization's ``ok (B * P,)`` (:func:`element_ok`).
+    A :class:`RaggedCholesky` factors only the blocks of the ``active (B * P,)`` elements:
+    the others' steps are zero (they are not taken anyway). With ``(H + D') delta = -g``
     the model decrease is ``m(0) - m(delta) = 0.5 delta^T (D' delta - g)`` (no extra product
     with ``H``), summed per element. In a ragged batch each problem's block has its own
     ``lambda``; a problem whose cost is not finite gets the block ``I`` and ``g = 0`` (a zero
@@ -310,13 +329,24 @@ def _trial(
     through = torch.is_grad_enabled() and (H.requires_grad or rhs.requires_grad or
                                            damping.requires_grad)
     A = damped(H, lin.pattern, damping) if through else H
-    factor = solver.factor(H.detach(), lin.pattern, damping.detach())
+    if isinstance(solver, RaggedCholesky):
+        factor: Factor = solver.factor(H.detach(), lin.pattern, damping.detach(), active)
+    else:
+        factor = solver.factor(H.detach(), lin.pattern, damping.detach())
     delta = solve(factor, A, lin.pattern, rhs)
     cand = objective.retract(values, delta, opts.fused)
     new = linearize(objective, cand, opts.fused)
     predicted = 0.5 * els.sum_columns(delta * (damping * delta - g))
     gain = (lin.cost - new.cost) / predicted.clamp_min(torch.finfo(predicted.dtype).tiny)
-    return delta, cand, gain.detach(), new, factor.ok
+    return delta, cand, gain.detach(), new, element_ok(factor, els)
+
+
+def element_ok(factor: Factor, els: Elements) -> Tensor:
+    """``(B * P,)``: False where the element's factorization failed (per problem for a
+    :class:`RaggedFactor`, else the batch element's ``ok (B,)`` for each of its problems)."""
+    if isinstance(factor, RaggedFactor):
+        return factor.problem_ok
+    return els.of_batch(factor.ok)
 
 
 def _rounding_noise(cost: Tensor, new_cost: Tensor, step: Tensor) -> Tensor:

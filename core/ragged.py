@@ -19,6 +19,13 @@ same-structure batch with elements ``(B, P)`` flattened (``core.objective.Elemen
 * Pattern: the block-diagonal concatenation of the components' cached patterns
   (``Objective._cpu_pattern``) through each problem's column map, ``O(nnz)`` gathers, no
   symbolic assembly from scratch.
+* Factorization: the sparse Cholesky an optimizer makes by name for a merged objective
+  (``"sparse"``, or ``"auto"`` above 500 unknowns; ``core.optimizer.resolve_solver``) is a
+  ``core.solvers.sparse.RaggedCholesky``: one factorization per problem's diagonal block, and
+  only for the problems still running, so a converged problem costs no more factorizations
+  while the slowest one runs; a block that is not positive definite fails its problem alone.
+  A solver instance passed in is used as it is (e.g. one ``SparseCholesky`` of the whole
+  block-diagonal matrix, every problem every iteration).
 * Cache (:class:`RaggedCache`): the merged structure (variables, offset indices, pattern,
   grouping) and the solvers made for it (their symbolic analyses: ``Objective.solvers``) per
   combination, keyed by the tuple of the components' structure fingerprints

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from core._kernels import AVAILABLE as KERNELS
-from core.objective import Pattern
+from core.objective import Grouping, Pattern
 from core.solvers import compiled
 from core.solvers.base import PlanCache, damped
 
@@ -175,17 +175,24 @@ class SparseCholesky:
             values[:, pattern.diag.numpy()] += damping.detach().numpy()
         else:
             values = damped(H, pattern, damping).detach().to("cpu", torch.float64).numpy()
+        return self.factor_values(pattern, values, H.device)
+
+    def factor_values(
+        self, pattern: Pattern, values: np.ndarray, device: torch.device
+    ) -> SparseFactor | BlockFactor | compiled.CompiledFactor:
+        """Factor the damped values ``(B, nnz)`` (float64, owned by the factor); ``ok`` on
+        ``device``."""
         batch = values.shape[0]
         if self._use_compiled(pattern.n, batch):
-            return compiled.factor(self._compiled_plan(pattern), values, H.device)
+            return compiled.factor(self._compiled_plan(pattern), values, device)
         if self.backend == "cholmod" and np.isfinite(values).all():
             plan = self._plan(pattern, batch)
             if plan.refactor(values):
-                ok = torch.ones(batch, dtype=torch.bool, device=H.device)
+                ok = torch.ones(batch, dtype=torch.bool, device=device)
                 return BlockFactor(plan, values, plan.generation, ok)
             # some element is not positive definite: factor one by one to find which
         factors = [self._factor_one(pattern, values[k : k + 1]) for k in range(batch)]
-        ok = torch.tensor([f is not None for f in factors], device=H.device)
+        ok = torch.tensor([f is not None for f in factors], device=device)
         return SparseFactor(factors, ok, self.backend)
 
     def _factor_one(self, pattern: Pattern, v: np.ndarray) -> Any:
@@ -264,6 +271,118 @@ class SparseCholesky:
 
     def _mode(self, n: int) -> str:
         return self.mode  # "auto": CHOLMOD's own choice from the symbolic analysis
+
+
+@dataclass(frozen=True, eq=False)
+class _Block:
+    """One problem's diagonal block of a ragged batch's pattern: its merged ``columns (n_p,)``
+    (increasing), the merged ``entries (nnz_p,)`` of those columns in CSC order, and the block
+    as a pattern of its own (``pattern``, local rows and columns, no factor maps)."""
+
+    columns: np.ndarray
+    entries: np.ndarray
+    pattern: Pattern
+
+
+def split_blocks(pattern: Pattern, problem: np.ndarray, count: int) -> list[_Block]:
+    """The diagonal blocks of a block-diagonal ``pattern`` whose column ``j`` belongs to problem
+    ``problem[j]`` (``(n,)``, ``0 <= problem < count``); ``ValueError`` if an entry joins two
+    problems. NumPy, once per pattern."""
+    indptr, rows = pattern.indptr.cpu().numpy(), pattern.rows.cpu().numpy()
+    if bool((problem[rows] != np.repeat(problem, np.diff(indptr))).any()):
+        raise ValueError("split_blocks: the pattern is not block-diagonal over the problems")
+    order = np.argsort(problem, kind="stable")  # each problem's columns, increasing
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(problem, minlength=count))])
+    local = np.empty(pattern.n, np.int64)
+    local[order] = np.arange(pattern.n) - np.repeat(bounds[:-1], np.diff(bounds))
+    blocks = []
+    for p in range(count):
+        cols = order[bounds[p]: bounds[p + 1]]
+        lengths = np.diff(indptr)[cols]
+        ptr = np.concatenate([[0], np.cumsum(lengths)])
+        entries = np.repeat(indptr[cols] - ptr[:-1], lengths) + np.arange(ptr[-1])
+        r = local[rows[entries]]
+        c = np.repeat(np.arange(cols.shape[0]), lengths)
+        t = torch.from_numpy
+        block = Pattern(cols.shape[0], t(ptr), t(r), t(c), t(np.flatnonzero(r == c)), (), ())
+        blocks.append(_Block(cols, entries, block))
+    return blocks
+
+
+@dataclass
+class RaggedFactor:
+    """The factors of a ragged batch's diagonal blocks: ``factors[p]`` is ``(elements, factor)``
+    with the batch elements ``(k,)`` whose block ``p`` was factored (None: none was).
+    ``ok (B,)``: every factored block of the element positive definite; ``problem_ok (B * P,)``:
+    per block (True where not factored). ``solve`` gives zeros in the blocks not factored."""
+
+    blocks: list[_Block]
+    factors: list[tuple[np.ndarray, Any] | None]
+    ok: Tensor
+    problem_ok: Tensor
+
+    def solve(self, b: Tensor) -> Tensor:
+        rhs = b.detach().to("cpu", torch.float64).numpy()
+        out = np.zeros_like(rhs)
+        for block, entry in zip(self.blocks, self.factors):
+            if entry is None:
+                continue
+            elements, factor = entry
+            at = np.ix_(elements, block.columns)
+            out[at] = factor.solve(torch.from_numpy(rhs[at])).numpy()
+        return torch.from_numpy(out).to(b.device, b.dtype)
+
+
+@dataclass
+class RaggedCholesky:
+    """Sparse Cholesky of a ragged batch's block-diagonal normal matrix (``core.ragged``), one
+    diagonal block (problem) at a time, each with its own :class:`SparseCholesky` (made from
+    ``template``; its symbolic analysis done once per block), and only the blocks of the
+    problems still running: ``factor(..., active)`` skips the others (their steps are zero),
+    so a problem that has converged costs no more factorizations while the slowest one runs.
+    ``groups``: the merged objective's grouping (which problem each column belongs to)."""
+
+    groups: Grouping
+    template: SparseCholesky = field(default_factory=SparseCholesky)
+    _split: dict[int, tuple[Pattern, list[_Block], list[SparseCholesky]]] = field(
+        default_factory=dict, repr=False)
+
+    def factor(self, H: Tensor, pattern: Pattern, damping: Tensor,
+               active: Tensor | None = None) -> RaggedFactor:
+        """Factor the blocks of ``H + diag(damping)`` (``H (B, nnz)``, ``damping (B, n)``) of
+        the elements ``active (B * P,)`` (flattened ``b * P + p``; None: all)."""
+        blocks, solvers = self._blocks(pattern)
+        B, P = H.shape[0], len(blocks)
+        Hn = H.detach().to("cpu", torch.float64).numpy()
+        dn = damping.detach().to("cpu", torch.float64).numpy()
+        run = (np.ones((B, P), dtype=bool) if active is None
+               else active.detach().cpu().numpy().reshape(B, P))
+        ok = np.ones((B, P), dtype=bool)
+        factors: list[tuple[np.ndarray, Any] | None] = []
+        for p, (block, solver) in enumerate(zip(blocks, solvers)):
+            elements = np.flatnonzero(run[:, p])
+            if elements.shape[0] == 0:
+                factors.append(None)
+                continue
+            values = Hn[np.ix_(elements, block.entries)]  # a copy, owned by the factor
+            values[:, block.pattern.diag.numpy()] += dn[np.ix_(elements, block.columns)]
+            f = solver.factor_values(block.pattern, values, torch.device("cpu"))
+            ok[elements, p] = f.ok.numpy()
+            factors.append((elements, f))
+        return RaggedFactor(blocks, factors, torch.from_numpy(ok.all(1)).to(H.device),
+                            torch.from_numpy(ok.reshape(-1)).to(H.device))
+
+    def _blocks(self, pattern: Pattern) -> tuple[list[_Block], list[SparseCholesky]]:
+        """The blocks of ``pattern`` and their solvers, split once per pattern."""
+        hit = self._split.get(id(pattern))
+        if hit is None or hit[0] is not pattern:  # (a merged objective has one pattern)
+            problem = self.groups.columns.cpu().numpy()
+            blocks = split_blocks(pattern, problem, self.groups.count)
+            solvers = [replace(self.template, _symbolic=PlanCache(), _compiled=PlanCache())
+                       for _ in blocks]
+            self._split.clear()
+            hit = self._split[id(pattern)] = (pattern, blocks, solvers)
+        return hit[1], hit[2]
 
 
 def _structure(pattern: Pattern, batch: int) -> tuple[np.ndarray, np.ndarray]:
