@@ -145,9 +145,9 @@ def score(scores: Scores, maps: Maps, idx: Tensor, plans: Plans) -> list[bool]:
 
 def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> Tensor:
     """``(B, N, 4)``: the network's initial trajectories for maps ``idx``: of its hypotheses,
-    the one whose dense path keeps the largest clearance (``model.select=clearance``; ``-inf``
-    where it leaves the map), of lowest planner objective (``cost``; those leaving the map last)
-    or of best score (``score``); with ``model.refine`` the refiner's correction of it, where
+    and the mean of those within ``model.consensus`` of each (:func:`consensus`), the one
+    ``model.select`` names (:func:`pick_candidate`: by default the collision-free one of
+    lowest planner objective); with ``model.refine`` the refiner's correction of it, where
     the corrected path keeps clear of obstacles by the robot radius or by at least as much.
     With ``model.symmetries`` the network also reads each map in the square's other seven
     symmetries (``model.augment``), its plans mapped back: ``8 Hy`` candidates."""
@@ -164,6 +164,10 @@ def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> T
         scores = scores.view(8, B, -1).transpose(0, 1).flatten(1, 2)
     else:
         trajs, scores = net(sdf, start, goal)  # (B, Hy, N, 4), (B, Hy)
+    radius = float(value(cfg.model.consensus))
+    if radius > 0:  # the hypotheses and their consensus means
+        trajs = torch.cat([trajs, consensus(trajs, radius)], 1)
+        scores = torch.cat([scores, scores], 1)
     pick = pick_candidate(cfg, maps, trajs, scores, sdf, start, goal)
     refiner = getattr(getattr(net, "module", net), "refiner", None)
     if refiner is None:
@@ -174,24 +178,43 @@ def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> T
     return torch.where(keep[:, None, None], refined, pick)
 
 
+def consensus(trajs: Tensor, radius: float) -> Tensor:
+    """``(B, C, N, 4)``: each candidate of ``trajs (B, C, N, 4)`` replaced by the mean of the
+    candidates within ``radius`` of it (root-mean-square distance between their positions,
+    metres; itself included): hypotheses that take the same way round the obstacles agree on it
+    up to the network's noise, which their mean averages out. ``radius`` 0: unchanged."""
+    if radius <= 0:
+        return trajs
+    p = trajs[..., :2].flatten(-2)  # (B, C, 2N)
+    dist = torch.cdist(p, p) / math.sqrt(trajs.shape[-2])  # (B, C, C) RMS distances
+    near = (dist <= radius).to(trajs.dtype)
+    return torch.einsum("bij,bjnk->bink", near / near.sum(-1, keepdim=True), trajs)
+
+
 def pick_candidate(cfg: Any, maps: Maps, trajs: Tensor, scores: Tensor, sdf: Tensor,
                    start: Tensor, goal: Tensor) -> Tensor:
     """``(B, N, 4)``: of the candidates ``trajs (B, C, N, 4)``, the one ``model.select``
-    names (:func:`initialization`)."""
+    names: ``score``, the best-scored; ``clearance``, the one whose dense path keeps farthest
+    from obstacles (``-inf`` where it leaves the map); ``cost``, of the collision-free ones
+    (clearance above the robot radius, inside the map) the one of lowest planner objective,
+    where none is collision-free the one of largest clearance, where all leave the map the
+    cheapest. The objective alone prefers plans that cut a little through an obstacle (the
+    hinge costs less than the detour) or leave the map where its edge is far from obstacles
+    (the SDF falls only by the distance travelled out): neither is a plan."""
     select = str(value(cfg.model.select))
     if select == "score":
         return chosen(trajs, scores)
-    B, Hy = scores.shape
-    rep = lambda t: t.repeat_interleave(Hy, 0)  # noqa: E731
+    B, C = trajs.shape[:2]
+    rep = lambda t: t.repeat_interleave(C, 0)  # noqa: E731
+    clear = problem.clearance(trajs.flatten(0, 1), rep(sdf), maps.spec).view(B, C)
     if select == "clearance":
-        return chosen(trajs, problem.clearance(trajs.flatten(0, 1), rep(sdf), maps.spec).view(
-            B, Hy))
-    cost = maps.cost(trajs.flatten(0, 1), rep(sdf), rep(start), rep(goal)).view(B, Hy)
-    # A candidate that leaves the map is cheap where the map's edge is far from obstacles (the
-    # SDF falls only by the distance travelled out), yet not a plan: the others come first.
-    outside = (trajs[..., :2].abs() > maps.spec.extent).any(-1).any(-1)  # (B, Hy)
-    cost = torch.where(outside & ~outside.all(-1, keepdim=True), math.inf, cost)
-    return chosen(trajs, -cost)
+        return chosen(trajs, clear)
+    cost = maps.cost(trajs.flatten(0, 1), rep(sdf), rep(start), rep(goal)).view(B, C)
+    free = clear > maps.spec.robot_radius
+    best_free = torch.where(free, -cost, -math.inf).argmax(-1)
+    best = torch.where(clear.isfinite().any(-1), clear.argmax(-1), (-cost).argmax(-1))
+    pick = torch.where(free.any(-1), best_free, best)
+    return trajs[torch.arange(B, device=trajs.device), pick]
 
 
 @torch.no_grad()

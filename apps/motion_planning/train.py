@@ -20,11 +20,13 @@ solution). The solution terms reach the network through the iterations (``optimi
 ``unroll``, the default, or ``truncated``; their gradient is clipped per map, ``loss.clip``); with
 ``implicit`` they carry no gradient to the initialization (the optimum does not depend on where the
 solver starts) and only the imitation terms train the network. At evaluation the planner starts
-from the candidate that keeps farthest from obstacles (``model.select=clearance``), of lowest
-planner objective (``cost``; both evaluate each candidate once, no solve) or of best score
-(``score``); with ``model.symmetries`` the candidates are the network's hypotheses on the map in
-each of its 8 symmetries; with ``model.refine`` the refiner corrects the chosen one (kept where the
-corrected path stays clear of obstacles by the robot radius, or by at least as much).
+from the collision-free candidate of lowest planner objective (``model.select=cost``), the one
+that keeps farthest from obstacles (``clearance``; both evaluate each candidate once, no solve)
+or of best score (``score``); with ``model.symmetries`` the candidates are the network's
+hypotheses on the map in each of its 8 symmetries, joined by the mean of those within
+``model.consensus`` of each (the same way round the obstacles); with ``model.refine`` the refiner
+corrects the chosen one (kept where the corrected path stays clear of obstacles by the robot
+radius, or by at least as much).
 
 Held-out maps (new maps, other seeds), with ``K`` iterations: ``success_rate`` (collision-free at
 the robot radius along the densely interpolated path, inside the map, ends on start and goal),
@@ -76,10 +78,14 @@ class ModelConfig:
         width: the corridor's half-width (metres).
         hypotheses: candidate trajectories the network proposes.
         window: lanes either side of a column's best lane that its decoded offset averages.
-        select: which one the planner starts from: ``clearance``, the one whose densely
-            interpolated path keeps farthest from obstacles (inside the map), ``cost``, the
-            lowest planner objective (among those inside the map), or ``score``, the network's
+        select: which one the planner starts from: ``cost``, the lowest planner objective
+            (among those inside the map), ``clearance``, the one whose densely interpolated
+            path keeps farthest from obstacles (inside the map), or ``score``, the network's
             best-scored one; the first two evaluate each candidate once, no solve.
+        consensus: the selection also weighs, for each candidate, the mean of the
+            candidates within this root-mean-square distance of it (metres; 0: none): those
+            taking the same way round the obstacles, whose mean averages out the network's
+            noise (``apps.motion_planning.evaluation.consensus``; no solve).
         augment: train on randomly flipped/transposed maps (the square's 8 symmetries).
         symmetries: at evaluation, also read each map in its 7 other symmetries: ``8 *
             hypotheses`` candidates for the selection (8 network passes, no solve).
@@ -97,7 +103,8 @@ class ModelConfig:
     width: float = 6.0
     hypotheses: int = 12
     window: int = 3
-    select: Select = Select.clearance  # type: ignore[attr-defined,valid-type]
+    select: Select = Select.cost  # type: ignore[attr-defined,valid-type]
+    consensus: float = 0.5
     augment: bool = True
     symmetries: bool = True
     refine: bool = True
@@ -175,6 +182,7 @@ def check(cfg: Any) -> None:
         (cfg.eval_iters >= 1, f"eval_iters must be >= 1, got {cfg.eval_iters}"),
         (cfg.converge_iters >= 1, f"converge_iters must be >= 1, got {cfg.converge_iters}"),
         (cfg.eval_batch >= 1, f"eval_batch must be >= 1, got {cfg.eval_batch}"),
+        (cfg.model.consensus >= 0, f"model.consensus must be >= 0, got {cfg.model.consensus}"),
         (cfg.viz_maps >= 0, f"viz_maps must be >= 0, got {cfg.viz_maps}"),
         (cfg.optimizer.max_iters >= 1,
          f"optimizer.max_iters (K) must be >= 1, got {cfg.optimizer.max_iters}"),

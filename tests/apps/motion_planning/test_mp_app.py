@@ -275,6 +275,7 @@ def test_bad_settings_are_named(tmp_path: Path, app_config) -> None:
                               ("data.hinge_smooth=-0.1", "data.hinge_smooth must be >= 0"),
                               ("eval_iters=0", "eval_iters must be >= 1"),
                               ("converge_iters=0", "converge_iters must be >= 1"),
+                              ("model.consensus=-0.1", "model.consensus must be >= 0"),
                               ("optimizer.max_iters=0", "max_iters")]:
         with pytest.raises(ValueError, match=message):
             train.run(app_config("motion_planning", tmp_path, override))
@@ -299,11 +300,13 @@ class _Fixed(torch.nn.Module):
 
 
 def test_selection_prefers_candidates_inside_the_map(tmp_path: Path, app_config) -> None:
-    """``select=cost``: the planner starts from the cheapest candidate that stays inside the
-    map, even when one that leaves it is cheaper (the SDF only falls by the distance travelled
-    out); when all leave it, the cheapest. ``select=clearance``: the one farthest from
+    """``select=cost``: the planner starts from the cheapest collision-free candidate, even when
+    one that cuts through an obstacle or leaves the map is cheaper (the SDF only falls by the
+    distance travelled out); when none is collision-free, the one of largest clearance inside
+    the map; when all leave it, the cheapest. ``select=clearance``: the one farthest from
     obstacles, never one that leaves the map."""
-    cfg = app_config("motion_planning", tmp_path, "model.symmetries=false", "model.select=cost")
+    cfg = app_config("motion_planning", tmp_path, "model.symmetries=false", "model.select=cost",
+                     "model.consensus=0")
     occ = np.zeros((32, 32), dtype=bool)
     occ[12:20, 8:24] = True  # a block across the middle
     sdf = torch.as_tensor(signed_distance(occ, SMALL.cell))
@@ -322,11 +325,41 @@ def test_selection_prefers_candidates_inside_the_map(tmp_path: Path, app_config)
     assert torch.equal(evaluation.initialization(cfg, net, maps, idx)[0], inside[0])
     net = _Fixed(torch.cat([out, out + torch.tensor([0.0, 0.1, 0.0, 0.0])]))
     assert torch.equal(evaluation.initialization(cfg, net, maps, idx)[0], out[0])
-    cfg.model.select = "clearance"  # the farthest from the block, inside the map
     low = problem.curve(start, goal, coeffs + torch.tensor([0.0, -2.0]).view(1, 2, 1), SMALL)
-    net = _Fixed(torch.cat([out, low, inside]))
-    assert float(problem.clearance(low, sdf[None].double(), SMALL)) > SMALL.robot_radius
+    clear = problem.clearance(torch.cat([low, inside]), sdf[None].repeat(2, 1, 1).double(), SMALL)
+    assert float(clear[0]) > SMALL.robot_radius > float(clear[1])  # inside cuts the block
+    net = _Fixed(torch.cat([out, inside, low]))
+    # a collision-free candidate wins over cheaper ones that collide or leave the map
+    cheap = lambda states, *args: torch.tensor([0.0, 1.0, 2.0], dtype=states.dtype)  # noqa: E731
+    plain_cost, maps.cost = maps.cost, cheap
     assert torch.equal(evaluation.initialization(cfg, net, maps, idx)[0], low[0])
+    maps.cost = plain_cost
+    cfg.model.select = "clearance"  # the farthest from the block, inside the map
+    net = _Fixed(torch.cat([out, low, inside]))
+    assert torch.equal(evaluation.initialization(cfg, net, maps, idx)[0], low[0])
+
+
+def test_consensus_averages_candidates_that_take_the_same_way() -> None:
+    """``model.consensus``: each candidate becomes the mean of those within the radius (RMS
+    position distance) of it, itself included; candidates farther away stay apart; radius 0
+    leaves them unchanged."""
+    torch.manual_seed(0)
+    N = SMALL.num_states
+    a = torch.randn(N, 4, dtype=torch.float64)
+    b = a + torch.tensor([0.0, 3.0, 0.0, 0.0], dtype=torch.float64)  # another way round
+    noise = 0.05 * torch.randn(3, N, 4, dtype=torch.float64)
+    trajs = torch.stack([a + noise[0], a + noise[1], b + noise[2]])[None]  # (1, 3, N, 4)
+    out = evaluation.consensus(trajs, 0.5)
+    assert out.shape == trajs.shape
+    mean = (trajs[0, 0] + trajs[0, 1]) / 2
+    torch.testing.assert_close(out[0, 0], mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[0, 1], mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[0, 2], trajs[0, 2], rtol=0, atol=1e-12)
+    assert torch.equal(evaluation.consensus(trajs, 0.0), trajs)
+    # the radius is an RMS distance over the states: a 0.4 m shift of every state is within 0.5
+    shifted = torch.stack([a, a + torch.tensor([0.4, 0.0, 0.0, 0.0], dtype=torch.float64)])[None]
+    torch.testing.assert_close(evaluation.consensus(shifted, 0.5)[0, 0], shifted[0].mean(0))
+    assert torch.equal(evaluation.consensus(shifted, 0.39), shifted)
 
 
 def test_select_by_score_runs(tmp_path: Path, app_config) -> None:
