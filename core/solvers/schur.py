@@ -296,14 +296,14 @@ def build_schur_maps(objective: Objective, eliminate: str, pattern: Pattern) -> 
     reduced, s_gather = _reduced_pattern(blocks, lay, dmax)
     num_blocks = int(block_key.shape[0])
     segments = _segments(pair_i, pair_j, inverse[num_u:], num_blocks, pad=w_key.shape[0])
-    t = torch.from_numpy
+    # W^T blocks and a zero block for the S products; what reads 0 is read at 0, then zeroed
     wt_pos = np.concatenate([w_pos.transpose(0, 2, 1), np.full((1, d, dmax), nnz)])
     wt_zero = np.flatnonzero(wt_pos == nnz)
-    wt_pos[wt_pos == nnz] = 0
+    wt_pos.reshape(-1)[wt_zero] = 0
+    t = torch.from_numpy
     maps = SchurMaps(t(lay.keep), t(lay.elim), t(v_pos), t(w_pos), t(wt_pos), t(wt_zero),
-                     t(w_elem), t(w_point),
-                     t(lay.elem_rows), t(pos[u]), t(u_dst), *(t(x) for x in segments),
-                     num_blocks, dmax, t(s_gather), reduced)
+                     t(w_elem), t(w_point), t(lay.elem_rows), t(pos[u]), t(u_dst),
+                     *(t(x) for x in segments), num_blocks, dmax, t(s_gather), reduced)
     return maps.to(pattern.rows.device)
 
 
