@@ -12,15 +12,19 @@ respect to every graph's loop weights and the shared scale:
 * ``ragged``: one ``OptimizationLayer.ragged(objectives, inputs)`` call, its merged structure
   and symbolic analysis cached (``core.ragged``: a training set reuses combinations);
 * ``ragged-new``: the same with an empty cache every step (a combination never seen: merging
-  the patterns and CHOLMOD's analysis are paid in the step).
+  the patterns and CHOLMOD's analyses are paid in the step);
+* ``ragged-merged``: the ragged call with one ``SparseCholesky`` of the whole block-diagonal
+  matrix (the ``solver`` argument), which factors every problem every iteration until the
+  slowest converges (the default, ``RaggedCholesky``, factors only the running problems).
 
-The two are timed interleaved (median of ``--repeats``), after one warm-up each. The table
+The modes are timed interleaved (median of ``--repeats``), after one warm-up each. The table
 gives the time per step, the ratio to ``loop``, the part of the step spent in the sparse
-factorizations (``SparseCholesky.factor``: the same numeric work in every mode, so
-``loop / factor`` bounds the speed-up of a ragged call), the LM iterations (sum over graphs
-for the loop, the longest problem's for a ragged call, whose one factorization carries every
-problem until the last converges) and the largest relative gradient difference to the loop's
-(``max |g - g_loop| / max |g_loop|`` over the weight tensors and the scale).
+factorizations (``SparseCholesky.factor``, ``RaggedCholesky.factor``), the problems factored
+per step (one per LM iteration of each running problem and one at each solution for the
+backward; ``ragged-merged`` factors all ``--graphs`` every iteration), the LM iterations (sum
+over graphs for the loop, the longest problem's for a ragged call) and the largest relative
+gradient difference to the loop's (``max |g - g_loop| / max |g_loop|`` over the weight tensors
+and the scale).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from apps.pose_graph.data import GraphSpec, make_sample
 from apps.pose_graph.problem import GraphProblem, pose_loss
 from core import ragged
 from core.solvers import SparseCholesky
+from core.solvers.sparse import RaggedCholesky
 
 
 def problems(graphs: int, seed: int = 0) -> tuple[list[GraphProblem], list]:
@@ -68,7 +73,8 @@ def make_step(mode: str, probs: list[GraphProblem], samples: list, max_iters: in
                 iters.append(int(info.iterations.sum()))
         else:
             cache = ragged.RaggedCache(1) if mode == "ragged-new" else None
-            sols, info = layers[0].ragged(objectives, inputs, cache=cache)
+            solver = _merged_solver if mode == "ragged-merged" else None
+            sols, info = layers[0].ragged(objectives, inputs, cache=cache, solver=solver)
             outs = [s["poses"] for s in sols]
             iters = [int(info.iterations.max())]
         loss = sum(pose_loss(x, s.truth, s.space).sum() for x, s in zip(outs, samples))
@@ -78,40 +84,59 @@ def make_step(mode: str, probs: list[GraphProblem], samples: list, max_iters: in
     return step
 
 
+def _merged_solver(objective: core.Objective) -> SparseCholesky:
+    """One sparse Cholesky of a ragged batch's whole block-diagonal matrix."""
+    return SparseCholesky()
+
+
 class _FactorClock:
-    """Seconds spent inside ``SparseCholesky.factor`` while installed (a wrapper on the class,
-    removed on exit)."""
+    """Seconds spent inside ``SparseCholesky.factor`` and ``RaggedCholesky.factor`` (a ragged
+    call's per-problem factorizations), and the numeric factorizations
+    (``SparseCholesky.factor_values`` calls), while installed (wrappers on the classes, removed
+    on exit)."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.seconds, self.calls = 0.0, 0
 
     def __enter__(self) -> _FactorClock:
-        self._original = original = SparseCholesky.factor
+        self._originals = {(cls, "factor"): cls.factor for cls in (SparseCholesky, RaggedCholesky)}
+        for (cls, _), original in self._originals.items():
+            cls.factor = self._timed(original)  # type: ignore[method-assign]
+        self._originals[(SparseCholesky, "factor_values")] = counted = SparseCholesky.factor_values
 
-        def timed(solver: SparseCholesky, *args: object) -> object:
+        def count(*args: object) -> object:
+            self.calls += 1
+            return counted(*args)  # type: ignore[arg-type]
+
+        SparseCholesky.factor_values = count  # type: ignore[method-assign,assignment]
+        return self
+
+    def _timed(self, original: Callable[..., object]) -> Callable[..., object]:
+        def timed(*args: object) -> object:
             start = time.perf_counter()
             try:
-                return original(solver, *args)  # type: ignore[arg-type]
+                return original(*args)
             finally:
                 self.seconds += time.perf_counter() - start
 
-        SparseCholesky.factor = timed  # type: ignore[method-assign,assignment]
-        return self
+        return timed
 
     def __exit__(self, *exc: object) -> None:
-        SparseCholesky.factor = self._original  # type: ignore[method-assign]
+        for (cls, name), original in self._originals.items():
+            setattr(cls, name, original)
 
 
 def run(graphs: int = 16, repeats: int = 5, max_iters: int = 30) -> list[dict[str, object]]:
     """The table's rows (see the module docstring)."""
     probs, samples = problems(graphs)
-    modes = ("loop", "ragged", "ragged-new")
+    modes = ("loop", "ragged", "ragged-new", "ragged-merged")
     steps = {m: make_step(m, probs, samples, max_iters) for m in modes}
     grads, iters = {}, {}
     for m in modes:  # warm-up: patterns, symbolic analyses, kernels
         grads[m], iters[m] = steps[m]()
     times: dict[str, list[float]] = {m: [] for m in modes}
     factor: dict[str, list[float]] = {m: [] for m in modes}
+    factored: dict[str, int] = {}
     for _ in range(repeats):
         for m in modes:
             with _FactorClock() as clock:
@@ -119,6 +144,7 @@ def run(graphs: int = 16, repeats: int = 5, max_iters: int = 30) -> list[dict[st
                 steps[m]()
                 times[m].append(time.perf_counter() - start)
             factor[m].append(clock.seconds)
+            factored[m] = clock.calls * (graphs if m == "ragged-merged" else 1)
     base = statistics.median(times["loop"])
     rows = []
     for m in modes:
@@ -126,7 +152,8 @@ def run(graphs: int = 16, repeats: int = 5, max_iters: int = 30) -> list[dict[st
                    for a, b in zip(grads[m], grads["loop"]))
         t = statistics.median(times[m])
         rows.append({"mode": m, "step_s": t, "speedup": base / t,
-                     "factor_s": statistics.median(factor[m]), "iterations": sum(iters[m]),
+                     "factor_s": statistics.median(factor[m]), "factored": factored[m],
+                     "iterations": sum(iters[m]),
                      "grad_rel_diff": diff})
     return rows
 
@@ -144,11 +171,11 @@ def main() -> None:
           f"({sum(sizes)} in all), forward + implicit backward, torch threads "
           f"{torch.get_num_threads()}, 1-min load {load:.1f}, median of {args.repeats}")
     rows = run(args.graphs, args.repeats, args.max_iters)
-    print(f"{'mode':<12}{'step (s)':>10}{'speedup':>9}{'factor (s)':>12}{'LM iters':>10}"
-          f"{'grad rel diff':>15}")
+    print(f"{'mode':<14}{'step (s)':>10}{'speedup':>9}{'factor (s)':>12}{'factored':>10}"
+          f"{'LM iters':>10}{'grad rel diff':>15}")
     for r in rows:
-        print(f"{r['mode']:<12}{r['step_s']:>10.3f}{r['speedup']:>8.2f}x{r['factor_s']:>12.3f}"
-              f"{r['iterations']:>10}{r['grad_rel_diff']:>15.2e}")
+        print(f"{r['mode']:<14}{r['step_s']:>10.3f}{r['speedup']:>8.2f}x{r['factor_s']:>12.3f}"
+              f"{r['factored']:>10}{r['iterations']:>10}{r['grad_rel_diff']:>15.2e}")
 
 
 if __name__ == "__main__":
