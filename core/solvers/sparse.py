@@ -333,6 +333,22 @@ class RaggedFactor:
         return torch.from_numpy(out).to(b.device, b.dtype)
 
 
+@dataclass(frozen=True, eq=False)
+class _Split:
+    """A pattern's blocks and their solvers, and the gathers that put its values ``(B, nnz)``
+    in block order: ``order (nnz,)`` the merged entries block after block (block ``p`` at
+    ``ptr[p]:ptr[p + 1]``), ``diag (n,)`` the diagonal's places in that order and ``columns
+    (n,)`` their merged columns."""
+
+    pattern: Pattern
+    blocks: list[_Block]
+    solvers: list[SparseCholesky]
+    order: np.ndarray
+    ptr: np.ndarray
+    diag: np.ndarray
+    columns: np.ndarray
+
+
 @dataclass
 class RaggedCholesky:
     """Sparse Cholesky of a ragged batch's block-diagonal normal matrix (``core.ragged``), one
@@ -344,45 +360,49 @@ class RaggedCholesky:
 
     groups: Grouping
     template: SparseCholesky = field(default_factory=SparseCholesky)
-    _split: dict[int, tuple[Pattern, list[_Block], list[SparseCholesky]]] = field(
-        default_factory=dict, repr=False)
+    _split: _Split | None = field(default=None, repr=False)
 
     def factor(self, H: Tensor, pattern: Pattern, damping: Tensor,
                active: Tensor | None = None) -> RaggedFactor:
         """Factor the blocks of ``H + diag(damping)`` (``H (B, nnz)``, ``damping (B, n)``) of
         the elements ``active (B * P,)`` (flattened ``b * P + p``; None: all)."""
-        blocks, solvers = self._blocks(pattern)
-        B, P = H.shape[0], len(blocks)
-        Hn = H.detach().to("cpu", torch.float64).numpy()
-        dn = damping.detach().to("cpu", torch.float64).numpy()
+        split = self._blocks(pattern)
+        B, P = H.shape[0], len(split.blocks)
+        # the damped values in block order: one gather (a copy the factors own), one scatter
+        values = H.detach().to("cpu", torch.float64).numpy()[:, split.order]
+        values[:, split.diag] += damping.detach().to("cpu", torch.float64).numpy()[
+            :, split.columns]
         run = (np.ones((B, P), dtype=bool) if active is None
                else active.detach().cpu().numpy().reshape(B, P))
         ok = np.ones((B, P), dtype=bool)
         factors: list[tuple[np.ndarray, Any] | None] = []
-        for p, (block, solver) in enumerate(zip(blocks, solvers)):
+        cpu = torch.device("cpu")
+        for p, (block, solver) in enumerate(zip(split.blocks, split.solvers)):
             elements = np.flatnonzero(run[:, p])
             if elements.shape[0] == 0:
                 factors.append(None)
                 continue
-            values = Hn[np.ix_(elements, block.entries)]  # a copy, owned by the factor
-            values[:, block.pattern.diag.numpy()] += dn[np.ix_(elements, block.columns)]
-            f = solver.factor_values(block.pattern, values, torch.device("cpu"))
+            mine = slice(split.ptr[p], split.ptr[p + 1])
+            v = values[:, mine] if elements.shape[0] == B else values[elements, mine]
+            f = solver.factor_values(block.pattern, v, cpu)
             ok[elements, p] = f.ok.numpy()
             factors.append((elements, f))
-        return RaggedFactor(blocks, factors, torch.from_numpy(ok.all(1)).to(H.device),
+        return RaggedFactor(split.blocks, factors, torch.from_numpy(ok.all(1)).to(H.device),
                             torch.from_numpy(ok.reshape(-1)).to(H.device))
 
-    def _blocks(self, pattern: Pattern) -> tuple[list[_Block], list[SparseCholesky]]:
-        """The blocks of ``pattern`` and their solvers, split once per pattern."""
-        hit = self._split.get(id(pattern))
-        if hit is None or hit[0] is not pattern:  # (a merged objective has one pattern)
-            problem = self.groups.columns.cpu().numpy()
-            blocks = split_blocks(pattern, problem, self.groups.count)
+    def _blocks(self, pattern: Pattern) -> _Split:
+        """The blocks of ``pattern`` and their solvers, split once (a merged objective has one
+        pattern; another one replaces it)."""
+        if self._split is None or self._split.pattern is not pattern:
+            blocks = split_blocks(pattern, self.groups.columns.cpu().numpy(), self.groups.count)
             solvers = [replace(self.template, _symbolic=PlanCache(), _compiled=PlanCache())
                        for _ in blocks]
-            self._split.clear()
-            hit = self._split[id(pattern)] = (pattern, blocks, solvers)
-        return hit[1], hit[2]
+            ptr = np.concatenate([[0], np.cumsum([b.entries.shape[0] for b in blocks])])
+            self._split = _Split(
+                pattern, blocks, solvers, np.concatenate([b.entries for b in blocks]), ptr,
+                np.concatenate([o + b.pattern.diag.numpy() for o, b in zip(ptr, blocks)]),
+                np.concatenate([b.columns for b in blocks]))
+        return self._split
 
 
 def _structure(pattern: Pattern, batch: int) -> tuple[np.ndarray, np.ndarray]:
