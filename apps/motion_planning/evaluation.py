@@ -147,8 +147,9 @@ def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> T
     """``(B, N, 4)``: the network's initial trajectories for maps ``idx``: of its hypotheses,
     and the mean of those within ``model.consensus`` of each (:func:`consensus`), the one
     ``model.select`` names (:func:`pick_candidate`: by default the collision-free one of
-    lowest planner objective); with ``model.refine`` the refiner's correction of it, where
-    the corrected path keeps clear of obstacles by the robot radius or by at least as much.
+    lowest planner objective); with ``model.refine``, where that candidate's dense path comes
+    closer to an obstacle than the robot radius, the refiner's correction of it, unless the
+    correction comes closer still.
     With ``model.symmetries`` the network also reads each map in the square's other seven
     symmetries (``model.augment``), its plans mapped back: ``8 Hy`` candidates."""
     sdf, start, goal = maps.sdf[idx], maps.start[idx], maps.goal[idx]
@@ -174,7 +175,8 @@ def initialization(cfg: Any, net: torch.nn.Module, maps: Maps, idx: Tensor) -> T
         return pick
     refined = refiner(pick, sdf)[1]
     before, after = (problem.clearance(t, sdf, maps.spec) for t in (pick, refined))
-    keep = (after > maps.spec.robot_radius) | (after >= before)
+    r = maps.spec.robot_radius
+    keep = (before <= r) & ((after > r) | (after >= before))  # a colliding pick, not made worse
     return torch.where(keep[:, None, None], refined, pick)
 
 

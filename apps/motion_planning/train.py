@@ -25,8 +25,8 @@ that keeps farthest from obstacles (``clearance``; both evaluate each candidate 
 or of best score (``score``); with ``model.symmetries`` the candidates are the network's
 hypotheses on the map in each of its 8 symmetries, joined by the mean of those within
 ``model.consensus`` of each (the same way round the obstacles); with ``model.refine`` the refiner
-corrects the chosen one (kept where the corrected path stays clear of obstacles by the robot
-radius, or by at least as much).
+corrects the chosen one where it comes closer to an obstacle than the robot radius (kept unless
+the correction comes closer still).
 
 Held-out maps (new maps, other seeds), with ``K`` iterations: ``success_rate`` (collision-free at
 the robot radius along the densely interpolated path, inside the map, ends on start and goal),
@@ -90,9 +90,9 @@ class ModelConfig:
         symmetries: at evaluation, also read each map in its 7 other symmetries: ``8 *
             hypotheses`` candidates for the selection (8 network passes, no solve).
         refine: a second stage (``apps.motion_planning.model.Refiner``) reads the map on a
-            tube along the selected candidate and moves its states across it; kept where the
-            refined path stays clear of obstacles by the robot radius or keeps at least the
-            candidate's clearance (no solve).
+            tube along the selected candidate and moves its states across it; used at
+            evaluation where the candidate comes closer to an obstacle than the robot radius,
+            unless the refined path comes closer still (no solve).
         refine_width: the tube's half-width (metres).
         refine_lanes: offsets across the tube (the classes of the refiner's logits).
     """

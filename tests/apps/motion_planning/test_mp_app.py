@@ -161,9 +161,10 @@ def test_refiner_starts_as_the_identity_and_its_targets_hold_the_expert(
 
 
 def test_refined_initialization_keeps_clear_of_obstacles(tmp_path: Path, app_config) -> None:
-    """``model.refine``: the planner starts from the refiner's correction of the selected
-    candidate, unless the correction brings it closer to obstacles than the robot radius and
-    than the candidate itself; the refiner's loss trains it."""
+    """``model.refine``: where the selected candidate comes closer to an obstacle than the
+    robot radius, the planner starts from the refiner's correction of it, unless the
+    correction comes closer still; a collision-free candidate is kept as it is. The refiner's
+    loss trains it."""
     cfg = app_config("motion_planning", tmp_path, "model.symmetries=false", "model.refine=true",
                      "model.augment=false")
     samples = make_samples(SMALL, [4, 5])  # experts within the refiner's tube of the line
@@ -178,7 +179,9 @@ def test_refined_initialization_keeps_clear_of_obstacles(tmp_path: Path, app_con
     moved = net.refiner(plain, maps.sdf)[1]
     init = evaluation.initialization(cfg, net, maps, idx)
     before, after = (problem.clearance(t, maps.sdf, SMALL) for t in (plain, moved))
-    keep = (after > SMALL.robot_radius) | (after >= before)
+    r = SMALL.robot_radius
+    keep = (before <= r) & ((after > r) | (after >= before))
+    assert bool(keep.any()) and bool((before <= r).any())  # exercised
     for k in range(len(maps)):
         assert torch.equal(init[k], moved[k] if keep[k] else plain[k])
     net.zero_grad()
