@@ -45,7 +45,7 @@ class Linearization:
             if not picked.any():
                 return other
             return Linearization(
-                torch.from_numpy(np.where(mask.numpy(), self.cost.numpy(), other.cost.numpy())),
+                torch.from_numpy(np.where(picked, self.cost.numpy(), other.cost.numpy())),
                 torch.from_numpy(np.where(m_g.numpy(), self.g.numpy(), other.g.numpy())),
                 torch.from_numpy(np.where(m_H.numpy(), self.H.numpy(), other.H.numpy())),
                 self.pattern,
@@ -60,7 +60,10 @@ class Linearization:
 
 def _plain_cpu(*tensors: Tensor) -> bool:
     """All CPU tensors outside autograd (NumPy may compute on them)."""
-    return all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
+    for t in tensors:  # a loop, not all(<generator>): no Python call per tensor
+        if t.device.type != "cpu" or t.requires_grad:
+            return False
+    return True
 
 
 CHUNK = 8192
