@@ -71,6 +71,7 @@ from core.optimizer import (
     Solution,
     element_ok,
     resolve_solver,
+    threads_for,
 )
 from core.ragged import RaggedCache, merge
 from core.solvers import LinearSolver, make_solver, solve
@@ -313,12 +314,13 @@ class OptimizationLayer(nn.Module):
         pattern = lin.pattern
         H = lin.H.detach()
         solver = make_solver(optimizer.solver, objective.dim, H.device)  # the resolved instance
-        factor = solver.factor(H, pattern, torch.zeros_like(lin.g))
-        if self.implicit_hessian == "gauss_newton":
-            delta = solve(factor, H, pattern, -lin.g)
-        else:
-            hvp = _exact_hvp(objective.with_inputs(_detached(objective)), x_star)
-            delta = _ExactSolve.apply(-lin.g, factor, hvp, self.cg_tol, self.cg_iters)
+        with threads_for(objective, optimizer, H.device):  # the forward solve's thread counts
+            factor = solver.factor(H, pattern, torch.zeros_like(lin.g))
+            if self.implicit_hessian == "gauss_newton":
+                delta = solve(factor, H, pattern, -lin.g)
+            else:
+                hvp = _exact_hvp(objective.with_inputs(_detached(objective)), x_star)
+                delta = _ExactSolve.apply(-lin.g, factor, hvp, self.cg_tol, self.cg_iters)
         # read after the solve: solvers that verify their solves (cuDSS, PCG) update ``ok``
         out = objective.retract(x_star, delta - delta.detach())
         return out, solution.info, ~element_ok(factor, objective.elements(H.shape[0]))
@@ -338,7 +340,8 @@ class OptimizationLayer(nn.Module):
         with torch.no_grad():
             lin = linearize(objective, x_star)
         solver = make_solver(optimizer.solver, objective.dim, lin.H.device)
-        factor = solver.factor(lin.H, lin.pattern, torch.zeros_like(lin.g))
+        with threads_for(objective, optimizer, lin.H.device):
+            factor = solver.factor(lin.H, lin.pattern, torch.zeros_like(lin.g))
         names = list(x_star)
         step = _DLMStep(objective, x_star, names, factor, lin.g, self.dlm_epsilon)
         outputs = _DLM.apply(step, len(names), *[x_star[k] for k in names], *thetas)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -181,10 +182,19 @@ def optimize(objective: Objective, values: dict[str, Tensor], opts: LevenbergMar
     start = time.perf_counter()
     objective.check_names(values)  # before any lookup: a misspelt name is a clear error
     first = values[objective.variables[0].name]
-    if first.device.type != "cpu":
+    with threads_for(objective, opts, first.device):
         return _optimize(objective, values, opts, start)
-    with solve_threads(_block_dim(objective), opts.threads):
-        return _optimize(objective, values, opts, start)
+
+
+def threads_for(objective: Objective, opts: LevenbergMarquardt, device: torch.device
+                ) -> AbstractContextManager:
+    """The thread counts a factorization of ``objective``'s normal matrix runs with: on the
+    CPU ``core.threads.solve_threads`` for its largest diagonal block (``opts.threads``), on
+    other devices nothing to set. The optimizer's loop and the layer's backward factorizations
+    both run inside it."""
+    if device.type != "cpu":
+        return nullcontext()
+    return solve_threads(_block_dim(objective), opts.threads)
 
 
 def _block_dim(objective: Objective) -> int:

@@ -99,3 +99,33 @@ def test_solve_sets_torch_openmp_threads_and_restores_them_without_breaking_mkl(
     A = A @ A.mT + 60 * torch.eye(180, dtype=torch.float64)
     b = torch.randn(2, 180, 1, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(A @ torch.linalg.solve(A, b), b)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "dlm"])
+def test_backward_factorization_runs_with_the_solve_threads(
+        monkeypatch: pytest.MonkeyPatch, backward: str) -> None:
+    """The layer's factorization at the solution (implicit and DLM backward) runs with the
+    thread counts of the forward solve, not the caller's."""
+    blas = threads._openblas()
+    if blas is None:
+        pytest.skip("no OpenBLAS loaded (CHOLMOD not installed)")
+    before = blas.openblas_get_num_threads()
+    want = 2 if before != 2 else 1
+    seen: list[int] = []
+    plain = core.solvers.SparseCholesky.factor
+
+    def spy(self, *args, **kwargs):  # records OpenBLAS's thread count at each factorization
+        seen.append(blas.openblas_get_num_threads())
+        return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(core.solvers.SparseCholesky, "factor", spy)
+    x = core.Variable("x", core.Vector(2), 3)
+    target = torch.ones(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    objective = core.Objective([core.costs.Prior(x, target, name="prior")])
+    layer = core.OptimizationLayer(objective, core.LevenbergMarquardt(
+        max_iters=3, solver="sparse", threads=want), backward=backward)
+    out, _ = layer({"x": torch.zeros(1, 3, 2, dtype=torch.float64), "prior.target": target})
+    out["x"].sum().backward()
+    assert len(seen) >= 2 and set(seen) == {want}  # the loop's and the backward's
+    assert blas.openblas_get_num_threads() == before
+    assert target.grad is not None
