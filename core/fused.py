@@ -171,13 +171,20 @@ def _static(cost: Cost, positions: Tensor, columns: Tensor
             ) -> tuple[list, np.ndarray, tuple, tuple[int, np.ndarray]]:
     """The arrays of ``cost`` that do not change between iterations: indices, measurements,
     weights, the pattern maps and the robust loss (its kernel code and scale ``(B|1, E|1)``).
-    Kept per cost (weakly) when every one of them is a view of its tensor (so an in-place change
-    of a tensor is seen), else rebuilt at every call."""
+    Kept per cost (weakly): an array that is a view of its tensor sees an in-place change of it;
+    one that is a copy (an expanded ``sqrt_info (E, d, d)`` made contiguous) is rebuilt when its
+    tensor's version counter (shared with the tensor's base) has moved; copies of tensors that
+    require grad (a parameter may change through ``.data``, which has a counter of its own) are
+    not kept."""
     weight = cost.weight
     scalar = weight is not None and weight.ndim == 0  # a copy: its value is checked at each hit
     hit = _STATIC.get(cost)
     if hit is not None and hit[0] is positions and (not scalar or hit[1][2][2][0, 0, 0] == weight):
-        return hit[1]
+        for t, version in hit[2]:  # a loop, not all(<generator>): no Python call per tensor
+            if t._version != version:
+                break
+        else:
+            return hit[1]
     index = [_array(i) for i in cost.index]
     aux_t = next(iter(cost.aux.values()))
     U = _NO_U if cost.sqrt_info is None else _lead(cost.sqrt_info, 4)
@@ -193,8 +200,9 @@ def _static(cost: Cost, positions: Tensor, columns: Tensor
         pairs.append((weight, w))
     if scale_t is not None:
         pairs.append((scale_t, scale))
-    if all(a.ctypes.data == t.data_ptr() for t, a in pairs):
-        _STATIC[cost] = (positions, out)
+    copies = [(t, t._version) for t, a in pairs if a.ctypes.data != t.data_ptr()]
+    if not any(t.requires_grad for t, _ in copies):  # a parameter may change through .data
+        _STATIC[cost] = (positions, out, copies)
     return out
 
 

@@ -340,6 +340,26 @@ def test_in_place_change_of_an_input_is_seen() -> None:
     both(scalar, values)
 
 
+def test_in_place_change_of_a_copied_input_is_seen() -> None:
+    """The kernels keep copies of inputs they cannot view (a shared ``sqrt_info`` expanded over
+    the edges, stride 0; a transposed one) between calls: changing the tensor's base in place
+    (the version counter its views share) changes the next linearization as on the torch
+    path."""
+    gen = torch.Generator().manual_seed(5)
+    objective, values = pose_graph(core.SE3, gen, batch=1, num=5, weights="none")
+    old = objective.costs[0]
+    for base, U in [(b := upper(gen, d=6).contiguous(), b.expand(old.num_factors, 6, 6)),
+                    (b := upper(gen, d=6).contiguous(), b.mT)]:
+        between = core.costs.Between(old.optimized[0], *old.index, old.aux["measured"],
+                                     sqrt_info=U, name="between")
+        objective = core.Objective([between, objective.costs[1]])
+        assert not between.sqrt_info.is_contiguous()
+        both(objective, values)
+        both(objective, values)  # the kept copy
+        base.mul_(1.5)
+        both(objective, values)
+
+
 def test_mixed_fused_and_differentiable_costs() -> None:
     """A cost that needs autograd (its measurement requires grad) before one that could be
     fused: the sums stay differentiable and equal to the torch path's."""
