@@ -7,6 +7,7 @@ is computed once per pattern and reused by every factorization of every batch el
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -27,13 +28,20 @@ Backend = Literal["auto", "cholmod", "cholespy", "scipy"]
 
 def available_backends() -> list[str]:
     """Installed sparse backends, fastest first."""
+    return list(_found_backends())
+
+
+@functools.cache
+def _found_backends() -> tuple[str, ...]:
+    """The installed backends, looked up once per process (``find_spec`` reads the file
+    system: 0.16 ms, paid by every solver made, i.e. every solve of a new objective)."""
     found = []
     if importlib.util.find_spec("sksparse") is not None:
         found.append("cholmod")
     if importlib.util.find_spec("cholespy") is not None:
         found.append("cholespy")
     found.append("scipy")
-    return found
+    return tuple(found)
 
 
 @dataclass
