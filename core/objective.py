@@ -357,7 +357,7 @@ class Objective:
         per_column = np.repeat(col_nnz, sizes)
         indptr = np.concatenate([[0], np.cumsum(per_column)]).astype(np.int64)
         n = self.dim
-        rows = _csc_rows(R, C, row_offset, sizes, starts, indptr, per_block_column, column_first)
+        rows = _csc_rows(R, below, sizes, starts, indptr, column_first)
         cols = np.repeat(np.arange(n), per_column)
         own = np.searchsorted(unique, np.arange(num_blocks) * (num_blocks + 1))
         local = np.arange(n) - np.repeat(starts, sizes)
@@ -409,31 +409,22 @@ def _unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[new], inverse
 
 
-def _csc_rows(R: np.ndarray, C: np.ndarray, row_offset: np.ndarray, sizes: np.ndarray,
-              starts: np.ndarray, indptr: np.ndarray, per_block_column: np.ndarray,
-              column_first: np.ndarray) -> np.ndarray:
-    """The row of each entry ``(nnz,)`` of a block CSC pattern from its unique blocks ``R, C
-    (U,)`` (row and column block, in CSC block order) with ``row_offset (U,)`` rows above each
-    in its block column; ``sizes, starts (num_blocks,)``, ``indptr (n + 1,)``; ``per_block_column,
-    column_first (num_blocks,)`` the unique blocks of each block column and the first of them.
+def _csc_rows(R: np.ndarray, below: np.ndarray, sizes: np.ndarray, starts: np.ndarray,
+              indptr: np.ndarray, column_first: np.ndarray) -> np.ndarray:
+    """The row of each entry ``(nnz,)`` of a block CSC pattern from its unique blocks' row
+    blocks ``R (U,)`` (in CSC block order) with ``below (U,)`` the scalar rows of the blocks
+    before each; ``sizes, starts (num_blocks,)``, ``indptr (n + 1,)``; ``column_first
+    (num_blocks,)`` the first unique block of each block column.
 
-    Each (block, scalar column) pair is a run of ``sizes[R]`` consecutive rows at consecutive
-    entries, so ``rows[t] = t + shift`` of ``t``'s run: one repeat over ``nnz``, no per-entry
-    index arithmetic. Runs are placed in CSC order: block column, then scalar column ``q``,
-    then block."""
-    dC = sizes[C]
-    run = np.repeat(np.arange(R.size), dC)  # the block of each run
-    q = np.arange(run.size) - np.repeat(np.cumsum(dC) - dC, dC)  # its column in the block
-    c = C[run]
-    runs_per_column = per_block_column * sizes
-    at = (np.cumsum(runs_per_column) - runs_per_column)[c] + q * per_block_column[c]
-    at += run - column_first[c]
-    shift, length = np.empty(run.size, np.int64), np.empty(run.size, np.int64)
-    shift[at] = starts[R[run]] - indptr[starts[c] + q] - row_offset[run]
-    length[at] = sizes[R[run]]
-    rows = np.repeat(shift, length)
-    rows += np.arange(rows.size)
-    return rows
+    Blocks are dense, so every scalar column of a block column has the same rows: those of one
+    column (a run of ``sizes[R]`` consecutive rows per block, at ``below``) are made once, and
+    each scalar column reads its block column's: two repeats, no per-run index arithmetic."""
+    dR = sizes[R]
+    one = np.repeat(starts[R] - below, dR)  # (sum dR,): row - position within the run list
+    one += np.arange(one.size)
+    at = np.repeat(np.repeat(below[column_first], sizes) - indptr[:-1], np.diff(indptr))
+    at += np.arange(at.size)  # (nnz,): each entry's place in ``one``
+    return one[at]
 
 
 def has_batch_dim(key: str, t: Tensor) -> bool:
