@@ -281,8 +281,8 @@ def resolve_solver(
 ) -> LinearSolver:
     """``spec`` itself, or the solver of that name made once per objective structure and device
     (kept in ``objective.solvers``): a re-solve of the same structure reuses its symbolic
-    analysis and index maps. A ragged batch's sparse Cholesky factors its problems' blocks
-    one by one (``RaggedCholesky``), so the loop factors only the problems still running."""
+    analysis and index maps. A ragged batch's sparse Cholesky is a ``RaggedCholesky``: once
+    some problems have stopped, the loop factors only the blocks of those still running."""
     if not isinstance(spec, str):
         return spec
     solvers = getattr(objective, "solvers", None)
@@ -292,7 +292,7 @@ def resolve_solver(
     if key not in solvers:
         made = make_solver(spec, objective.dim, device)
         if objective.groups is not None and isinstance(made, SparseCholesky):
-            made = RaggedCholesky(objective.groups, made)  # per problem, active ones only
+            made = RaggedCholesky(objective.groups, made)
         solvers[key] = made
     return solvers[key]  # type: ignore[return-value]
 
@@ -311,12 +311,12 @@ def _trial(
 
     Returns ``delta (B, n)``, the candidate values, the gain ratio ``(B * P,)``, the
     candidate's linearization and the factorization's ``ok (B * P,)`` (:func:`element_ok`).
-    A :class:`RaggedCholesky` factors only the blocks of the ``active (B * P,)`` elements:
-    the others' steps are zero (they are not taken anyway). With ``(H + D') delta = -g``
-    the model decrease is ``m(0) - m(delta) = 0.5 delta^T (D' delta - g)`` (no extra product
-    with ``H``), summed per element. In a ragged batch each problem's block has its own
-    ``lambda``; a problem whose cost is not finite gets the block ``I`` and ``g = 0`` (a zero
-    step), so its NaNs reach no other problem's block of the one factorization.
+    A :class:`RaggedCholesky` factors only the blocks of the ``active (B * P,)`` elements
+    (the whole matrix while all are): the others' steps are zero (they are not taken
+    anyway). With ``(H + D') delta = -g`` the model decrease is ``m(0) - m(delta) = 0.5
+    delta^T (D' delta - g)`` (no extra product with ``H``), summed per element. In a ragged
+    batch each problem's block has its own ``lambda``; a problem whose cost is not finite gets
+    the block ``I`` and ``g = 0`` (a zero step), so its NaNs reach no other problem's block.
     """
     H, g = lin.H, lin.g
     bad = ~torch.isfinite(lin.cost) if els.groups is not None else None

@@ -21,9 +21,10 @@ same-structure batch with elements ``(B, P)`` flattened (``core.objective.Elemen
   symbolic assembly from scratch.
 * Factorization: the sparse Cholesky an optimizer makes by name for a merged objective
   (``"sparse"``, or ``"auto"`` above 500 unknowns; ``core.optimizer.resolve_solver``) is a
-  ``core.solvers.sparse.RaggedCholesky``: one factorization per problem's diagonal block, and
-  only for the problems still running, so a converged problem costs no more factorizations
-  while the slowest one runs; a block that is not positive definite fails its problem alone.
+  ``core.solvers.sparse.RaggedCholesky``: the whole matrix in one factorization while every
+  problem runs, then one per diagonal block of the problems still running, so a converged
+  problem costs no more factorizations while the slowest one runs; a block that is not
+  positive definite fails its problem alone.
   A solver instance passed in is used as it is (e.g. one ``SparseCholesky`` of the whole
   block-diagonal matrix, every problem every iteration).
 * Cache (:class:`RaggedCache`): the merged structure (variables, offset indices, pattern,
