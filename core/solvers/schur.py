@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core import _schur_kernels
 from core.objective import Objective, Pattern, _unique_inverse
-from core.solvers.dense import DenseCholesky
+from core.solvers.dense import DenseCholesky, DenseFactor
 from core.solvers.sparse import Backend, SparseCholesky
 
 Reduced = Literal["auto", "dense", "sparse"]
@@ -300,6 +301,90 @@ def build_schur_maps(objective: Objective, eliminate: str, pattern: Pattern) -> 
     return maps.to(pattern.rows.device)
 
 
+@dataclass
+class CompiledMaps:
+    """The compiled path's maps of one pattern (NumPy int64, C-contiguous; symbols as in
+    :mod:`core._schur_kernels`): ``keep (m,)``, ``elim (P, d)``, ``v_pos (P, d, d)``; per point
+    its ``W`` blocks ``pt_ptr (P + 1,)`` (sorted by element: ``w_elem (T,)``), ``w_row (T,
+    dmax)`` their first column's positions and ``stride (P,)``; ``pair_block`` the ``S`` block
+    of each pair of ``W`` blocks on a point (``pair_ptr (P + 1,)``: each point's first pair);
+    ``u_src, u_dst`` the ``U`` entries -> flat positions in the ``(NB, dmax, dmax)`` blocks of
+    ``S``, ``diag_dst (m,)`` the reduced diagonal there; ``block_elems (NB, 2)`` the elements of
+    each block (ascending keys, as the torch path's); ``elem_rows, elem_dof`` as in
+    :class:`_Layout`; ``nnz_s`` the entries of ``S``'s pattern, which (with ``s_gather``) is only
+    built when the sparse reduced solver needs it (:meth:`reduced`)."""
+
+    keep: np.ndarray
+    elim: np.ndarray
+    v_pos: np.ndarray
+    pt_ptr: np.ndarray
+    w_elem: np.ndarray
+    w_row: np.ndarray
+    stride: np.ndarray
+    pair_block: np.ndarray
+    pair_ptr: np.ndarray
+    u_src: np.ndarray
+    u_dst: np.ndarray
+    diag_dst: np.ndarray
+    block_elems: np.ndarray
+    elem_rows: np.ndarray
+    elem_dof: np.ndarray
+    nnz_s: int
+    layout: _Layout
+    _reduced: tuple[Pattern, np.ndarray] | None = None
+
+    def reduced(self) -> tuple[Pattern, np.ndarray]:
+        """``S``'s CSC pattern and, per entry, its flat position in the blocks (cached)."""
+        if self._reduced is None:
+            self._reduced = _reduced_pattern(self.block_elems, self.layout,
+                                             int(self.elem_rows.shape[1]))
+        return self._reduced
+
+
+def build_compiled_maps(objective: Objective, eliminate: str, pattern: Pattern) -> CompiledMaps:
+    """:class:`CompiledMaps` for a CPU ``pattern``: one pass over each point's first column and
+    each reduced element's first column (:func:`_column_entries`' observation), in Numba."""
+    sk, c = _schur_kernels, np.ascontiguousarray
+    lay = _layout(objective, eliminate)
+    indptr, rows = c(pattern.indptr.numpy(), np.int64), c(pattern.rows.numpy(), np.int64)
+    first = c(lay.elim[:, 0])
+    # each row's block size (its unmerged element's, or a point's): columns are read by blocks
+    run = np.where(lay.point >= 0, lay.elim.shape[1], lay.elem_dof[np.maximum(lay.elem, 0)])
+    run_ptr, run_pos, run_row, bad = sk.point_runs(indptr, rows, first, lay.point, lay.elem, run)
+    if bad >= 0:
+        raise ValueError(f"Schur: the {eliminate!r} block of H is not block diagonal")
+    e, p = sk.point_couplings(run_ptr, run_row, lay.elem, lay.elem_dof.shape[0])
+    firsts = c(lay.keep[lay.local[lay.keep] == 0])  # unmerged elements' first columns
+    width = c(lay.elem_dof[lay.elem[firsts]])
+    lay = _merge_elements(lay, e, p)
+    dmax, ne = lay.elem_rows.shape[1], lay.elem_dof.shape[0]
+    pt_ptr, w_elem, w_row = sk.point_blocks(run_ptr, run_pos, run_row, lay.elem, lay.local, run,
+                                            ne, dmax)
+    stride = indptr[first + 1] - indptr[first]  # entries per column of each point
+    u_key, u_src, u_lr, u_lc = sk.u_entries(indptr, rows, firsts, width, lay.elem, lay.local,
+                                            run, ne)
+    keys = np.concatenate([np.arange(ne) * (ne + 1), u_key, sk.pair_keys(pt_ptr, w_elem, ne)])
+    distinct, ids = sk.unique_ids(keys)
+    order = np.argsort(distinct)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.shape[0])
+    ids, distinct = rank[ids], distinct[order]
+    diag_block, u_block, pair_block = np.split(ids, [ne, ne + u_key.shape[0]])
+    u_dst = (u_block * dmax + u_lr) * dmax + u_lc
+    ke, kl = lay.elem[lay.keep], lay.local[lay.keep]
+    diag_dst = (diag_block[ke] * dmax + kl) * dmax + kl
+    a = np.arange(lay.elim.shape[1])
+    v_pos = pattern.diag.numpy()[lay.elim][:, None, :] + (a[:, None] - a[None, :])
+    k = np.diff(pt_ptr)
+    pair_ptr = np.concatenate([[0], np.cumsum(k * (k + 1) // 2)])
+    block_elems = np.stack([distinct // ne, distinct % ne], axis=1)
+    size = lay.elem_dof[block_elems[:, 0]] * lay.elem_dof[block_elems[:, 1]]
+    nnz_s = int((size * np.where(block_elems[:, 0] == block_elems[:, 1], 1, 2)).sum())
+    return CompiledMaps(c(lay.keep), c(lay.elim), c(v_pos, np.int64), pt_ptr, w_elem, w_row,
+                        stride, c(pair_block), pair_ptr, u_src, c(u_dst), c(diag_dst),
+                        block_elems, c(lay.elem_rows), c(lay.elem_dof), nnz_s, lay)
+
+
 def check_eliminable(objective: Objective, eliminate: str) -> None:
     """Raise ``ValueError`` unless ``eliminate`` names a variable of ``objective`` that leaves
     others, and no factor touches two different elements of it."""
@@ -349,6 +434,54 @@ class SchurFactor:
         return x.index_copy(1, mp.elim.reshape(-1), xp.reshape(batch, -1))
 
 
+class _SymmetricSolve(torch.autograd.Function):
+    """``x = A^-1 b`` through a factor of the symmetric ``A``; backward ``grad_b = A^-1 grad_x``
+    (by the same factor, so differentiable again)."""
+
+    @staticmethod
+    def forward(ctx, b: Tensor, factor: CompiledSchurFactor) -> Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return factor._solve(b)
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.factor.solve(grad_x), None
+
+
+@dataclass
+class CompiledSchurFactor:
+    """The compiled path's factor (:mod:`core._schur_kernels`): ``L (B, P, d, d)`` the point
+    blocks' Cholesky factors, ``Z (B, T, d, dmax) = L^-1 W^T`` per ``W`` block, and the factor of
+    ``S``; ``ok (B,)``. Solves like :class:`SchurFactor` (to rounding), differentiable in ``b``."""
+
+    maps: CompiledMaps
+    L: np.ndarray
+    Z: np.ndarray
+    reduced: Any
+    ok: Tensor
+
+    def solve(self, b: Tensor) -> Tensor:
+        """Solve ``A x = b`` for ``b (B, n)`` float64 on the CPU (any number of times)."""
+        if b.dtype != torch.float64 or b.device.type != "cpu":
+            raise ValueError(f"Schur: the factor is float64 on the CPU; got b {b.dtype} on "
+                             f"{b.device}")
+        if torch.is_grad_enabled() and b.requires_grad:
+            return _SymmetricSolve.apply(b, self)
+        return self._solve(b)
+
+    def _solve(self, b: Tensor) -> Tensor:
+        cm, sk = self.maps, _schur_kernels
+        bn = b.detach().contiguous().numpy()
+        rhs = np.ascontiguousarray(bn[:, cm.keep])
+        y = sk.forward(rhs, self.L, self.Z, cm.elim, cm.pt_ptr, cm.w_elem, cm.elem_rows,
+                       cm.elem_dof, bn)
+        xc = self.reduced.solve(torch.from_numpy(rhs)).contiguous().numpy()
+        x = np.empty_like(bn)
+        sk.backward(x, xc, y, self.L, self.Z, cm.elim, cm.pt_ptr, cm.w_elem, cm.elem_rows,
+                    cm.elem_dof, cm.keep)
+        return torch.from_numpy(x)
+
+
 class Schur:
     """Schur-complement linear solver for ``objective``, eliminating the variable ``eliminate``.
 
@@ -370,6 +503,9 @@ class Schur:
         chunk: about this many W-block entries ``(B x pairs x dmax x d)`` are gathered at once
             for the ``S`` products (sized for the CPU cache; 64x more on other devices; at least
             128 segments).
+        compiled: use the compiled CPU path (:mod:`core._schur_kernels`, its own maps) where it
+            applies: ``H`` float64 on the CPU, Numba available (``ARIADNE_KERNELS`` not 0) and
+            no gradient asked of ``H`` or the damping; False: always the torch path.
     """
 
     def __init__(
@@ -382,43 +518,65 @@ class Schur:
         dense_fill: float = 0.25,
         backend: Backend = "auto",
         chunk: int = 1 << 18,
+        compiled: bool = True,
     ) -> None:
         if reduced not in ("auto", "dense", "sparse"):
             raise ValueError(f"Schur: reduced must be auto, dense or sparse, got {reduced!r}")
         check_eliminable(objective, eliminate)
         self.objective, self.eliminate = objective, eliminate
         self.reduced, self.dense_max, self.chunk = reduced, dense_max, chunk
-        self.dense_fill = dense_fill
+        self.dense_fill, self.compiled = dense_fill, compiled
         self._dense = DenseCholesky()
         self._sparse = SparseCholesky(backend=backend) if reduced != "dense" else None
         self._maps: dict[int, tuple[Pattern, SchurMaps]] = {}
+        self._cmaps: dict[int, tuple[Pattern, CompiledMaps]] = {}
 
     def __repr__(self) -> str:
         return f"Schur(eliminate={self.eliminate!r}, reduced={self.reduced!r})"
 
     def maps(self, pattern: Pattern) -> SchurMaps:
         """The index maps of ``pattern`` (computed on first use, then cached)."""
+        return self._cached(self._maps, pattern, build_schur_maps)
+
+    def _compiled_maps(self, pattern: Pattern) -> CompiledMaps:
+        """The compiled path's maps of ``pattern`` (computed on first use, then cached)."""
+        return self._cached(self._cmaps, pattern, build_compiled_maps)
+
+    def _cached(self, cache: dict, pattern: Pattern, build: Any) -> Any:
         if pattern.n != self.objective.dim:
             raise ValueError(f"Schur: pattern has n = {pattern.n} but the objective has "
                              f"{self.objective.dim} unknowns; pass the objective being solved")
-        cached = self._maps.get(id(pattern))
+        cached = cache.get(id(pattern))
         if cached is None or cached[0] is not pattern:
-            cached = (pattern, build_schur_maps(self.objective, self.eliminate, pattern))
-            self._maps[id(pattern)] = cached
+            cached = (pattern, build(self.objective, self.eliminate, pattern))
+            cache[id(pattern)] = cached
         return cached[1]
 
     def dense(self, reduced: Pattern, device: torch.device) -> bool:
         """``reduced="auto"``'s choice for the reduced pattern: dense when ``m <= dense_max`` and
         (off the CPU, or ``nnz >= dense_fill * m^2``), or when there is no sparse solver."""
-        m = reduced.n
-        fill = device.type != "cpu" or reduced.nnz >= self.dense_fill * m * m
+        return self._dense_choice(reduced.n, reduced.nnz, device)
+
+    def _dense_choice(self, m: int, nnz: int, device: torch.device) -> bool:
+        fill = device.type != "cpu" or nnz >= self.dense_fill * m * m
         return self._sparse is None or (m <= self.dense_max and fill)
 
-    def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> SchurFactor:
+    def _use_compiled(self, H: Tensor, damping: Tensor) -> bool:
+        """The compiled path applies: float64 CPU values, Numba, no gradient asked."""
+        grad = torch.is_grad_enabled() and (H.requires_grad or damping.requires_grad)
+        return (self.compiled and _schur_kernels.AVAILABLE and not grad
+                and H.dtype == damping.dtype == torch.float64
+                and H.device.type == damping.device.type == "cpu")
+
+    def factor(self, H: Tensor, pattern: Pattern, damping: Tensor
+               ) -> SchurFactor | CompiledSchurFactor:
         """Eliminate the points of ``H (B, nnz) + diag(damping (B, n))`` and factor ``S``.
 
         ``H`` is read in place, never copied: the damping goes onto the diagonals of the ``V``
-        blocks and of ``U`` (in :meth:`_reduced_values`); ``W`` is off the diagonal."""
+        blocks and of ``U`` (in :meth:`_reduced_values`); ``W`` is off the diagonal. On the CPU
+        in float64 the compiled path does the same (:meth:`_factor_compiled`)."""
+        if self._use_compiled(H, damping):
+            return self._factor_compiled(H, pattern, damping)
         mp = self.maps(pattern)
         batch = H.shape[0]
         V = H[:, mp.v_pos] + torch.diag_embed(damping[:, mp.elim])  # (B, P, d, d)
@@ -434,6 +592,48 @@ class Schur:
         solver = self._dense if use_dense or self._sparse is None else self._sparse
         factor = solver.factor(S, mp.reduced, S.new_zeros(batch, mp.reduced.n))
         return SchurFactor(mp, v_inv, Wt, factor, good.all(-1) & factor.ok)
+
+    def _factor_compiled(self, H: Tensor, pattern: Pattern, damping: Tensor
+                         ) -> CompiledSchurFactor:
+        """:meth:`factor` by :mod:`core._schur_kernels`: ``S``'s blocks straight from ``H``
+        (:meth:`_compiled_blocks`), then ``S`` dense ``(B, m, m)`` (Cholesky as
+        :class:`DenseCholesky`) or as values of its CSC pattern for the sparse solver: the same
+        choice as the torch path."""
+        cm, sk = self._compiled_maps(pattern), _schur_kernels
+        L, Z, blocks, ok = self._compiled_blocks(H, damping, cm)
+        batch, m = H.shape[0], cm.keep.shape[0]
+        use_dense = self.reduced == "dense" or (
+            self.reduced == "auto" and self._dense_choice(m, cm.nnz_s, H.device))
+        if use_dense or self._sparse is None:
+            S = torch.from_numpy(sk.dense_reduced(blocks, cm.block_elems, cm.elem_rows,
+                                                  cm.elem_dof, m))
+            Ls, info = torch.linalg.cholesky_ex(S)
+            good = info == 0  # failed elements: an identity factor, as DenseCholesky's
+            if not bool(good.all()):
+                Ls = torch.where(good[:, None, None], Ls, torch.eye(m, dtype=S.dtype))
+            reduced = DenseFactor(Ls, good)
+        else:
+            pattern_s, s_gather = cm.reduced()
+            S = torch.from_numpy(blocks.reshape(batch, -1)[:, s_gather])
+            reduced = self._sparse.factor(S, pattern_s, S.new_zeros(batch, m))
+        return CompiledSchurFactor(cm, L, Z, reduced, torch.from_numpy(ok) & reduced.ok)
+
+    @staticmethod
+    def _compiled_blocks(H: Tensor, damping: Tensor, cm: CompiledMaps
+                         ) -> tuple[np.ndarray, ...]:
+        """``L (B, P, d, d)``, ``Z (B, T, d, dmax)``, the ``S`` blocks ``(B, NB, dmax, dmax)``
+        and ``ok (B,)`` of :func:`core._schur_kernels.factor` for all points."""
+        batch, (num_points, d) = H.shape[0], cm.elim.shape
+        Hn, dn = H.detach().contiguous().numpy(), damping.detach().contiguous().numpy()
+        dmax = cm.elem_rows.shape[1]
+        L = np.zeros((batch, num_points, d, d))
+        Z = np.empty((batch, cm.w_elem.shape[0], d, dmax))
+        blocks = np.zeros((batch, cm.block_elems.shape[0], dmax, dmax))
+        ok = np.ones(batch, np.bool_)
+        _schur_kernels.factor(Hn, dn, cm.v_pos, cm.elim, cm.pt_ptr, cm.w_elem, cm.w_row,
+                              cm.stride, cm.elem_dof, cm.pair_block, 0, cm.u_src, cm.u_dst,
+                              cm.diag_dst, cm.keep, 0, num_points, L, Z, blocks, ok)
+        return L, Z, blocks, ok
 
     def _reduced_values(self, H: Tensor, damping: Tensor, Wt: Tensor, v_inv: Tensor,
                         mp: SchurMaps) -> Tensor:
