@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core import _kernels
+from core import _kernels, parallel
 from core.cost import Cost
 
 log = logging.getLogger(__name__)
@@ -156,12 +156,178 @@ def accumulate(
     """Add ``cost``'s ``J^T J`` into ``H (B, nnz)``, ``J^T r`` into ``g (B, n)`` and its cost into
     ``total (B,)`` in place (CPU float64 tensors; ``positions (E, D, D)``, ``columns (E, D)`` the
     pattern's maps for this cost); with ``groups (E,)``, each factor's problem of a ragged batch
-    (``Grouping.factors``), into ``total (B, P)`` per problem, in the same one call."""
+    (``Grouping.factors``), into ``total (B, P)`` per problem, in the same one call.
+
+    On the free cores (``core.parallel``) when the work is large enough (:data:`SECONDS`,
+    :data:`MIN_CHUNK`): a batch by batch elements (each thread its own rows of ``H``, ``g`` and
+    the cost: the same numbers as one call, bit for bit), one problem by factors
+    (:func:`_by_factor`: equal up to the order of the sums)."""
     xs = [_array(values[v.name]) for v in cost.optimized]
     index, aux, static, loss = _static(cost, positions, columns)
     cost_out = total.numpy().reshape(total.shape[0], -1)
     grp = _NO_GROUPS if groups is None else _array(groups)
-    _call(cost.kernel, xs, index, aux, (*static, H.numpy(), g.numpy(), cost_out, *loss, grp))
+    H_, g_ = H.numpy(), g.numpy()
+    batch, num = xs[0].shape[0], index[0].shape[0]
+    k = parallel.threads(batch * num * SECONDS.get(cost.kernel or "", 1e-6), MIN_CHUNK,
+                         batch if batch > 1 else num // MIN_FACTORS)
+    if k == 1:
+        _call(cost.kernel, xs, index, aux, (*static, H_, g_, cost_out, *loss, grp))
+    elif batch > 1:
+        _by_batch(cost.kernel, k, xs, index, aux, static, loss, grp, (H_, g_, cost_out))
+    else:
+        _by_factor(cost.kernel, _plan(cost, positions, k), xs, index, aux, static, loss, grp,
+                   (H_, g_, cost_out))
+
+
+SECONDS = {
+    "between_se3": 1.0e-6,
+    "prior_se3": 0.5e-6,
+    "between_se2": 0.35e-6,
+    "prior_se2": 0.2e-6,
+    "reprojection_bal": 0.8e-6,
+}
+"""Seconds per factor and batch element of each kernel (2-core bench machine; a work estimate
+for :func:`core.parallel.threads`)."""
+MIN_CHUNK = 5e-4
+"""Seconds of kernel work per thread below which a call stays on one thread (a hand-off costs
+~20-80 us; a 256-pose pose graph, ~0.4 ms, stays on the calling thread)."""
+MIN_FACTORS = 2048
+"""Factors per chunk at the least when one problem is cut by factors (each further chunk adds
+its touched entries of ``H`` back, and its maps are made once per cost)."""
+
+
+def _rows(a: np.ndarray, b0: int, b1: int) -> np.ndarray:
+    """Batch elements ``b0:b1`` of an array that is per batch element (first dim > 1)."""
+    return a[b0:b1] if a.shape[0] > 1 else a
+
+
+def _by_batch(kind: str | None, k: int, xs: list[np.ndarray], index: list[np.ndarray],
+              aux: np.ndarray, static: tuple, loss: tuple, grp: np.ndarray,
+              out: tuple[np.ndarray, ...]) -> None:
+    """One kernel call per chunk of batch elements, on ``k`` threads; every per-element array
+    (values, measurements, weights, scale, outputs) sliced along its first axis (C-contiguous
+    rows: the kernels' argument types do not change)."""
+    U, has_u, w, pos, col = static
+    calls = [
+        (kind, [x[b0:b1] for x in xs], index, _rows(aux, b0, b1),
+         (_rows(U, b0, b1), has_u, _rows(w, b0, b1), pos, col, *(o[b0:b1] for o in out),
+          loss[0], _rows(loss[1], b0, b1), grp))
+        for b0, b1 in parallel.bounds(xs[0].shape[0], k)
+    ]
+    parallel.run(_call, calls)
+
+
+def _edges(a: np.ndarray, e0: int, e1: int) -> np.ndarray:
+    """Factors ``e0:e1`` of a ``(1, E|1, ...)`` array (one batch element: contiguous)."""
+    if a.shape[1] == 1:
+        return a
+    part = a[:, e0:e1]
+    return part if part.flags.c_contiguous else np.ascontiguousarray(part)
+
+
+def _by_factor(kind: str | None, plan: list, xs: list[np.ndarray], index: list[np.ndarray],
+               aux: np.ndarray, static: tuple, loss: tuple, grp: np.ndarray,
+               out: tuple[np.ndarray, ...]) -> None:
+    """One problem (``B = 1``) cut into ``len(plan)`` runs of factors, one kernel call each at
+    once: the first adds into ``H``, ``g`` and the cost directly, each other one into zeroed
+    buffers of its own that hold only the entries it touches (its maps renumbered, ``plan[k]``,
+    made by the run's own thread at the first call: :func:`_renumber`), added into ``H`` and
+    ``g`` afterwards. Only the entries several runs share (for BA the cameras' blocks) are
+    summed in another order than by one call."""
+    U, has_u, w, pos, col = static
+    H, g, total = out
+    runs = parallel.bounds(index[0].shape[0], len(plan))
+    buffers: list = [None] * len(plan)
+
+    def part(k: int) -> None:
+        e0, e1 = runs[k]
+        if k == 0:
+            p, c, outs = pos[e0:e1], col[e0:e1], out
+        else:
+            if plan[k] is None:
+                plan[k] = _renumber(pos[e0:e1], col[e0:e1], H.shape[1], g.shape[1])
+            p, c, rows, cols = plan[k]
+            outs = (np.zeros((1, rows.shape[0])), np.zeros((1, cols.shape[0])),
+                    np.zeros_like(total))
+            buffers[k] = (rows, cols, *outs)
+        _call(kind, xs, [i[e0:e1] for i in index], _edges(aux, e0, e1),
+              (_edges(U, e0, e1), has_u, _edges(w, e0, e1), p, c, *outs, loss[0],
+               _edges(loss[1], e0, e1), grp[e0:e1] if grp.shape[0] else grp))
+
+    parallel.run(part, [(k,) for k in range(len(plan))])
+    for rows, cols, Hk, gk, ck in buffers[1:]:
+        _scatter_add(H[0], rows, Hk[0])
+        _scatter_add(g[0], cols, gk[0])
+        total += ck
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan(cost: Cost, positions: Tensor, k: int) -> list:
+    """The ``k`` runs of :func:`_by_factor` for ``cost``: None for the first, then each run's
+    renumbered maps once made; kept per cost (for its ``positions`` and ``k``)."""
+    hit = _PLANS.get(cost)
+    if hit is not None and hit[0] is positions and len(hit[1]) == k:
+        return hit[1]
+    plan: list = [None] * k
+    _PLANS[cost] = (positions, plan)
+    return plan
+
+
+def _renumber(pos: np.ndarray, col: np.ndarray, nnz: int, n: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A run's maps ``pos (E', D, D)``, ``col (E', D)`` renumbered densely (in increasing order)
+    into buffers of its own, and the entries of ``H`` and ``g`` the buffers' entries stand
+    for: ``(pos', col', rows, cols)`` with ``rows[pos'] == pos``, ``cols[col'] == col``."""
+    p, rows = _compact(pos.reshape(-1), nnz)
+    c, cols = _compact(col.reshape(-1), n)
+    return p.reshape(pos.shape), c.reshape(col.shape), rows, cols
+
+
+@_kernels._jit
+def _compact_into(idx: np.ndarray, work: np.ndarray, out: np.ndarray) -> int:
+    """Number the distinct values of ``idx`` densely in increasing order: ``work[v]`` (``work``
+    at least ``max(idx) + 1`` long) becomes value ``v``'s number (-1: absent) and ``out[i]``
+    that of ``idx[i]``; returns how many are distinct."""
+    work[:] = -1
+    for i in range(idx.shape[0]):
+        work[idx[i]] = 0
+    m = 0
+    for v in range(work.shape[0]):
+        if work[v] == 0:
+            work[v] = m
+            m += 1
+    for i in range(idx.shape[0]):
+        out[i] = work[idx[i]]
+    return m
+
+
+@_kernels._jit
+def _touched(work: np.ndarray, old: np.ndarray) -> None:
+    """The value each number of :func:`_compact_into` stands for."""
+    for v in range(work.shape[0]):
+        if work[v] >= 0:
+            old[work[v]] = v
+
+
+def _compact(idx: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``idx`` (values below ``size``) renumbered densely in increasing order, and the distinct
+    values: ``(new, old)`` with ``old[new] == idx``."""
+    idx = np.ascontiguousarray(idx)
+    work = np.empty(size, np.int32)
+    new = np.empty_like(idx)
+    m = _compact_into(idx, work, new)
+    old = np.empty(m, np.int64)
+    _touched(work, old)
+    return new, old
+
+
+@_kernels._jit
+def _scatter_add(dst: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
+    """``dst[idx] += src`` (``idx`` distinct)."""
+    for i in range(idx.shape[0]):
+        dst[idx[i]] += src[i]
 
 
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

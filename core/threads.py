@@ -8,7 +8,8 @@ with one OpenBLAS thread and 0.99-1.60 s with two, and one torch operation over 
 took 78 us with one OpenMP thread against 23.5 ms with two (a 256-pose solve: 0.011 s against
 0.14 s). The rule (:func:`choose`): OpenBLAS gets the cores that the 1-minute load average
 leaves free, and one thread for problems too small to gain from more; torch's OpenMP pool gets
-the free cores too (never more than the caller's setting). Both are restored on exit.
+the free cores too (never more than the caller's setting), and one thread once the compiled
+kernels run on several (``core.parallel``, :func:`kernels_threaded`). Both are restored on exit.
 
 torch's pool is set through the OpenMP runtime torch loaded (``omp_set_num_threads`` of its
 libgomp/libiomp), not through ``torch.set_num_threads``: in torch 2.13 (CPU, MKL)
@@ -20,14 +21,29 @@ the OpenMP setting alone leaves MKL as it was (``tests/core/test_threads.py`` ch
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 BLAS_FROM = 5000
 """Unknowns from which OpenBLAS may use more than one thread (CHOLMOD's supernodes of smaller
 problems are too small to share)."""
 
+class _Solve:
+    """The enclosing :func:`solve_threads`: the user's ``threads``, torch's OpenMP runtime and
+    its thread count now."""
+
+    __slots__ = ("threads", "omp", "omp_now")
+
+    def __init__(self, threads: int | None, omp: ctypes.CDLL | None, omp_now: int) -> None:
+        self.threads, self.omp, self.omp_now = threads, omp, omp_now
+
+
+_SOLVE: ContextVar[_Solve | None] = ContextVar("solve_threads", default=None)
+_HELPERS = [0.0, 0.0]  # this process's kernel pool threads' share of the load average, and when
 _found: list[ctypes.CDLL] = []
 _omp: list[ctypes.CDLL | None] = []
 
@@ -76,14 +92,30 @@ def _openmp() -> ctypes.CDLL | None:
 
 
 def free_cores() -> int:
-    """Cores not taken by other processes: ``cpu_count - round(load average - 1)`` (the 1-minute
-    load average counts this process too), at least 1."""
+    """Cores not taken by other processes: ``cpu_count - round(load average - 1 - helpers)``
+    (the 1-minute load average counts this process too: its calling thread, 1, and the threads
+    of ``core.parallel``'s pool, ``helpers``: their busy seconds averaged over the last minute
+    as the load average does, :func:`add_busy`), at least 1."""
     cores = os.cpu_count() or 1
     try:
         load = os.getloadavg()[0]
     except OSError:  # pragma: no cover - no load average on this platform
         return cores
-    return max(1, min(cores, cores - round(max(0.0, load - 1.0))))
+    return max(1, min(cores, cores - round(max(0.0, load - 1.0 - _helper_load()))))
+
+
+def add_busy(seconds: float) -> None:
+    """Count ``seconds`` of work done by ``core.parallel``'s pool threads (beside the calling
+    thread) into this process's own share of the load average, which :func:`free_cores` leaves
+    out: without it two kernel threads raise the load to ~2 and the rule then gives them one
+    core (an exponential average over one minute, as the kernel's 1-minute load)."""
+    now = time.monotonic()
+    _HELPERS[:] = [_helper_load(now) + seconds / 60.0, now]
+
+
+def _helper_load(now: float | None = None) -> float:
+    load, at = _HELPERS
+    return load * math.exp(-((time.monotonic() if now is None else now) - at) / 60.0)
 
 
 def choose(n: int, threads: int | None = None) -> int:
@@ -96,11 +128,34 @@ def choose(n: int, threads: int | None = None) -> int:
     return free_cores() if n >= BLAS_FROM else 1
 
 
+def kernel_threads() -> int | None:
+    """The user's thread count for the compiled kernels (``core.parallel``) inside
+    :func:`solve_threads` given ``threads``; None: the automatic rule."""
+    solve = _SOLVE.get()
+    return None if solve is None else solve.threads
+
+
+def kernels_threaded() -> None:
+    """``core.parallel`` runs compiled kernels on several threads: inside :func:`solve_threads`
+    (automatic rule), torch's OpenMP pool goes down to one thread for the rest of the solve.
+    After each OpenMP region libgomp's threads spin for milliseconds (GOMP_SPINCOUNT) on the
+    cores the kernel threads need: 64 x 256 poses took 249-277 ms per solve with torch's two
+    threads against 242-262 ms with one (kernels on 2 threads, 2-core machine; 276-313 ms with
+    the kernels on one thread); the torch work left in such a solve is small."""
+    solve = _SOLVE.get()
+    if solve is not None and solve.threads is None and solve.omp is not None and (
+            solve.omp_now > 1):
+        solve.omp.omp_set_num_threads(1)
+        solve.omp_now = 1
+
+
 @contextmanager
 def solve_threads(n: int, threads: int | None = None) -> Iterator[int]:
     """Set OpenBLAS's thread count for a solve of ``n`` unknowns (see :func:`choose`) and
     torch's OpenMP threads to the free cores (``threads`` if given; never more than before),
-    and restore both on exit, also when the solve raises."""
+    and restore both on exit, also when the solve raises; ``threads`` given, it also caps the
+    compiled kernels' threads (:func:`kernel_threads`); else torch's pool drops to one thread
+    once the kernels run on several (:func:`kernels_threaded`)."""
     want = choose(n, threads)
     blas = _openblas()
     before = int(blas.openblas_get_num_threads()) if blas is not None else None
@@ -111,10 +166,13 @@ def solve_threads(n: int, threads: int | None = None) -> Iterator[int]:
     omp_want = min(omp_before or 1, threads if threads is not None else free_cores())
     if omp is not None and omp_want != omp_before:
         omp.omp_set_num_threads(omp_want)
+    solve = _Solve(threads, omp, omp_want)
+    token = _SOLVE.set(solve)
     try:
         yield want
     finally:
+        _SOLVE.reset(token)
         if blas is not None and before is not None and want != before:
             blas.openblas_set_num_threads(before)
-        if omp is not None and omp_before is not None and omp_want != omp_before:
+        if omp is not None and omp_before is not None and solve.omp_now != omp_before:
             omp.omp_set_num_threads(omp_before)
