@@ -340,15 +340,15 @@ def dense_reduced(
 
 @_jit
 def forward(
-    rhs: np.ndarray, L: np.ndarray, Z: np.ndarray, elim: np.ndarray, pt_ptr: np.ndarray,
-    w_elem: np.ndarray, elem_rows: np.ndarray, elem_dof: np.ndarray, b: np.ndarray,
-) -> np.ndarray:
-    """``rhs (B, m) -= W V^-1 b_p = Z (L^-1 b_p)`` (``rhs`` holding ``b_c`` on entry) for ``b (B,
-    n)``; returns ``L^-1 b_p (B, P, d)``."""
-    batch, num_points, d = b.shape[0], elim.shape[0], elim.shape[1]
-    y = np.empty((batch, num_points, d))
+    rhs: np.ndarray, y: np.ndarray, L: np.ndarray, Z: np.ndarray, elim: np.ndarray,
+    pt_ptr: np.ndarray, w_elem: np.ndarray, elem_rows: np.ndarray, elem_dof: np.ndarray,
+    b: np.ndarray, start: int, stop: int,
+) -> None:
+    """Points ``start : stop`` of ``b (B, n)``: ``y_p = L^-1 b_p`` into ``y (B, P, d)`` and
+    ``rhs (B, m) -= W V^-1 b_p = Z y_p``."""
+    batch, d = b.shape[0], elim.shape[1]
     for bb in range(batch):
-        for p in range(num_points):
+        for p in range(start, stop):
             Lp, yp = L[bb, p], y[bb, p]
             for a in range(d):
                 acc = b[bb, elim[p, a]]
@@ -362,23 +362,22 @@ def forward(
                     for a in range(d):
                         acc += Zt[a, r] * yp[a]
                     rhs[bb, elem_rows[e, r]] -= acc
-    return y
 
 
 @_jit
 def backward(
     x: np.ndarray, xc: np.ndarray, y: np.ndarray, L: np.ndarray, Z: np.ndarray,
     elim: np.ndarray, pt_ptr: np.ndarray, w_elem: np.ndarray, elem_rows: np.ndarray,
-    elem_dof: np.ndarray, keep: np.ndarray,
+    elem_dof: np.ndarray, keep: np.ndarray, start: int, stop: int,
 ) -> None:
-    """``x (B, n)``: ``x_c = xc (B, m)`` and ``x_p = L^-T (y_p - Z^T x_c)`` with ``y`` from
-    :func:`forward`."""
-    batch, num_points, d = xc.shape[0], elim.shape[0], elim.shape[1]
+    """Points ``start : stop`` of ``x (B, n)``: ``x_p = L^-T (y_p - Z^T x_c)`` for ``x_c = xc
+    (B, m)`` and ``y`` from :func:`forward`; and ``x[:, keep] = xc`` (``keep`` may be empty)."""
+    batch, d = xc.shape[0], elim.shape[1]
     u = np.empty(d)
     for bb in range(batch):
         for i in range(keep.shape[0]):
             x[bb, keep[i]] = xc[bb, i]
-        for p in range(num_points):
+        for p in range(start, stop):
             Lp = L[bb, p]
             for a in range(d):
                 u[a] = y[bb, p, a]

@@ -205,3 +205,26 @@ def test_unique_ids() -> None:
         distinct, ids = _schur_kernels.unique_ids(keys)
         assert np.array_equal(distinct[ids], keys)
         assert np.array_equal(distinct, keys[np.sort(np.unique(keys, return_index=True)[1])])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_split_the_points(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
+                                  threads: int) -> None:
+    """Chunks of points on several threads, each into its own ``S`` blocks: the same ``L`` and
+    ``Z``, the same ``S`` to rounding, and the same solves."""
+    from core.solvers import schur
+
+    objective, lin = ba_system(gen, batch=2)
+    damping = 1 + torch.rand(lin.g.shape, generator=gen, dtype=DT)
+    damping[1, objective.offsets["points"] + 7] = -1e9  # one failed point
+    solver = Schur(objective, "points")
+    cm = solver._compiled_maps(lin.pattern)
+    one = solver._compiled_blocks(lin.H, damping, cm, threads=1)
+    many = solver._compiled_blocks(lin.H, damping, cm, threads=threads)
+    assert np.array_equal(one[0], many[0]) and np.array_equal(one[1], many[1])
+    assert one[3].tolist() == many[3].tolist() == [True, False]
+    assert_rel(torch.from_numpy(many[2]), torch.from_numpy(one[2]))
+    factor = solver.factor(lin.H, lin.pattern, damping)
+    expected = factor.solve(-lin.g)
+    monkeypatch.setattr(schur.parallel, "threads", lambda *args: threads)
+    assert_rel(solver.factor(lin.H, lin.pattern, damping).solve(-lin.g), expected)
