@@ -12,7 +12,9 @@ is used; nothing here is differentiable.
 
 Array conventions (all C-contiguous): values ``(B, F, S)`` float64; indices ``(E,)`` int64;
 measurements ``(B|1, E, S)``; ``U (B|1, E|1, d, d)`` (``has_u`` False: identity) and ``w (B|1,
-E|1, d|1)``; ``pos (E, D, D)`` and ``col (E, D)`` int64 from ``Objective.pattern``; ``kind``
+E|1, d|1)``; ``top (E, k, D)``, ``rowmap (2, D)`` (``Pattern.tops``: entry ``(p, q)`` of factor
+``e``'s block goes to ``top[e, rowmap[0, p], q] + rowmap[1, p]``) and ``col (E, D)`` int64 from
+``Objective.pattern``; ``kind``
 the robust loss's code (``LOSSES``, 0: none) and ``scale (B|1, E|1)`` its scale.
 """
 
@@ -251,14 +253,15 @@ def _robust(kind: int, s: float, c: float) -> tuple[float, float]:
 @_jit
 def _accumulate(
     b: int, e: int, r: np.ndarray, J: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
-    pos: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray, cost: np.ndarray,
-    kind: int, scale: np.ndarray, grp: np.ndarray, rw: np.ndarray, Jw: np.ndarray,
+    top: np.ndarray, rowmap: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray,
+    cost: np.ndarray, kind: int, scale: np.ndarray, grp: np.ndarray, rw: np.ndarray,
+    Jw: np.ndarray, pe: np.ndarray,
 ) -> None:
     """Weigh ``r (d,)`` and ``J (d, D)`` by ``w (U r)`` and the robust loss ``kind`` (``LOSSES``;
     0: none) of scale ``scale (B|1, E|1)`` as ``cost._weigh`` does (IRLS: both times
     ``sqrt(rho'(s))``, ``s = |w U r|^2``), and add factor ``e``'s ``J^T J``, ``J^T r`` into batch
     element ``b`` and ``0.5 rho(s)`` into ``cost[b, grp[e]]`` (``grp`` empty: ``cost[b, 0]``;
-    ``cost (B, P)``: per problem of a ragged batch); ``rw, Jw`` scratch."""
+    ``cost (B, P)``: per problem of a ragged batch); ``rw, Jw``, ``pe (D, D)`` int64 scratch."""
     d, D = J.shape
     ub = U[b if U.shape[0] > 1 else 0, e if U.shape[1] > 1 else 0]
     wb = w[b if w.shape[0] > 1 else 0, e if w.shape[1] > 1 else 0]
@@ -293,7 +296,11 @@ def _accumulate(
             rw[k] *= root
             for q in range(D):
                 Jw[k, q] *= root
-    Hb, gb, pe, ce = H[b], g[b], pos[e], col[e]
+    Hb, gb, te, ce = H[b], g[b], top[e], col[e]
+    for p in range(D):  # the block's positions (D, D) from its block form, in scratch
+        tp, wp = te[rowmap[0, p]], rowmap[1, p]
+        for q in range(D):
+            pe[p, q] = tp[q] + wp
     for p in range(D):
         acc = 0.0
         for k in range(d):
@@ -311,7 +318,7 @@ def _accumulate(
 @_jit
 def se3_between(
     Xi: np.ndarray, Xj: np.ndarray, ii: np.ndarray, jj: np.ndarray, Z: np.ndarray,
-    U: np.ndarray, has_u: bool, w: np.ndarray, pos: np.ndarray, col: np.ndarray,
+    U: np.ndarray, has_u: bool, w: np.ndarray, top: np.ndarray, rowmap: np.ndarray, col: np.ndarray,
     H: np.ndarray, g: np.ndarray, cost: np.ndarray, kind: int, scale: np.ndarray,
     grp: np.ndarray,
 ) -> None:
@@ -323,6 +330,7 @@ def se3_between(
     Jj, Ad, J = np.empty((6, 6)), np.empty((6, 6)), np.empty((6, 12))
     s33 = np.empty((4, 3, 3))
     rw, Jw = np.empty(6), np.empty((6, 12))
+    pe = np.empty((12, 12), np.int64)
     for bb in range(B):
         zb = Z[bb if Z.shape[0] > 1 else 0]
         for e in range(E):
@@ -343,14 +351,15 @@ def se3_between(
                         acc += Jj[p, m] * Ad[m, q]
                     J[p, q] = -acc
                     J[p, q + 6] = Jj[p, q]
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
-                        Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
+                        grp, rw, Jw, pe)
 
 
 @_jit
 def se3_prior(
     X: np.ndarray, ii: np.ndarray, Z: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
-    pos: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray, cost: np.ndarray,
+    top: np.ndarray, rowmap: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray,
+    cost: np.ndarray,
     kind: int, scale: np.ndarray, grp: np.ndarray,
 ) -> None:
     """``r = Log(z^-1 x)``, ``J = Jr^-1(r)`` (``core.costs.pose.Prior`` on SE3)."""
@@ -358,6 +367,7 @@ def se3_prior(
     a7, m7, tmp, r = np.empty(7), np.empty(7), np.empty(3), np.empty(6)
     J, s33 = np.empty((6, 6)), np.empty((4, 3, 3))
     rw, Jw = np.empty(6), np.empty((6, 6))
+    pe = np.empty((6, 6), np.int64)
     for bb in range(B):
         zb = Z[bb if Z.shape[0] > 1 else 0]
         for e in range(E):
@@ -365,8 +375,8 @@ def se3_prior(
             _se3_compose(a7, X[bb, ii[e]], m7, tmp)
             _se3_log(m7, r)
             _se3_jr_inv(r, J, s33)
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
-                        Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
+                        grp, rw, Jw, pe)
 
 
 @_jit
@@ -428,7 +438,7 @@ def _se2_jr_inv(r: np.ndarray, out: np.ndarray) -> None:
 @_jit
 def se2_between(
     Xi: np.ndarray, Xj: np.ndarray, ii: np.ndarray, jj: np.ndarray, Z: np.ndarray,
-    U: np.ndarray, has_u: bool, w: np.ndarray, pos: np.ndarray, col: np.ndarray,
+    U: np.ndarray, has_u: bool, w: np.ndarray, top: np.ndarray, rowmap: np.ndarray, col: np.ndarray,
     H: np.ndarray, g: np.ndarray, cost: np.ndarray, kind: int, scale: np.ndarray,
     grp: np.ndarray,
 ) -> None:
@@ -437,6 +447,7 @@ def se2_between(
     a4, b4, c4, m4, r = np.empty(4), np.empty(4), np.empty(4), np.empty(4), np.empty(3)
     Jj, Ad, J = np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 6))
     rw, Jw = np.empty(3), np.empty((3, 6))
+    pe = np.empty((6, 6), np.int64)
     for bb in range(B):
         zb = Z[bb if Z.shape[0] > 1 else 0]
         for e in range(E):
@@ -457,20 +468,22 @@ def se2_between(
                 for q in range(3):
                     J[p, q] = -(Jj[p, 0] * Ad[0, q] + Jj[p, 1] * Ad[1, q] + Jj[p, 2] * Ad[2, q])
                     J[p, q + 3] = Jj[p, q]
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
-                        Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
+                        grp, rw, Jw, pe)
 
 
 @_jit
 def se2_prior(
     X: np.ndarray, ii: np.ndarray, Z: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
-    pos: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray, cost: np.ndarray,
+    top: np.ndarray, rowmap: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray,
+    cost: np.ndarray,
     kind: int, scale: np.ndarray, grp: np.ndarray,
 ) -> None:
     """``core.costs.pose.Prior`` on SE2."""
     B, E = X.shape[0], ii.shape[0]
     a4, m4, r, J = np.empty(4), np.empty(4), np.empty(3), np.empty((3, 3))
     rw, Jw = np.empty(3), np.empty((3, 3))
+    pe = np.empty((3, 3), np.int64)
     for bb in range(B):
         zb = Z[bb if Z.shape[0] > 1 else 0]
         for e in range(E):
@@ -478,15 +491,16 @@ def se2_prior(
             _se2_compose(a4, X[bb, ii[e]], m4)
             _se2_log(m4, r)
             _se2_jr_inv(r, J)
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
-                        Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
+                        grp, rw, Jw, pe)
 
 
 @_jit
 def bal_reprojection(
     T: np.ndarray, K: np.ndarray, X: np.ndarray, ci: np.ndarray, ki: np.ndarray,
     pi: np.ndarray, obs: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
-    pos: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray, cost: np.ndarray,
+    top: np.ndarray, rowmap: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray,
+    cost: np.ndarray,
     kind: int, scale: np.ndarray, grp: np.ndarray,
 ) -> None:
     """``core.costs.reprojection.Reprojection``: ``P = R X + t``, ``p = -P[:2] / P[2]``,
@@ -496,6 +510,7 @@ def bal_reprojection(
     r, J, dpp, dpP, dX = np.empty(2), np.empty((2, 12)), np.empty((2, 2)), np.empty((2, 3)), \
         np.empty((2, 3))
     rw, Jw = np.empty(2), np.empty((2, 12))
+    pe = np.empty((12, 12), np.int64)
     for bb in range(B):
         ob = obs[bb if obs.shape[0] > 1 else 0]
         for e in range(E):
@@ -532,8 +547,8 @@ def bal_reprojection(
                 J[a, 6] = s * pp[a]
                 J[a, 7] = f * r2 * pp[a]
                 J[a, 8] = f * (r2 * r2) * pp[a]
-            _accumulate(bb, e, r, J, U, has_u, w, pos, col, H, g, cost, kind, scale, grp, rw,
-                        Jw)
+            _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
+                        grp, rw, Jw, pe)
 
 
 @_jit
@@ -577,3 +592,25 @@ def se2_retract(X: np.ndarray, delta: np.ndarray, out: np.ndarray) -> None:
             e4[0], e4[1] = a * r1 - bt * r2, bt * r1 + a * r2
             e4[2], e4[3] = math.cos(th), math.sin(th)
             _se2_compose(X[b, f], e4, out[b, f])
+
+
+@_jit
+def csc_block_rows(R: np.ndarray, sizes: np.ndarray, starts: np.ndarray, indptr: np.ndarray,
+                   column_first: np.ndarray, out: np.ndarray) -> None:
+    """The rows ``out (nnz,)`` of a block CSC pattern (``core.objective._csc_rows``): block
+    column ``C``'s unique blocks ``column_first[C]:column_first[C + 1]`` have row blocks ``R``;
+    its first scalar column lists their rows (``starts[R[u]] + a``, ``a < sizes[R[u]]``), each
+    further column of the block column the same rows."""
+    for C in range(sizes.shape[0]):
+        j0 = starts[C]
+        k = indptr[j0]
+        for u in range(column_first[C], column_first[C + 1]):
+            r0 = starts[R[u]]
+            for a in range(sizes[R[u]]):
+                out[k] = r0 + a
+                k += 1
+        first, count = indptr[j0], k - indptr[j0]
+        for c in range(1, sizes[C]):
+            dst = indptr[j0 + c]
+            for t in range(count):
+                out[dst + t] = out[first + t]

@@ -117,13 +117,16 @@ def prepare(kind: str) -> float:
             x[..., 2], x[..., 3] = 1.0, 0.0
     index = [np.array([0], np.int64), np.array([1], np.int64), np.array([0], np.int64)]
     aux = np.ones((1, 1, 2)) if kind == "reprojection_bal" else xs[0][:, :1].copy()
-    pos = np.zeros((1, D, D), np.int64)
+    top, rowmap = np.zeros((1, 1, D), np.int64), np.zeros((2, D), np.int64)
     col = np.zeros((1, D), np.int64)
-    tail = (_NO_U, False, np.ones((1, 1, 1)), pos, col, np.zeros((1, 1)), np.zeros((1, 1)),
+    tail = (_NO_U, False, np.ones((1, 1, 1)), top, rowmap, col, np.zeros((1, 1)), np.zeros((1, 1)),
             np.zeros((1, 1)), 0, np.ones((1, 1)), _NO_GROUPS)
     _call(kind, xs, index[: len(xs)], aux, tail)
     retract = _kernels.se2_retract if xs[0].shape[-1] == 4 else _kernels.se3_retract
     retract(xs[0], np.zeros((1, 2, _SLOTS[kind][0][1])), np.empty_like(xs[0]))
+    one = np.ones(1, np.int64)  # the pattern's rows (Objective._cpu_pattern): a 1 x 1 pattern
+    _kernels.csc_block_rows(one - 1, one, one - 1, np.array([0, 1]), np.array([0, 1]),
+                            np.empty(1, np.int64))
     seconds = time.perf_counter() - start
     log.debug("kernel %s ready in %.3f s", kind, seconds)
     return seconds
@@ -146,7 +149,7 @@ def _call(kind: str | None, xs: list[np.ndarray], index: list[np.ndarray], aux: 
 def accumulate(
     cost: Cost,
     values: Mapping[str, Tensor],
-    positions: Tensor,
+    tops: tuple[Tensor, Tensor],
     columns: Tensor,
     H: Tensor,
     g: Tensor,
@@ -154,16 +157,17 @@ def accumulate(
     groups: Tensor | None = None,
 ) -> None:
     """Add ``cost``'s ``J^T J`` into ``H (B, nnz)``, ``J^T r`` into ``g (B, n)`` and its cost into
-    ``total (B,)`` in place (CPU float64 tensors; ``positions (E, D, D)``, ``columns (E, D)`` the
-    pattern's maps for this cost); with ``groups (E,)``, each factor's problem of a ragged batch
-    (``Grouping.factors``), into ``total (B, P)`` per problem, in the same one call.
+    ``total (B,)`` in place (CPU float64 tensors; ``tops`` (``(E, k, D)``, ``(2, D)``: see
+    ``Pattern.tops``) and ``columns (E, D)`` the pattern's maps for this cost); with ``groups
+    (E,)``, each factor's problem of a ragged batch (``Grouping.factors``), into ``total (B,
+    P)`` per problem, in the same one call.
 
     On the free cores (``core.parallel``) when the work is large enough (:data:`SECONDS`,
     :data:`MIN_CHUNK`): a batch by batch elements (each thread its own rows of ``H``, ``g`` and
     the cost: the same numbers as one call, bit for bit), one problem by factors
     (:func:`_by_factor`: equal up to the order of the sums)."""
     xs = [_array(values[v.name]) for v in cost.optimized]
-    index, aux, static, loss = _static(cost, positions, columns)
+    index, aux, static, loss = _static(cost, tops, columns)
     cost_out = total.numpy().reshape(total.shape[0], -1)
     grp = _NO_GROUPS if groups is None else _array(groups)
     H_, g_ = H.numpy(), g.numpy()
@@ -175,7 +179,7 @@ def accumulate(
     elif batch > 1:
         _by_batch(cost.kernel, k, xs, index, aux, static, loss, grp, (H_, g_, cost_out))
     else:
-        _by_factor(cost.kernel, _plan(cost, positions, k), xs, index, aux, static, loss, grp,
+        _by_factor(cost.kernel, _plan(cost, tops[0], k), xs, index, aux, static, loss, grp,
                    (H_, g_, cost_out))
 
 
@@ -207,10 +211,10 @@ def _by_batch(kind: str | None, k: int, xs: list[np.ndarray], index: list[np.nda
     """One kernel call per chunk of batch elements, on ``k`` threads; every per-element array
     (values, measurements, weights, scale, outputs) sliced along its first axis (C-contiguous
     rows: the kernels' argument types do not change)."""
-    U, has_u, w, pos, col = static
+    U, has_u, w, top, rowmap, col = static
     calls = [
         (kind, [x[b0:b1] for x in xs], index, _rows(aux, b0, b1),
-         (_rows(U, b0, b1), has_u, _rows(w, b0, b1), pos, col, *(o[b0:b1] for o in out),
+         (_rows(U, b0, b1), has_u, _rows(w, b0, b1), top, rowmap, col, *(o[b0:b1] for o in out),
           loss[0], _rows(loss[1], b0, b1), grp))
         for b0, b1 in parallel.bounds(xs[0].shape[0], k)
     ]
@@ -234,7 +238,7 @@ def _by_factor(kind: str | None, plan: list, xs: list[np.ndarray], index: list[n
     made by the run's own thread at the first call: :func:`_renumber`), added into ``H`` and
     ``g`` afterwards. Only the entries several runs share (for BA the cameras' blocks) are
     summed in another order than by one call."""
-    U, has_u, w, pos, col = static
+    U, has_u, w, top, rowmap, col = static
     H, g, total = out
     runs = parallel.bounds(index[0].shape[0], len(plan))
     buffers: list = [None] * len(plan)
@@ -242,16 +246,16 @@ def _by_factor(kind: str | None, plan: list, xs: list[np.ndarray], index: list[n
     def part(k: int) -> None:
         e0, e1 = runs[k]
         if k == 0:
-            p, c, outs = pos[e0:e1], col[e0:e1], out
+            p, c, outs = top[e0:e1], col[e0:e1], out
         else:
             if plan[k] is None:
-                plan[k] = _renumber(pos[e0:e1], col[e0:e1], H.shape[1], g.shape[1])
+                plan[k] = _renumber(top[e0:e1], rowmap, col[e0:e1], H.shape[1], g.shape[1])
             p, c, rows, cols = plan[k]
             outs = (np.zeros((1, rows.shape[0])), np.zeros((1, cols.shape[0])),
                     np.zeros_like(total))
             buffers[k] = (rows, cols, *outs)
         _call(kind, xs, [i[e0:e1] for i in index], _edges(aux, e0, e1),
-              (_edges(U, e0, e1), has_u, _edges(w, e0, e1), p, c, *outs, loss[0],
+              (_edges(U, e0, e1), has_u, _edges(w, e0, e1), p, rowmap, c, *outs, loss[0],
                _edges(loss[1], e0, e1), grp[e0:e1] if grp.shape[0] else grp))
 
     parallel.run(part, [(k,) for k in range(len(plan))])
@@ -264,25 +268,33 @@ def _by_factor(kind: str | None, plan: list, xs: list[np.ndarray], index: list[n
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan(cost: Cost, positions: Tensor, k: int) -> list:
+def _plan(cost: Cost, top: Tensor, k: int) -> list:
     """The ``k`` runs of :func:`_by_factor` for ``cost``: None for the first, then each run's
-    renumbered maps once made; kept per cost (for its ``positions`` and ``k``)."""
+    renumbered maps once made; kept per cost (for its pattern's ``top`` and ``k``)."""
     hit = _PLANS.get(cost)
-    if hit is not None and hit[0] is positions and len(hit[1]) == k:
+    if hit is not None and hit[0] is top and len(hit[1]) == k:
         return hit[1]
     plan: list = [None] * k
-    _PLANS[cost] = (positions, plan)
+    _PLANS[cost] = (top, plan)
     return plan
 
 
-def _renumber(pos: np.ndarray, col: np.ndarray, nnz: int, n: int
+def _renumber(top: np.ndarray, rowmap: np.ndarray, col: np.ndarray, nnz: int, n: int
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A run's maps ``pos (E', D, D)``, ``col (E', D)`` renumbered densely (in increasing order)
-    into buffers of its own, and the entries of ``H`` and ``g`` the buffers' entries stand
-    for: ``(pos', col', rows, cols)`` with ``rows[pos'] == pos``, ``cols[col'] == col``."""
+    """A run's maps, ``top (E', k, D)`` with ``rowmap (2, D)`` (``Pattern.tops``) and ``col (E',
+    D)``, renumbered densely (in increasing order) into buffers of its own, and the entries of
+    ``H`` and ``g`` the buffers' entries stand for: ``(top', col', rows, cols)`` with
+    ``rows[pos'] == pos`` for the positions ``pos`` the block form stands for, ``cols[col'] ==
+    col``. A block's rows are consecutive entries of its column, all touched by the run, so
+    they stay consecutive in the dense numbering and ``top'`` is the numbering of the blocks'
+    first rows."""
+    slot, within = rowmap
+    pos = top[:, slot, :] + within[None, :, None]  # (E', D, D), once per run and cost
     p, rows = _compact(pos.reshape(-1), nnz)
     c, cols = _compact(col.reshape(-1), n)
-    return p.reshape(pos.shape), c.reshape(col.shape), rows, cols
+    first = np.flatnonzero(within == 0)  # the first row of each slot, slot by slot
+    new_top = np.ascontiguousarray(p.reshape(pos.shape)[:, first, :])
+    return new_top, c.reshape(col.shape), rows, cols
 
 
 @_kernels._jit
@@ -333,10 +345,11 @@ def _scatter_add(dst: np.ndarray, idx: np.ndarray, src: np.ndarray) -> None:
 _STATIC: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _static(cost: Cost, positions: Tensor, columns: Tensor
+def _static(cost: Cost, tops: tuple[Tensor, Tensor], columns: Tensor
             ) -> tuple[list, np.ndarray, tuple, tuple[int, np.ndarray]]:
     """The arrays of ``cost`` that do not change between iterations: indices, measurements,
-    weights, the pattern maps and the robust loss (its kernel code and scale ``(B|1, E|1)``).
+    weights, the pattern maps (``tops``, ``columns``) and the robust loss (its kernel code and
+    scale ``(B|1, E|1)``).
     Kept per cost (weakly): an array that is a view of its tensor sees an in-place change of it;
     one that is a copy (an expanded ``sqrt_info (E, d, d)`` made contiguous) is rebuilt when its
     tensor's version counter (shared with the tensor's base) has moved; copies of tensors that
@@ -345,7 +358,7 @@ def _static(cost: Cost, positions: Tensor, columns: Tensor
     weight = cost.weight
     scalar = weight is not None and weight.ndim == 0  # a copy: its value is checked at each hit
     hit = _STATIC.get(cost)
-    if hit is not None and hit[0] is positions and (not scalar or hit[1][2][2][0, 0, 0] == weight):
+    if hit is not None and hit[0] is tops[0] and (not scalar or hit[1][2][2][0, 0, 0] == weight):
         for t, version in hit[2]:  # a loop, not all(<generator>): no Python call per tensor
             if t._version != version:
                 break
@@ -356,10 +369,10 @@ def _static(cost: Cost, positions: Tensor, columns: Tensor
     U = _NO_U if cost.sqrt_info is None else _lead(cost.sqrt_info, 4)
     w = _lead(weight if weight is not None else torch.ones(()), 3)
     kind, scale_t, scale = _loss(cost)
-    out = (index, _array(aux_t), (U, cost.sqrt_info is not None, w, _array(positions),
-                                  _array(columns)), (kind, scale))
-    pairs = [*zip(cost.index, index), (aux_t, out[1]), (positions, out[2][3]),
-             (columns, out[2][4])]
+    out = (index, _array(aux_t), (U, cost.sqrt_info is not None, w, _array(tops[0]),
+                                  _array(tops[1]), _array(columns)), (kind, scale))
+    pairs = [*zip(cost.index, index), (aux_t, out[1]), (tops[0], out[2][3]),
+             (tops[1], out[2][4]), (columns, out[2][5])]
     if cost.sqrt_info is not None:
         pairs.append((cost.sqrt_info, U))
     if weight is not None and not scalar:
@@ -368,7 +381,7 @@ def _static(cost: Cost, positions: Tensor, columns: Tensor
         pairs.append((scale_t, scale))
     copies = [(t, t._version) for t, a in pairs if a.ctypes.data != t.data_ptr()]
     if not any(t.requires_grad for t, _ in copies):  # a parameter may change through .data
-        _STATIC[cost] = (positions, out, copies)
+        _STATIC[cost] = (tops[0], out, copies)
     return out
 
 

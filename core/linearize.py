@@ -114,18 +114,16 @@ def linearize(
         H = first.new_zeros(batch, pattern.nnz)
         g = first.new_zeros(batch, pattern.n)
         cost = first.new_zeros(batch * problems)
-    for k, (c, positions, columns) in enumerate(
-        zip(objective.costs, pattern.positions, pattern.columns)
-    ):
+    for k, (c, columns) in enumerate(zip(objective.costs, pattern.columns)):
         # (not once a torch-path cost before it has made H, g or the cost part of a graph)
         graph = H.requires_grad or g.requires_grad or cost.requires_grad
         if fused and not graph and _fused.applies(c, values):
             # outside autograd; a ragged batch's factors each add to their problem's cost
-            _fused.accumulate(c, values, positions, columns, H, g,
+            _fused.accumulate(c, values, pattern.tops[k], columns, H, g,
                               cost if groups is None else cost.view(batch, problems),
                               None if groups is None else groups.factors[k])
             continue
-        num = c.num_factors
+        positions, num = pattern.positions[k], c.num_factors
         step = num if device.type != "cpu" else max(1, CHUNK // batch)
         for start in range(0, num, step):
             stop = min(start + step, num)

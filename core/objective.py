@@ -17,31 +17,69 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core import _kernels
 from core import fused as _fused
 from core.cost import Cost
 from core.variable import Variable
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Pattern:
     """Symmetric block-sparsity pattern of ``H`` (n x n) in CSC order.
 
     ``indptr (n+1,)``, ``rows (nnz,)``, ``cols (nnz,)``: the structure; ``diag (n,)``: the position
     of each diagonal entry; ``positions[c] (E_c, D_c, D_c)``: where entry ``(p, q)`` of factor
     ``e``'s block ``J_e^T J_e`` goes; ``columns[c] (E_c, D_c)``: the global columns of factor ``e``.
+
+    ``tops[c]`` is ``positions[c]`` in block form, ``(top (E_c, k_c, D_c), rowmap (2, D_c))``:
+    ``positions[c][e, p, q] = top[e, rowmap[0, p], q] + rowmap[1, p]``, ``top[e, s, q]`` the
+    position of the first row of slot ``s``'s block in column ``q`` (the rows of a block are
+    consecutive in each column), ``rowmap`` each row's slot and its place in the slot. The
+    compiled kernels read ``tops`` (BA: 9x less memory than ``positions``), the torch path
+    ``positions``. A pattern is made with either (``given_positions`` or ``given_tops``) and with
+    or without ``given_cols``; what is missing is derived on first use, on the pattern's device
+    (given positions are their own tops: one row per slot).
     """
 
     n: int
     indptr: Tensor
     rows: Tensor
-    cols: Tensor
+    given_cols: Tensor | None
     diag: Tensor
-    positions: tuple[Tensor, ...]
+    given_positions: tuple[Tensor, ...] | None
     columns: tuple[Tensor, ...]
+    given_tops: tuple[tuple[Tensor, Tensor], ...] | None = None
 
     @property
     def nnz(self) -> int:
         return int(self.rows.shape[0])
+
+    @cached_property
+    def cols(self) -> Tensor:
+        """``(nnz,)``: the column of each entry."""
+        if self.given_cols is not None:
+            return self.given_cols
+        ids = torch.arange(self.n, device=self.indptr.device)
+        return torch.repeat_interleave(ids, self.indptr.diff(), output_size=self.nnz)
+
+    @cached_property
+    def positions(self) -> tuple[Tensor, ...]:
+        if self.given_positions is not None:
+            return self.given_positions
+        assert self.given_tops is not None, "a Pattern needs positions or tops"
+        return tuple(top[:, rowmap[0], :] + rowmap[1][None, :, None]
+                     for top, rowmap in self.given_tops)
+
+    @cached_property
+    def tops(self) -> tuple[tuple[Tensor, Tensor], ...]:
+        if self.given_tops is not None:
+            return self.given_tops
+        out = []
+        for pos in self.positions:
+            D = pos.shape[-1]
+            rowmap = torch.stack([torch.arange(D), torch.zeros(D, dtype=torch.long)])
+            out.append((pos, rowmap.to(pos.device)))
+        return tuple(out)
 
     def to_dense(self, values: Tensor) -> Tensor:
         """``(B, nnz)`` values -> dense ``(B, n, n)``."""
@@ -317,11 +355,19 @@ class Objective:
         device = torch.device(device)
         if device not in self._patterns:
             base = self._cpu_pattern
+            if device.type == "cpu":
+                self._patterns[device] = base
+                return base
+            tops = base.given_tops
             self._patterns[device] = Pattern(
                 base.n,
-                *(t.to(device) for t in (base.indptr, base.rows, base.cols, base.diag)),
-                tuple(t.to(device) for t in base.positions),
+                *(t.to(device) for t in (base.indptr, base.rows)),
+                None if base.given_cols is None else base.given_cols.to(device),
+                base.diag.to(device),
+                None if base.given_positions is None else tuple(
+                    t.to(device) for t in base.given_positions),
                 tuple(t.to(device) for t in base.columns),
+                None if tops is None else tuple((t.to(device), m.to(device)) for t, m in tops),
             )
         return self._patterns[device]
 
@@ -357,12 +403,16 @@ class Objective:
         per_column = np.repeat(col_nnz, sizes)
         indptr = np.concatenate([[0], np.cumsum(per_column)]).astype(np.int64)
         n = self.dim
-        rows = _csc_rows(R, below, sizes, starts, indptr, column_first)
-        cols = np.repeat(np.arange(n), per_column)
+        if _kernels.AVAILABLE:  # one pass writing the rows (NumPy: several 20 MB passes for BA)
+            rows = np.empty(int(indptr[-1]), np.int64)
+            bounds = np.append(column_first, unique.size)
+            _kernels.csc_block_rows(R, sizes, starts, indptr, bounds, rows)
+        else:
+            rows = _csc_rows(R, below, sizes, starts, indptr, column_first)
         own = np.searchsorted(unique, np.arange(num_blocks) * (num_blocks + 1))
         local = np.arange(n) - np.repeat(starts, sizes)
         diag = indptr[:-1] + np.repeat(row_offset[own], sizes) + local
-        positions, columns, done = [], [], 0
+        tops, columns, done = [], [], 0
         for c, b in zip(self.costs, blocks):
             E, slots = b.shape
             dofs = np.array([v.space.dof for v in c.optimized], np.int64)
@@ -373,17 +423,15 @@ class Objective:
             # C order (the compiled kernels read these in place: core.fused keeps views, no
             # copy per linearization)
             col = np.ascontiguousarray(starts[b][:, slot] + within)  # (E, D) global columns
-            # per slot pair the rows above its block in its column, (E, k, k) -> (E, k, D) plus
-            # the column starts, then (E, D, D) by repeating each row slot, plus the rows within
-            # the block, in place (one (E, D, D) array: each is fresh pages, 50 MB for BA)
+            # per slot pair the rows above its block in its column, (E, k, k) -> (E, k, D), plus
+            # the column starts: the block form of the positions (``Pattern.tops``; the (E, D,
+            # D) positions, 50 MB of fresh pages for BA, are made only if the torch path asks)
             top = np.repeat(row_offset[u], dofs, axis=2)
             top += indptr[col][:, None, :]
-            pos = np.repeat(top, dofs, axis=1)
-            pos += within[:, None]
-            positions.append(torch.from_numpy(pos))
+            tops.append((torch.from_numpy(top), torch.from_numpy(np.stack([slot, within]))))
             columns.append(torch.from_numpy(col))
-        return Pattern(n, *(torch.from_numpy(a) for a in (indptr, rows, cols, diag)),
-                       tuple(positions), tuple(columns))
+        t = torch.from_numpy
+        return Pattern(n, t(indptr), t(rows), None, t(diag), None, tuple(columns), tuple(tops))
 
     def describe_column(self, col: int) -> str:
         """Human-readable name of unknown ``col``, e.g. ``poses[12].3``."""

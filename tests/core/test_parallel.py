@@ -206,7 +206,7 @@ def test_groups_sliced_with_the_batch(split) -> None:
         split(k)
         H, g = torch.zeros(3, pattern.nnz, dtype=DT), torch.zeros(3, pattern.n, dtype=DT)
         total = torch.zeros(3, 4, dtype=DT)
-        fused.accumulate(cost, values, pattern.positions[0], pattern.columns[0], H, g, total,
+        fused.accumulate(cost, values, pattern.tops[0], pattern.columns[0], H, g, total,
                          groups)
         out.append((H, g, total))
     for a, b in zip(*out):
