@@ -8,15 +8,18 @@ thread that is slow to wake (other processes hold the cores) costs nothing: the 
 chunks nobody has claimed. The caller owns what each chunk writes: chunks never write to the
 same memory.
 
-:func:`threads` is the measured rule: one thread for work below ``2 min_work`` (a hand-off to a
-sleeping pool thread costs ~20 us on the 2-core bench machine; the kernels' callers set
-``min_work`` so that a chunk is worth a few hundred microseconds), else the cores the load
-average leaves free (``core.threads.free_cores``), no more than the work and the chunks allow.
-``ARIADNE_KERNEL_THREADS=N`` caps it (``1``: every kernel on the calling thread), and so does a
-solve's ``threads`` (``core.threads.solve_threads``).
+:func:`threads` is the measured rule: one thread for work below ``2 min_work``, else the cores
+the load average leaves free (``core.threads.free_cores``), no more than the work and the
+chunks allow. On the 2-core bench machine a pure-compute kernel cut in two took 1.8x the
+one-thread time at 2 x 24 us, 0.95x at 2 x 115 us, 0.66x at 2 x 0.5 ms and 0.55x at
+2 x 2.4 ms (waking a sleeping pool thread: ~20-80 us), so the kernels' callers set ``min_work``
+to 0.5-1 ms of work. ``ARIADNE_KERNEL_THREADS=N`` caps it (``1``: every kernel on the calling
+thread), and so does a solve's ``threads`` (``core.threads.solve_threads``); inside a solve,
+torch's OpenMP pool drops to one thread once kernels run here (``core.threads.kernels_threaded``).
 
-A plain ``concurrent.futures.ThreadPoolExecutor`` measured ~78 us per two-chunk call there
-(futures, a condition variable per wait) against ~20 us for the queue and lock used here.
+A plain ``concurrent.futures.ThreadPoolExecutor`` measured ~78 us per two-chunk call of empty
+chunks there (futures, a condition variable per wait) against ~26-35 us for the queue and locks
+used here.
 """
 
 from __future__ import annotations
