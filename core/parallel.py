@@ -24,6 +24,7 @@ used here.
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import threading
@@ -91,7 +92,25 @@ class _Job:
 
 def _serve(jobs: queue.SimpleQueue) -> None:
     while True:
-        jobs.get().work()
+        job = jobs.get()
+        if job is None:  # _stop at exit
+            return
+        job.work()
+
+
+def _stop() -> None:
+    """At interpreter exit, before daemon threads are frozen: end the pool threads (each takes
+    one None) and wait for them, so none wakes during finalization."""
+    with _start:
+        workers = list(_workers)
+        for _ in workers:
+            _jobs.put(None)
+        for t in workers:
+            t.join(timeout=1.0)
+        _workers.clear()
+
+
+atexit.register(_stop)
 
 
 def pool_size() -> int:

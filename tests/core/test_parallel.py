@@ -396,3 +396,23 @@ def test_pool_works_in_a_forked_child() -> None:
         child.kill()
     assert not alive and child.exitcode == 0
     assert queue.get(timeout=5) == [0, 1, 2]
+
+
+def test_pool_threads_end_at_exit() -> None:
+    """``_stop`` (registered with atexit) ends every pool thread, so none wakes while the
+    interpreter finalizes; the pool starts again on the next use."""
+    seen: list[str] = []
+    barrier = threading.Barrier(2, timeout=10)
+
+    def chunk(k: int) -> None:
+        barrier.wait()  # both chunks at once: one ran on a pool thread
+        seen.append(threading.current_thread().name)
+
+    parallel.run(chunk, [(0,), (1,)])
+    workers = list(parallel._workers)
+    assert workers and any(name.startswith("ariadne-kernel") for name in seen)
+    parallel._stop()
+    assert not parallel._workers and not any(t.is_alive() for t in workers)
+    barrier.reset()
+    parallel.run(chunk, [(0,), (1,)])  # a fresh pool
+    assert parallel._workers
