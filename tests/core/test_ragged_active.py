@@ -55,9 +55,10 @@ class Spy:
         self.sizes: Counter[int] = Counter()
         original = SparseCholesky.factor_values
 
-        def spy(solver: SparseCholesky, pattern: core.objective.Pattern, values, device):  # noqa: ANN001, ANN202
+        def spy(solver: SparseCholesky, pattern: core.objective.Pattern, values, device,  # noqa: ANN001, ANN202
+                *args):  # noqa: ANN002
             self.sizes[pattern.n] += values.shape[0]
-            return original(solver, pattern, values, device)
+            return original(solver, pattern, values, device, *args)
 
         monkeypatch.setattr(SparseCholesky, "factor_values", spy)
 

@@ -408,3 +408,26 @@ def test_cholmod_auto_mode_flags_indefinite_matrices_of_either_kind(gen: torch.G
         for k in (0, 2):
             torch.testing.assert_close(x_[k], torch.linalg.solve(A[k], b[k]), atol=1e-12,
                                        rtol=1e-12)
+
+
+@pytest.mark.skipif("cholmod" not in BACKENDS, reason="CHOLMOD not installed")
+def test_uniform_damping_is_factored_as_beta_without_a_copy(gen: torch.Generator) -> None:
+    """One element with the same damping on every unknown (LM's ``lambda I``): CHOLMOD factors
+    ``H + beta I`` from ``H``'s own values (no damped copy); other damping takes the copy.
+    Both solve the damped system; an ``H + beta I`` that is not PD still reports not ok."""
+    pattern = pose_graph_objective().pattern()
+    values, dense = random_spd(pattern, 1, gen)
+    b = torch.randn(1, pattern.n, generator=gen, dtype=F64)
+    eye = torch.eye(pattern.n, dtype=F64)
+    solver = SparseCholesky(backend="cholmod", mode="simplicial")
+    lam = torch.full((1, pattern.n), 0.7, dtype=F64)
+    factor = solver.factor(values, pattern, lam)
+    assert factor.beta == 0.7 and factor.values.ctypes.data == values.data_ptr()
+    ref = torch.linalg.solve(dense + 0.7 * eye, b[..., None])[..., 0]
+    torch.testing.assert_close(factor.solve(b), ref, rtol=1e-12, atol=1e-12)
+    diag = torch.rand(1, pattern.n, generator=gen, dtype=F64) + 0.5
+    factor = solver.factor(values, pattern, diag)
+    assert factor.beta == 0.0 and factor.values.ctypes.data != values.data_ptr()
+    ref = torch.linalg.solve(dense + torch.diag_embed(diag), b[..., None])[..., 0]
+    torch.testing.assert_close(factor.solve(b), ref, rtol=1e-12, atol=1e-12)
+    assert bool(solver.factor(-values, pattern, lam).ok.logical_not().all())
