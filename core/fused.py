@@ -127,6 +127,11 @@ def prepare(kind: str) -> float:
     one = np.ones(1, np.int64)  # the pattern's rows (Objective._cpu_pattern): a 1 x 1 pattern
     _kernels.csc_block_rows(one - 1, one, one - 1, np.array([0, 1]), np.array([0, 1]),
                             np.empty(1, np.int64))
+    # the factor split's helpers (_by_factor): loading them inside a first solve's threaded
+    # linearization took 24 ms on a pool thread, holding the GIL the calling thread waited for
+    _renumber(np.zeros((1, 1, 1), np.int64), np.zeros((2, 1), np.int64), np.zeros((1, 1),
+              np.int64), 1, 1)
+    _scatter_add(np.zeros(1), one - 1, np.zeros(1))
     seconds = time.perf_counter() - start
     log.debug("kernel %s ready in %.3f s", kind, seconds)
     return seconds
@@ -287,52 +292,59 @@ def _renumber(top: np.ndarray, rowmap: np.ndarray, col: np.ndarray, nnz: int, n:
     ``rows[pos'] == pos`` for the positions ``pos`` the block form stands for, ``cols[col'] ==
     col``. A block's rows are consecutive entries of its column, all touched by the run, so
     they stay consecutive in the dense numbering and ``top'`` is the numbering of the blocks'
-    first rows."""
-    slot, within = rowmap
-    pos = top[:, slot, :] + within[None, :, None]  # (E', D, D), once per run and cost
-    p, rows = _compact(pos.reshape(-1), nnz)
-    c, cols = _compact(col.reshape(-1), n)
-    first = np.flatnonzero(within == 0)  # the first row of each slot, slot by slot
-    new_top = np.ascontiguousarray(p.reshape(pos.shape)[:, first, :])
-    return new_top, c.reshape(col.shape), rows, cols
+    first rows (:func:`_compact_blocks`: no ``(E', D, D)`` positions are made; at 100k poses
+    they were 170 MB and 0.1-0.9 s a run)."""
+    work, wcol = np.empty(nnz, np.int32), np.empty(n, np.int32)
+    new_top, new_col = np.empty_like(top), np.empty_like(col)
+    m, mc = _compact_blocks(top, rowmap, col, work, wcol, new_top, new_col)
+    rows, cols = np.empty(m, np.int64), np.empty(mc, np.int64)
+    _touched(work, rows)
+    _touched(wcol, cols)
+    return new_top, new_col, rows, cols
 
 
 @_kernels._jit
-def _compact_into(idx: np.ndarray, work: np.ndarray, out: np.ndarray) -> int:
-    """Number the distinct values of ``idx`` densely in increasing order: ``work[v]`` (``work``
-    at least ``max(idx) + 1`` long) becomes value ``v``'s number (-1: absent) and ``out[i]``
-    that of ``idx[i]``; returns how many are distinct."""
+def _compact_blocks(top: np.ndarray, rowmap: np.ndarray, col: np.ndarray, work: np.ndarray,
+                    wcol: np.ndarray, new_top: np.ndarray, new_col: np.ndarray
+                    ) -> tuple[int, int]:
+    """Number the positions the block form ``top, rowmap`` stands for and for
+    ``col``: ``work (nnz,)``, ``wcol (n,)`` become each entry's and column's number (-1: not
+    touched), ``new_top``, ``new_col`` the maps' numbers; returns the numbers' counts."""
     work[:] = -1
-    for i in range(idx.shape[0]):
-        work[idx[i]] = 0
+    wcol[:] = -1
+    E, _, D = top.shape
+    for e in range(E):
+        for p in range(D):
+            base, w = top[e, rowmap[0, p]], rowmap[1, p]
+            for q in range(D):
+                work[base[q] + w] = 0
+        for q in range(D):
+            wcol[col[e, q]] = 0
     m = 0
     for v in range(work.shape[0]):
         if work[v] == 0:
             work[v] = m
             m += 1
-    for i in range(idx.shape[0]):
-        out[i] = work[idx[i]]
-    return m
+    mc = 0
+    for v in range(wcol.shape[0]):
+        if wcol[v] == 0:
+            wcol[v] = mc
+            mc += 1
+    for e in range(E):
+        for s in range(top.shape[1]):
+            for q in range(D):
+                new_top[e, s, q] = work[top[e, s, q]]
+        for q in range(D):
+            new_col[e, q] = wcol[col[e, q]]
+    return m, mc
 
 
 @_kernels._jit
 def _touched(work: np.ndarray, old: np.ndarray) -> None:
-    """The value each number of :func:`_compact_into` stands for."""
+    """The value each number of :func:`_compact_blocks` stands for."""
     for v in range(work.shape[0]):
         if work[v] >= 0:
             old[work[v]] = v
-
-
-def _compact(idx: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """``idx`` (values below ``size``) renumbered densely in increasing order, and the distinct
-    values: ``(new, old)`` with ``old[new] == idx``."""
-    idx = np.ascontiguousarray(idx)
-    work = np.empty(size, np.int32)
-    new = np.empty_like(idx)
-    m = _compact_into(idx, work, new)
-    old = np.empty(m, np.int64)
-    _touched(work, old)
-    return new, old
 
 
 @_kernels._jit

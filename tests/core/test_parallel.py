@@ -416,3 +416,19 @@ def test_pool_threads_end_at_exit() -> None:
     barrier.reset()
     parallel.run(chunk, [(0,), (1,)])  # a fresh pool
     assert parallel._workers
+
+
+@pytest.mark.parametrize("space", [core.SE3, core.SE2])
+def test_renumber_maps_a_run_onto_its_touched_entries(space, gen: torch.Generator) -> None:
+    """``fused._renumber``: the run's block form renumbered onto the entries it touches (in
+    increasing order), standing for the same positions of ``H`` and columns of ``g``."""
+    objective, _ = pose_objective(space, gen, batch=1, poses=30)
+    pattern = objective.pattern()
+    (top, rowmap), col = (t.numpy() for t in pattern.tops[0]), pattern.columns[0].numpy()
+    e0 = top.shape[0] // 3
+    new_top, new_col, rows, cols = fused._renumber(top[e0:], rowmap, col[e0:], pattern.nnz,
+                                                   pattern.n)
+    pos = top[e0:][:, rowmap[0], :] + rowmap[1][None, :, None]
+    new_pos = new_top[:, rowmap[0], :] + rowmap[1][None, :, None]
+    assert np.array_equal(rows[new_pos], pos) and np.array_equal(cols[new_col], col[e0:])
+    assert np.array_equal(rows, np.unique(pos)) and np.array_equal(cols, np.unique(col[e0:]))
