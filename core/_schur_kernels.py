@@ -200,7 +200,10 @@ def pair_keys(pt_ptr: np.ndarray, w_elem: np.ndarray, num_elems: int) -> np.ndar
 @_jit
 def unique_ids(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct non-negative ``keys (K,)`` in order of first appearance and each key's index
-    among them (an open-addressing hash table: no sort of the ``K`` keys)."""
+    among them (an open-addressing hash table: no sort of the ``K`` keys). Kept beside
+    ``core.objective._unique_inverse`` (a stable sort, fast on the presorted runs of a factor
+    list) because these keys are not presorted: BA 50 x 8,000's Schur maps took 14.5-15.5 ms
+    with this against 22.5-28.4 ms with that (alternated processes)."""
     size = keys.shape[0]
     cap = 2
     while cap < 2 * size:

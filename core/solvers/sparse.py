@@ -194,21 +194,23 @@ class SparseCholesky:
         return self.factor_values(pattern, values, H.device)
 
     def factor_values(
-        self, pattern: Pattern, values: np.ndarray, device: torch.device, beta: float = 0.0
+        self, pattern: Pattern, values: np.ndarray, device: torch.device,
+        beta: float | None = None,
     ) -> Any:
-        """Factor the damped values ``(B, nnz)`` (float64, owned by the factor; plus ``beta
-        I``: CHOLMOD, finite values, see :meth:`_uniform`); ``ok`` on ``device``. A
-        :class:`SparseFactor`, :class:`BlockFactor` or ``compiled.CompiledFactor``; with ``beta``
-        None where the matrix is not positive definite (the caller factors a damped copy)."""
+        """Factor the damped values ``(B, nnz)`` (float64, owned by the factor); or, with
+        ``beta``, the undamped finite values plus ``beta I`` (CHOLMOD, one element: see
+        :meth:`_uniform`). ``ok`` on ``device``. A :class:`SparseFactor`, :class:`BlockFactor`
+        or ``compiled.CompiledFactor``; with ``beta``, None where the matrix is not positive
+        definite (the caller factors a damped copy)."""
         batch = values.shape[0]
         if self._use_compiled(pattern.n, batch):
             return compiled.factor(self._compiled_plan(pattern), values, device)
-        if self.backend == "cholmod" and (beta != 0.0 or np.isfinite(values).all()):
+        if self.backend == "cholmod" and (beta is not None or np.isfinite(values).all()):
             plan = self._plan(pattern, batch)
-            if plan.refactor(values, beta):
+            if plan.refactor(values, beta or 0.0):
                 ok = torch.ones(batch, dtype=torch.bool, device=device)
-                return BlockFactor(plan, values, plan.generation, ok, beta)
-            if beta != 0.0:
+                return BlockFactor(plan, values, plan.generation, ok, beta or 0.0)
+            if beta is not None:
                 return None
             # some element is not positive definite: factor one by one to find which
         factors = [self._factor_one(pattern, values[k : k + 1]) for k in range(batch)]
