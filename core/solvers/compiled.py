@@ -60,29 +60,14 @@ def plan(sym: Symbolic) -> Plan:
     pattern = sym.pattern
     starts = sym.starts.astype(np.int64)
     W = np.diff(starts)
-    M = np.array([b.shape[0] for b in sym.below], dtype=np.int64)
-    rptr = np.concatenate([[0], np.cumsum(M)]).astype(np.int64)
-    rows = (np.concatenate(sym.below) if sym.below else np.zeros(0)).astype(np.int64)
+    rptr = sym.below_ptr.astype(np.int64)
+    M = np.diff(rptr)
+    rows = sym.below_rows.astype(np.int64)
     poff = np.concatenate([[0], np.cumsum((W + M) * W)]).astype(np.int64)
-    n = pattern.n
-    inv = np.empty(n, dtype=np.int64)
-    inv[sym.perm] = np.arange(n)
     owner = np.repeat(np.arange(W.shape[0]), W).astype(np.int64)
-    r = inv[pattern.rows.cpu().numpy().astype(np.int64)]
-    c = inv[pattern.cols.cpu().numpy().astype(np.int64)]
-    src = np.nonzero(r >= c)[0].astype(np.int64)
-    r, c = r[src], c[src]
-    t = owner[c]
-    in_cols = r < starts[t + 1]
-    row = np.where(in_cols, r - starts[t], 0)
-    # rows below: their position in the supernode's ascending segment of ``rows`` (keys
-    # ``supernode * (n + 1) + row`` are ascending over all segments: one searchsorted)
-    below = ~in_cols
-    seg = np.repeat(np.arange(W.shape[0]), M)
-    keys = seg * (n + 1) + rows
-    tb = t[below]
-    row[below] = W[tb] + np.searchsorted(keys, tb * (n + 1) + r[below]) - rptr[tb]
-    dst = poff[t] + row * W[t] + (c - starts[t])
+    src, dst = _entries(pattern.indptr.cpu().numpy().astype(np.int64),
+                        pattern.rows.cpu().numpy().astype(np.int64),
+                        sym.perm.astype(np.int64), starts, rptr, rows, poff, owner)
     return Plan(
         pattern,
         starts,
@@ -90,11 +75,51 @@ def plan(sym: Symbolic) -> Plan:
         rows,
         poff,
         src,
-        dst.astype(np.int64),
+        dst,
         sym.perm.astype(np.int64),
         owner,
         int((W * W * (W + M) // 2 + M * M * W // 2).sum()),
     )
+
+
+@_jit
+def _entries(indptr: np.ndarray, prows: np.ndarray, perm: np.ndarray, starts: np.ndarray,
+             rptr: np.ndarray, rows: np.ndarray, poff: np.ndarray,
+             owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pattern's lower entries in the new order (``src``, ascending) and their panel entries
+    ``dst``: row ``r`` of new column ``c`` in supernode ``t`` is panel row ``r - starts[t]``
+    inside the diagonal block, else ``W + `` its position in ``t``'s rows below (binary
+    search)."""
+    n = indptr.shape[0] - 1
+    inv = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        inv[perm[i]] = i
+    src = np.empty(prows.shape[0], dtype=np.int64)
+    dst = np.empty(prows.shape[0], dtype=np.int64)
+    k = 0
+    for j in range(n):
+        c = inv[j]
+        t = owner[c]
+        t0, W, end = starts[t], starts[t + 1] - starts[t], starts[t + 1]
+        for e in range(indptr[j], indptr[j + 1]):
+            r = inv[prows[e]]
+            if r < c:
+                continue
+            if r < end:
+                row = r - t0
+            else:
+                lo, hi = rptr[t], rptr[t + 1]
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if rows[mid] < r:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                row = W + lo - rptr[t]
+            src[k] = e
+            dst[k] = poff[t] + row * W + (c - t0)
+            k += 1
+    return src[:k].copy(), dst[:k].copy()
 
 
 @_jit

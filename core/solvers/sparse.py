@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core import parallel
 from core._kernels import AVAILABLE as KERNELS
 from core.objective import Grouping, Pattern
-from core.solvers import compiled
+from core.solvers import compiled, threaded
 from core.solvers.base import PlanCache, damped
 
 Backend = Literal["auto", "cholmod", "cholespy", "scipy"]
@@ -155,15 +156,24 @@ class SparseCholesky:
     block-diagonal matrix; even at B = 6, 3.4x slower at B = 1; B = 8 x 5,000 poses 0.66x
     CHOLMOD's time (bench/RESULTS.md, "Batched factorization"). ``mode="compiled"`` forces it
     (needs Numba).
+
+    One matrix (``B = 1``) of at most ``threaded_up_to`` unknowns goes to the one-matrix
+    supernodal kernel (``core.solvers.threaded``, Numba calling SciPy's BLAS, subtrees of the
+    elimination tree on the free cores; any backend): sphere2500's damped ``H`` 27-37 ms
+    against CHOLMOD's 62-79 ms, its LM solve 0.28-0.31 s against 0.43-0.54 s; helix graphs of
+    256 to 10,000 poses on par or faster (bench/RESULTS.md, "One-matrix kernel").
+    ``mode="threaded"`` forces it for one matrix.
     """
 
     backend: Backend = "auto"
     ordering: str = "default"
-    mode: Literal["auto", "supernodal", "simplicial", "compiled"] = "auto"
+    mode: Literal["auto", "supernodal", "simplicial", "compiled", "threaded"] = "auto"
     batched_from: int = 8
     batched_up_to: int = 30000
+    threaded_up_to: int = 100000
     _symbolic: PlanCache = field(default_factory=PlanCache, repr=False)
     _compiled: PlanCache = field(default_factory=PlanCache, repr=False)
+    _threaded: PlanCache = field(default_factory=PlanCache, repr=False)
 
     def __post_init__(self) -> None:
         have = available_backends()
@@ -173,12 +183,10 @@ class SparseCholesky:
             raise ValueError(f"sparse backend {self.backend!r} is not installed; have {have}")
         if self.backend == "cholmod":  # the bindings (and SciPy's sparse modules behind them,
             import sksparse.cholmod  # noqa: F401  ~0.25 s) load here, not in the first solve
-        if self.mode == "compiled" and not KERNELS:
-            raise ValueError("mode='compiled' needs Numba (and ARIADNE_KERNELS not 0)")
+        if self.mode in ("compiled", "threaded") and not KERNELS:
+            raise ValueError(f"mode={self.mode!r} needs Numba (and ARIADNE_KERNELS not 0)")
 
-    def factor(
-        self, H: Tensor, pattern: Pattern, damping: Tensor
-    ) -> SparseFactor | BlockFactor | compiled.CompiledFactor:
+    def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> Any:
         if H.device.type == "cpu" and H.dtype == torch.float64 and damping.dtype == H.dtype:
             # NumPy: no OpenMP region (its wake-up costs ms on a machine other jobs load)
             h, d = H.detach().numpy(), damping.detach().numpy()
@@ -199,10 +207,12 @@ class SparseCholesky:
     ) -> Any:
         """Factor the damped values ``(B, nnz)`` (float64, owned by the factor); or, with
         ``beta``, the undamped finite values plus ``beta I`` (CHOLMOD, one element: see
-        :meth:`_uniform`). ``ok`` on ``device``. A :class:`SparseFactor`, :class:`BlockFactor`
-        or ``compiled.CompiledFactor``; with ``beta``, None where the matrix is not positive
-        definite (the caller factors a damped copy)."""
+        :meth:`_uniform`). ``ok`` on ``device``. A :class:`SparseFactor`, :class:`BlockFactor`,
+        ``compiled.CompiledFactor`` or ``threaded.ThreadedFactor``; with ``beta`` on CHOLMOD,
+        None where the matrix is not positive definite (the caller factors a damped copy)."""
         batch = values.shape[0]
+        if self._use_threaded(pattern.n, batch):
+            return threaded.factor(self._threaded_plan(pattern), values, device, beta or 0.0)
         if self._use_compiled(pattern.n, batch):
             return compiled.factor(self._compiled_plan(pattern), values, device)
         if self.backend == "cholmod" and (beta is not None or np.isfinite(values).all()):
@@ -276,12 +286,12 @@ class SparseCholesky:
         return _checked(lambda: plan.symbolic.cholesky(plan.matrix(values)), plan.mode)
 
     def _uniform(self, pattern: Pattern, h: np.ndarray, d: np.ndarray) -> float | None:
-        """The damping as one ``beta`` for CHOLMOD's ``A + beta I`` where that applies: one
-        batch element on CHOLMOD, the same damping on every unknown (LM's ``lambda I``), finite
-        values. BA-size ``H`` copies cost as much as a tenth of a factorization (100k poses: 43
-        ms against 0.5-0.9 s)."""
-        if (self.backend != "cholmod" or h.shape[0] != 1 or d.size == 0
-                or self._use_compiled(pattern.n, 1)):
+        """The damping as one ``beta`` for ``A + beta I`` where that applies: one batch element
+        on CHOLMOD or the one-matrix kernel, the same damping on every unknown (LM's ``lambda
+        I``), finite values. BA-size ``H`` copies cost as much as a tenth of a factorization
+        (100k poses: 43 ms against 0.5-0.9 s)."""
+        if (h.shape[0] != 1 or d.size == 0 or self._use_compiled(pattern.n, 1)
+                or not (self.backend == "cholmod" or self._use_threaded(pattern.n, 1))):
             return None
         beta = float(d.flat[0])
         if not (d.min() == beta == d.max()) or not np.isfinite(h).all():
@@ -292,6 +302,24 @@ class SparseCholesky:
         if self.mode != "auto":
             return self.mode == "compiled"
         return KERNELS and batch >= self.batched_from and n <= self.batched_up_to
+
+    def _use_threaded(self, n: int, batch: int) -> bool:
+        if self.mode != "auto":
+            return self.mode == "threaded" and batch == 1
+        return KERNELS and batch == 1 and n <= self.threaded_up_to
+
+    def _threaded_plan(self, pattern: Pattern) -> threaded.TreePlan:
+        """The one-matrix kernel's plan of ``pattern`` (analysis, panels and the threads'
+        shares; computed once)."""
+        from core.solvers.supernodal import analyze
+
+        plan = self._threaded.lookup((id(pattern),), pattern)
+        if plan is None:
+            ordering = "auto" if importlib.util.find_spec("sksparse") else "minimum_degree"
+            sym = analyze(pattern, ordering)  # type: ignore[arg-type]
+            plan = threaded.split(sym, compiled.plan(sym), parallel.pool_size() + 1)
+            self._threaded.store((id(pattern),), plan)
+        return plan
 
     def _compiled_plan(self, pattern: Pattern) -> compiled.Plan:
         """The compiled kernel's plan of ``pattern`` (block AMD ordering; computed once)."""

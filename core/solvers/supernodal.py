@@ -49,6 +49,7 @@ and SciPy at B = 16).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import importlib.util
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core._kernels import _jit
 from core.objective import Pattern
 from core.solvers.base import PlanCache
 
@@ -83,8 +85,9 @@ class Symbolic:
 
     ``ordering``: the block ordering used (``"amd"``, ``"nesdis"``, ...);
     ``perm (n,)``: new index -> original unknown; ``starts (S + 1,)``: the supernodes' first
-    columns (supernode ``s`` holds columns ``starts[s]:starts[s + 1]``); ``below[s] (M_s,)``: its
-    rows under the diagonal block, ascending; ``parent (S,)``: the supernode tree (-1: a root);
+    columns (supernode ``s`` holds columns ``starts[s]:starts[s + 1]``); ``below_rows`` with
+    ``below_ptr (S + 1,)``: the rows under each diagonal block, ascending (``below[s] (M_s,)``
+    as a list); ``parent (S,)``: the supernode tree (-1: a root);
     ``level (S,)``: 0 for leaves, else one more than the highest child; ``block_starts``: the
     original pattern's blocks (first unknowns, ``(num_blocks + 1,)``); ``nnz_L``: stored lower
     entries of ``L`` without amalgamation zeros; ``nnz_panels``: lower panel entries (with them);
@@ -95,13 +98,19 @@ class Symbolic:
     ordering: str
     perm: np.ndarray
     starts: np.ndarray
-    below: list[np.ndarray]
+    below_ptr: np.ndarray
+    below_rows: np.ndarray
     parent: np.ndarray
     level: np.ndarray
     block_starts: np.ndarray
     nnz_L: int
     nnz_panels: int
     flops: float
+
+    @functools.cached_property
+    def below(self) -> list[np.ndarray]:
+        """Per supernode its rows below the diagonal block."""
+        return np.split(self.below_rows, self.below_ptr[1:-1])
 
     @property
     def num_supernodes(self) -> int:
@@ -119,16 +128,28 @@ def pattern_blocks(pattern: Pattern) -> np.ndarray:
     ``j + 1`` where both hold as many entries)."""
     indptr = pattern.indptr.cpu().numpy().astype(np.int64)
     rows = pattern.rows.cpu().numpy().astype(np.int64)
-    n = pattern.n
-    count = np.diff(indptr)
-    cand = np.nonzero(count[:-1] == count[1:])[0]  # columns j with |col j| == |col j + 1|
-    c = count[cand]
-    col = np.repeat(cand, c)
-    entry = np.arange(col.shape[0]) - np.repeat(np.cumsum(c) - c, c) + np.repeat(indptr[cand], c)
-    mismatch = np.bincount(col[rows[entry] != rows[entry + count[col]]], minlength=n)
-    same = np.zeros(max(n - 1, 0), dtype=bool)
-    same[cand] = mismatch[cand] == 0
-    return np.concatenate([[0], np.nonzero(~same)[0] + 1, [n]]).astype(np.int64)
+    return _blocks(indptr, rows)
+
+
+@_jit
+def _blocks(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    n = indptr.shape[0] - 1
+    out = np.empty(n + 1, dtype=np.int64)
+    out[0] = 0
+    count = 1
+    for j in range(n - 1):
+        a, b = indptr[j], indptr[j + 1]
+        same = indptr[j + 2] - b == b - a
+        if same:
+            for e in range(b - a):
+                if rows[a + e] != rows[b + e]:
+                    same = False
+                    break
+        if not same:
+            out[count] = j + 1
+            count += 1
+    out[count] = n
+    return out[: count + 1].copy()
 
 
 def block_graph(pattern: Pattern, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -225,58 +246,145 @@ def block_ordering(indptr: np.ndarray, indices: np.ndarray, ordering: str) -> np
     raise ValueError(f"unknown ordering {ordering!r}; use one of {ORDERINGS}")
 
 
-def _structure(
+@_jit
+def _structure_csr(
     indptr: np.ndarray, indices: np.ndarray, order: np.ndarray
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """The block structure of ``L`` for the elimination ``order``: per block ``k`` (new labels)
-    the rows below its diagonal block ``struct[k]`` (sorted), and the elimination tree
-    ``parent[k] = min struct[k]`` (-1: root)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The block structure of ``L`` for the elimination ``order`` (compiled, ``O(nnz(L))``): per
+    block ``k`` (new labels) the rows below its diagonal block, sorted, as CSR ``ptr (nb + 1,),
+    rows`` (``struct(k)``: ``k``'s later neighbours and its children's structures without
+    ``k``), and the elimination tree ``parent[k] = min struct(k)`` (-1: a root)."""
     nb = order.shape[0]
     inv = np.empty(nb, dtype=np.int64)
     inv[order] = np.arange(nb)
-    pending: list[set[int]] = [set() for _ in range(nb)]
-    struct: list[np.ndarray] = []
+    head = np.full(nb, -1, dtype=np.int64)  # children as linked lists
+    nxt = np.full(nb, -1, dtype=np.int64)
+    mark = np.full(nb, -1, dtype=np.int64)
     parent = np.full(nb, -1, dtype=np.int64)
+    ptr = np.zeros(nb + 1, dtype=np.int64)
+    rows = np.empty(max(16, 2 * indices.shape[0]), dtype=np.int64)
     for k in range(nb):
-        old = order[k]
-        nbrs = inv[indices[indptr[old] : indptr[old + 1]]]
-        s = pending[k]
-        s.update(nbrs[nbrs > k].tolist())
-        pending[k] = set()
-        rows = np.fromiter(s, dtype=np.int64, count=len(s))
-        rows.sort()
-        struct.append(rows)
-        if rows.shape[0]:
-            p = int(rows[0])
+        old, start = order[k], ptr[k]
+        need = indptr[old + 1] - indptr[old]
+        c = head[k]
+        while c >= 0:
+            need += ptr[c + 1] - ptr[c]
+            c = nxt[c]
+        if start + need > rows.shape[0]:
+            grown = np.empty(max(2 * rows.shape[0], start + need), dtype=np.int64)
+            grown[:start] = rows[:start]
+            rows = grown
+        cnt = 0
+        mark[k] = k
+        for e in range(indptr[old], indptr[old + 1]):
+            j = inv[indices[e]]
+            if j > k and mark[j] != k:
+                mark[j] = k
+                rows[start + cnt] = j
+                cnt += 1
+        c = head[k]
+        while c >= 0:
+            for e in range(ptr[c], ptr[c + 1]):
+                j = rows[e]
+                if j > k and mark[j] != k:
+                    mark[j] = k
+                    rows[start + cnt] = j
+                    cnt += 1
+            c = nxt[c]
+        rows[start : start + cnt] = np.sort(rows[start : start + cnt])
+        ptr[k + 1] = start + cnt
+        if cnt > 0:
+            p = rows[start]
             parent[k] = p
-            pending[p].update(rows[1:].tolist())
-    return struct, parent
+            nxt[k] = head[p]
+            head[p] = k
+    return ptr, rows[: ptr[nb]].copy(), parent
 
 
+@_jit
 def _postorder(parent: np.ndarray) -> np.ndarray:
-    """A postorder of the forest ``parent`` (children in increasing label order)."""
+    """A postorder of the forest ``parent`` (children in increasing label order; compiled)."""
     nb = parent.shape[0]
-    children: list[list[int]] = [[] for _ in range(nb)]
-    roots = []
-    for k, p in enumerate(parent.tolist()):
-        (children[p] if p >= 0 else roots).append(k)
-    post: list[int] = []
-    for r in roots:
-        stack = [(r, 0)]
-        while stack:
-            node, i = stack.pop()
-            if i < len(children[node]):
-                stack.append((node, i + 1))
-                stack.append((children[node][i], 0))
+    cptr = np.zeros(nb + 1, dtype=np.int64)
+    for k in range(nb):
+        if parent[k] >= 0:
+            cptr[parent[k] + 1] += 1
+    cptr = np.cumsum(cptr)
+    fill = cptr.copy()
+    child = np.empty(max(cptr[nb], 1), dtype=np.int64)
+    for k in range(nb):
+        p = parent[k]
+        if p >= 0:
+            child[fill[p]] = k
+            fill[p] += 1
+    post = np.empty(nb, dtype=np.int64)
+    node = np.empty(nb, dtype=np.int64)  # the DFS stack: node and its next child
+    nexti = np.empty(nb, dtype=np.int64)
+    n = 0
+    for r in range(nb):
+        if parent[r] >= 0:
+            continue
+        top = 0
+        node[0], nexti[0] = r, cptr[r]
+        while top >= 0:
+            v = node[top]
+            if nexti[top] < cptr[v + 1]:
+                c = child[nexti[top]]
+                nexti[top] += 1
+                top += 1
+                node[top], nexti[top] = c, cptr[c]
             else:
-                post.append(node)
-    return np.asarray(post, dtype=np.int64)
+                post[n] = v
+                n += 1
+                top -= 1
+    return post
 
 
-def _merge_ok(columns: int, zero_fraction: float, relax: tuple[tuple[int, float], ...]) -> bool:
-    """CHOLMOD's relaxed amalgamation rule: merge when the supernode has at most ``columns``
-    scalar columns of a ``(columns, zero fraction)`` threshold and fewer explicit zeros."""
-    return any(columns <= c and zero_fraction <= z for c, z in relax)
+@_jit
+def _relabel(ptr: np.ndarray, rows: np.ndarray, post: np.ndarray,
+             relabel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR structure in the postorder: block ``i`` holds ``sort(relabel[struct[post[i]]])``."""
+    nb = post.shape[0]
+    out_ptr = np.zeros(nb + 1, dtype=np.int64)
+    out = np.empty_like(rows)
+    for i in range(nb):
+        k = post[i]
+        a, b = ptr[k], ptr[k + 1]
+        o = out_ptr[i]
+        for e in range(a, b):
+            out[o + e - a] = relabel[rows[e]]
+        out[o : o + b - a] = np.sort(out[o : o + b - a])
+        out_ptr[i + 1] = o + b - a
+    return out_ptr, out
+
+
+@_jit
+def _supernodes(parent: np.ndarray, first: np.ndarray, below_size: np.ndarray,
+                true_sum: np.ndarray, relax_cols: np.ndarray,
+                relax_zeros: np.ndarray) -> np.ndarray:
+    """First blocks of the supernodes (and the end), compiled: the chain child ``k - 1 -> k`` is
+    merged while CHOLMOD's relaxed amalgamation rule allows (the supernode has at most
+    ``relax_cols[r]`` scalar columns and at most a ``relax_zeros[r]`` fraction of explicit zeros,
+    for some ``r``)."""
+    nb = parent.shape[0]
+    out = np.empty(nb + 1, dtype=np.int64)
+    count = 0
+    for k in range(nb):
+        if count > 0 and parent[k - 1] == k:
+            a = out[count - 1]
+            W, M = first[k + 1] - first[a], below_size[k]
+            panel = W * (W + 1) // 2 + W * M
+            zeros = panel - (true_sum[k + 1] - true_sum[a])
+            ok = False
+            for r in range(relax_cols.shape[0]):
+                if W <= relax_cols[r] and zeros / panel <= relax_zeros[r]:
+                    ok = True
+            if ok:
+                continue
+        out[count] = k
+        count += 1
+    out[count] = nb
+    return out[: count + 1].copy()
 
 
 def analyze(
@@ -305,56 +413,53 @@ def _analyze_order(pattern: Pattern, bstarts: np.ndarray, gptr: np.ndarray, gidx
                    ordering: str, relax: tuple[tuple[int, float], ...]) -> Symbolic:
     """:func:`analyze` for one named ordering of the block graph ``gptr, gidx``."""
     order = block_ordering(gptr, gidx, ordering)
-    if sorted(order.tolist()) != list(range(bstarts.shape[0] - 1)):
+    nb = bstarts.shape[0] - 1
+    if order.shape != (nb,) or not (np.bincount(order, minlength=nb) == 1).all():
         raise RuntimeError(f"ordering {ordering!r} did not return a permutation of the blocks")
-    struct, parent = _structure(gptr, gidx, order)
+    sptr, srows, parent = _structure_csr(gptr, gidx, order)
     post = _postorder(parent)
     relabel = np.empty_like(post)
     relabel[post] = np.arange(post.shape[0])
     order = order[post]
-    struct = [np.sort(relabel[struct[k]]) for k in post]
+    sptr, srows = _relabel(sptr, srows, post, relabel)
     parent = np.where(parent[post] >= 0, relabel[np.maximum(parent[post], 0)], -1)
     size = np.diff(bstarts)[order]  # scalar width of each (new) block
     first = np.concatenate([[0], np.cumsum(size)])  # new scalar start of each block
-    counts = np.array([s.shape[0] for s in struct], dtype=np.int64)
-    owner = np.repeat(np.arange(len(struct)), counts)
-    flat = np.concatenate(struct) if struct else np.zeros(0, dtype=np.int64)
-    below_size = np.bincount(owner, weights=size[flat], minlength=len(struct)).astype(np.int64)
+    counts = np.diff(sptr)
+    owner = np.repeat(np.arange(nb), counts)
+    below_size = np.bincount(owner, weights=size[srows], minlength=nb).astype(np.int64)
     true_lower = size * (size + 1) // 2 + size * below_size
-    # supernodes: merge the chain child k - 1 -> k while the zero fraction allows
-    sn_first: list[int] = []
-    first_l, below_l, parent_l = first.tolist(), below_size.tolist(), parent.tolist()
-    true_sum = np.concatenate([[0], np.cumsum(true_lower)]).tolist()
-    for k in range(order.shape[0]):
-        if sn_first and parent_l[k - 1] == k:
-            a = sn_first[-1]
-            W, M = first_l[k + 1] - first_l[a], below_l[k]
-            panel = W * (W + 1) // 2 + W * M
-            zeros = panel - (true_sum[k + 1] - true_sum[a])
-            if _merge_ok(W, zeros / panel, relax):
-                continue
-        sn_first.append(k)
-    sn_first_arr = np.asarray(sn_first + [order.shape[0]], dtype=np.int64)
-    num_sn = len(sn_first)
+    true_sum = np.concatenate([[0], np.cumsum(true_lower)]).astype(np.int64)
+    rc = np.array([c for c, _ in relax], dtype=np.int64)
+    rz = np.array([z for _, z in relax], dtype=np.float64)
+    sn_first_arr = _supernodes(parent, first.astype(np.int64), below_size, true_sum, rc, rz)
+    num_sn = sn_first_arr.shape[0] - 1
     sn_of_block = np.repeat(np.arange(num_sn), np.diff(sn_first_arr))
     last = sn_first_arr[1:] - 1
     sn_parent = np.where(parent[last] >= 0, sn_of_block[np.maximum(parent[last], 0)], -1)
-    level_l = [0] * num_sn
-    for s, p in enumerate(sn_parent.tolist()):  # children before parents (postorder)
-        if p >= 0:
-            level_l[p] = max(level_l[p], level_l[s] + 1)
-    level = np.asarray(level_l, dtype=np.int64)
-    below = []
-    for s in range(num_sn):
-        blocks = struct[last[s]]
-        below.append(_ranges(first[blocks], size[blocks]))
+    level = _levels(sn_parent)
+    # rows below each supernode: its last block's structure, expanded to scalar rows
+    blocks = srows[_ranges(sptr[last], counts[last])]
+    below_rows = _ranges(first[blocks], size[blocks])
+    M = below_size[last]
+    below_ptr = np.concatenate([[0], np.cumsum(M)]).astype(np.int64)
     starts = first[sn_first_arr]
     W = np.diff(starts)
-    M = np.array([b.shape[0] for b in below], dtype=np.int64)
     perm = _ranges(bstarts[:-1][order], size)
     flops = float((W**3 / 3 + M * W**2 + M**2 * W).sum())
-    return Symbolic(pattern, ordering, perm, starts, below, sn_parent, level, bstarts,
-                    int(true_lower.sum()), int((W * (W + 1) // 2 + W * M).sum()), flops)
+    return Symbolic(pattern, ordering, perm, starts, below_ptr, below_rows, sn_parent, level,
+                    bstarts, int(true_lower.sum()), int((W * (W + 1) // 2 + W * M).sum()), flops)
+
+
+@_jit
+def _levels(parent: np.ndarray) -> np.ndarray:
+    """0 for leaves, else one more than the highest child (children before parents)."""
+    level = np.zeros(parent.shape[0], dtype=np.int64)
+    for s in range(parent.shape[0]):
+        p = parent[s]
+        if p >= 0 and level[s] + 1 > level[p]:
+            level[p] = level[s] + 1
+    return level
 
 
 def _ranges(begin: np.ndarray, length: np.ndarray) -> np.ndarray:

@@ -254,7 +254,11 @@ def test_symbolic_analysis_once_across_forwards(mode, monkeypatch):
     layer, init, _ = overdetermined_se3(mode, iters=5, loss=None)
     layer.optimizer = core.LevenbergMarquardt(max_iters=5, solver="sparse", **TIGHT)
     w = torch.ones(1, 8, 1, requires_grad=True)
+    counts = []
     for _ in range(3):
         sol, _ = layer({"poses": init, "between.weight": w})
         sol["poses"].sum().backward()
-    assert len(calls) == 1
+        counts.append(len(calls))
+    # one analysis in the first forward (CHOLMOD's, or the block orderings of the one-matrix
+    # kernel's: AMD and nested dissection), none after
+    assert 1 <= counts[0] <= 2 and counts == [counts[0]] * 3
