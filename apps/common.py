@@ -1,6 +1,7 @@
-"""Training plumbing shared by the apps: device and distributed setup, atomic checkpoints,
-metrics (JSON and CSV), training-curve plots, the output folder, the dataset cache, ROC AUC, and
-the apps' weight network.
+"""Training plumbing shared by the apps: device and distributed setup, worker processes for
+independent solves (:func:`worker_pool`, :func:`map_calls`), atomic checkpoints, metrics (JSON
+and CSV), training-curve plots, the output folder, the dataset cache, ROC AUC, and the apps'
+weight network.
 
 Nothing here knows an app: ``apps.harness.fit`` and the apps' tasks call these.
 
@@ -12,20 +13,28 @@ combined with :func:`all_reduce_sum`, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+
+from core.threads import add_busy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -194,6 +203,104 @@ def gather_items(values: Sequence[float] | Tensor, mine: Sequence[int], total: i
     for k, v in zip(mine, values):
         full[k] = float(v)
     return all_reduce_sum(full, d)
+
+
+# ------------------------------------------------------------------------------------------
+# worker processes for independent computations (the apps' reference baselines)
+# ------------------------------------------------------------------------------------------
+
+#: one process pool per size, made on first use and shut down at interpreter exit
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+#: ``(function, args)``: one call of :func:`map_calls`
+Call = tuple[Callable[..., Any], tuple]
+
+
+def _worker_init() -> None:
+    """A worker starts with one torch thread and one compiled-kernel thread: the calling
+    process keeps the other cores (``core.parallel``'s rule sees both processes' load)."""
+    os.environ["ARIADNE_KERNEL_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def _shutdown_pools() -> None:
+    for pool in _POOLS.values():
+        pool.shutdown(wait=True, cancel_futures=True)
+    _POOLS.clear()
+
+
+def worker_pool(workers: int, device: torch.device) -> ProcessPoolExecutor | None:
+    """A pool of ``workers`` spawned processes for :func:`map_calls` (made once per size and
+    kept until exit: a worker's start-up, importing torch and the app, is paid once); None for
+    ``workers == 0``, under torchrun (the ranks already share the cores) and off the CPU."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if workers == 0 or distributed or torch.device(device).type != "cpu":
+        return None
+    if workers not in _POOLS:
+        if not _POOLS:
+            atexit.register(_shutdown_pools)
+        _POOLS[workers] = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    return _POOLS[workers]
+
+
+def map_calls(calls: Sequence[Call], pool: Executor | None) -> list[Any]:
+    """``[fn(*args) for fn, args in calls]``, each call independent of the others (a pure
+    function of its arguments: the result is the same wherever it runs). With a ``pool``, its
+    processes take the calls from the back while this process takes them from the front (a
+    call the pool has not started yet is cancelled there and run here), so both stay busy
+    until the last call; arguments and results are pickled (module-level functions only).
+    A pool that breaks (a worker killed) leaves its calls to this process. The workers' busy
+    seconds count as this process's own load (``core.threads.add_busy``): without that, the
+    load average they leave behind (a minute's decay) made ``core``'s kernels run on one
+    thread for the training that follows (bundle adjustment's steps 16.6 -> 25.4 s)."""
+    if pool is None:
+        return [fn(*args) for fn, args in calls]
+    plain: dict[int, DictConfig] = {}  # a config's enums pickle by a name they were not made
+    futures: list[Future | None] = [None] * len(calls)  # under: plain values, converted once
+    try:
+        for k in reversed(range(len(calls))):
+            args = tuple(_picklable(a, plain) for a in calls[k][1])
+            futures[k] = pool.submit(_pickled_call, pickle.dumps((calls[k][0], args)))
+    except BrokenExecutor:
+        log.warning("worker pool broken: running its calls here")
+    results: list[Any] = [None] * len(calls)
+    done = [False] * len(calls)
+    for k, (fn, args) in enumerate(calls):
+        f = futures[k]
+        if f is None or f.cancel():
+            results[k], done[k] = fn(*args), True
+    for k, f in enumerate(futures):
+        if not done[k]:
+            try:
+                busy, results[k] = pickle.loads(f.result())  # type: ignore[union-attr]
+                add_busy(busy)
+            except BrokenExecutor:
+                log.warning("worker pool broken: running call %d here", k)
+                results[k] = calls[k][0](*calls[k][1])
+    return results
+
+
+def _pickled_call(call: bytes) -> bytes:
+    """A worker's side of :func:`map_calls`: ``fn(*args)`` of the pickled ``(fn, args)``,
+    pickled. Plain pickle both ways, as bytes: the pool's own pickler (torch's reductions for
+    multiprocessing) would move each tensor argument's storage into shared memory in place,
+    under the feet of this process's kernels still reading it (a segfault, seen)."""
+    fn, args = pickle.loads(call)
+    start = time.perf_counter()
+    result = fn(*args)
+    return pickle.dumps((time.perf_counter() - start, result))
+
+
+def _picklable(arg: Any, plain: dict[int, DictConfig]) -> Any:
+    """``arg``, or a config (``DictConfig``) as a schema-free one of plain values."""
+    if not isinstance(arg, DictConfig):
+        return arg
+    if id(arg) not in plain:
+        plain[id(arg)] = OmegaConf.create(OmegaConf.to_container(arg, resolve=True,
+                                                                 enum_to_str=True))
+    return plain[id(arg)]
 
 
 def set_threads(threads: int | None) -> None:

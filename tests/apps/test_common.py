@@ -1,11 +1,12 @@
 """Shared plumbing of the apps: the memory a backward mode keeps (``common.saved_bytes``),
-JSON lines, ROC AUC."""
+JSON lines, ROC AUC, the worker processes of ``common.map_calls``."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import pytest
 import torch
 
 import core
@@ -60,3 +61,35 @@ def test_corrupt_cache_file_is_named(tmp_path) -> None:
     with pytest.raises(ValueError, match=f"{path}: cannot read the cached data set"):
         common.cached(tmp_path, "demo", {"k": 1}, lambda: [1], lambda x: {"x": x},
                       lambda d: d["x"])
+
+
+def test_map_calls_shares_the_calls_with_a_worker_process_in_order() -> None:
+    """``map_calls`` gives ``[fn(*args)]`` in the calls' order, with or without a pool; with a
+    pool of one worker, this process takes calls from the front and the worker from the back
+    (the first call ran here, the last one in the worker); tensors and configs (with enums)
+    travel both ways."""
+    import os
+    import time
+
+    from omegaconf import OmegaConf
+
+    from apps.pose_graph.train import PoseGraphConfig
+
+    cfg = OmegaConf.structured(PoseGraphConfig)  # enums pickle only as plain values
+    x = torch.arange(6, dtype=torch.float64)
+    calls = [(os.getpid, ()), *[(time.sleep, (0.2,))] * 4, (torch.mul, (x, 2.0)),
+             (OmegaConf.to_yaml, (cfg.model,)), (os.getpid, ())]
+    pool = common.worker_pool(1, torch.device("cpu"))
+    assert pool is not None and common.worker_pool(1, torch.device("cpu")) is pool
+    shared = common.map_calls(calls, pool)
+    alone = common.map_calls(calls, None)
+    assert shared[0] == alone[0] == alone[-1] == os.getpid() != shared[-1]
+    assert shared[1:5] == alone[1:5] == [None] * 4
+    assert torch.equal(shared[5], 2 * x) and torch.equal(alone[5], 2 * x)
+    assert "warm_start: tls" in shared[6] and "warm_start: tls" in alone[6]
+    assert common.worker_pool(0, torch.device("cpu")) is None
+
+
+def test_worker_pool_rejects_a_negative_size() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        common.worker_pool(-1, torch.device("cpu"))
