@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,31 +34,60 @@ from core import io
 log = logging.getLogger(__name__)
 
 
-def tune(samples: Sequence[Sample], cfg: Any, device: torch.device, d: common.Dist,
-         kinds: Sequence[Any] | None = None) -> dict[str, Any]:
-    """Grid search of (kind, scale) with uniform weights on ``samples`` (every scale solved as
-    one batch per graph) over ``kinds`` (default ``cfg.baseline.losses``); returns the best and
-    the mean training ATE of every setting."""
+def tune_graph(s: Sample, kind: str, cfg: Any, device: torch.device) -> torch.Tensor:
+    """``(S,)`` the ATE of sample ``s`` solved with uniform weights and the robust loss ``kind``
+    at each scale of ``cfg.baseline.scales`` (one batch element per scale), on the CPU."""
     lm = make_optimizer(cfg)
     scales = torch.tensor(list(cfg.baseline.scales), dtype=torch.float64, device=device)
-    table: dict[str, list[float]] = {}
-    for kind in kinds if kinds is not None else cfg.baseline.losses:
-        kind = str(value(kind))
-        sums = torch.zeros(len(scales), dtype=torch.float64)
-        for s in common.shard(samples, d):
-            p = GraphProblem.build(s.graph, s.is_loop, kind, cfg.prior_sqrt_info)
-            ones = torch.ones(1, p.num_loops, dtype=torch.float64, device=device)
-            inputs = p.inputs(ones, scales, batch=len(scales))
-            aux = {k: v for k, v in inputs.items() if k != "poses"}
-            solution = lm.solve(p.objective.with_inputs(aux), {"poses": inputs["poses"]})
-            sums += ate(solution.values["poses"], s.truth, s.space).cpu()
+    p = GraphProblem.build(s.graph, s.is_loop, kind, cfg.prior_sqrt_info)
+    ones = torch.ones(1, p.num_loops, dtype=torch.float64, device=device)
+    inputs = p.inputs(ones, scales, batch=len(scales))
+    aux = {k: v for k, v in inputs.items() if k != "poses"}
+    solution = lm.solve(p.objective.with_inputs(aux), {"poses": inputs["poses"]})
+    return ate(solution.values["poses"], s.truth, s.space).cpu()
+
+
+def tune_calls(samples: Sequence[Sample], cfg: Any, device: torch.device, d: common.Dist,
+               kinds: Sequence[Any]) -> list[common.Call]:
+    """The :func:`tune_graph` calls of :func:`tune` (this rank's samples, kind by kind)."""
+    return [(tune_graph, (s, str(value(kind)), cfg, device)) for kind in kinds
+            for s in common.shard(samples, d)]
+
+
+def tune_table(samples: Sequence[Sample], cfg: Any, d: common.Dist, kinds: Sequence[Any],
+               ates: Sequence[torch.Tensor]) -> dict[str, list[float]]:
+    """The mean training ATE of every (kind, scale) from :func:`tune_calls`' results."""
+    mine, table = len(common.shard(samples, d)), {}
+    for n, kind in enumerate(kinds):
+        sums = torch.zeros(len(cfg.baseline.scales), dtype=torch.float64)
+        for a in ates[n * mine: (n + 1) * mine]:
+            sums += a
         total = common.all_reduce_sum(sums.tolist(), d)
-        table[kind] = [t / len(samples) for t in total]
+        table[str(value(kind))] = [t / len(samples) for t in total]
+    return table
+
+
+def best_of(table: dict[str, list[float]], cfg: Any) -> dict[str, Any]:
+    """The (kind, scale) of ``table`` (:func:`tune_table`) with the lowest mean ATE."""
+    scales = [float(c) for c in cfg.baseline.scales]
     kind, k = min(((kind, k) for kind in table for k in range(len(scales))),
                   key=lambda kk: table[kk[0]][kk[1]])
-    log.info("baseline: %s scale %g (train ATE %.3f)", kind, float(scales[k]), table[kind][k])
-    return {"loss": kind, "scale": float(scales[k]), "train_ate": table[kind][k], "grid": table,
-            "scales": scales.tolist()}
+    return {"loss": kind, "scale": scales[k], "train_ate": table[kind][k], "grid": table,
+            "scales": scales}
+
+
+def tune(samples: Sequence[Sample], cfg: Any, device: torch.device, d: common.Dist,
+         kinds: Sequence[Any] | None = None, pool: Executor | None = None) -> dict[str, Any]:
+    """Grid search of (kind, scale) with uniform weights on ``samples`` (every scale solved as
+    one batch per graph, :func:`tune_graph`; the graphs shared with ``pool``'s processes) over
+    ``kinds`` (default ``cfg.baseline.losses``); returns the best and the mean training ATE of
+    every setting."""
+    kinds = list(kinds if kinds is not None else cfg.baseline.losses)
+    ates = common.map_calls(tune_calls(samples, cfg, device, d, kinds), pool)
+    best = best_of(tune_table(samples, cfg, d, kinds, ates), cfg)
+    log.info("baseline: %s scale %g (train ATE %.3f)", best["loss"], best["scale"],
+             best["train_ate"])
+    return best
 
 
 @dataclass
@@ -71,6 +101,43 @@ class BaselineRun:
 
 
 @torch.no_grad()
+def solve_fixed(s: Sample, p: GraphProblem, layer: Any, scale: float, oracle: bool
+                ) -> dict[str, Any]:
+    """Sample ``s`` solved by ``layer`` (over ``p``) with uniform weights and the robust-loss
+    ``scale``: ``poses (1, N, S)``, ``time_s``, ``rejected (L,)`` (``rho'(s) < 0.5`` at the
+    solution); with ``oracle`` also ``oracle_poses``, ``oracle_time_s``: the outliers removed,
+    least squares on the rest."""
+    ones = torch.ones(p.num_loops, dtype=s.truth.dtype, device=s.truth.device)
+    start = time.perf_counter()
+    sol, _ = layer(p.inputs(ones, scale))
+    out = {"poses": sol["poses"], "time_s": time.perf_counter() - start,
+           "rejected": p.irls_weight(sol["poses"], scale)[0] < 0.5}
+    if oracle:
+        start = time.perf_counter()
+        sol, _ = layer(p.inputs((~s.loop_outlier).to(s.truth.dtype), 1e8))  # quadratic
+        out.update(oracle_poses=sol["poses"], oracle_time_s=time.perf_counter() - start)
+    return out
+
+
+def fixed_graph(s: Sample, kind: str, scale: float, cfg: Any, device: torch.device,
+                oracle: bool) -> dict[str, Any]:
+    """:func:`solve_fixed` on sample ``s`` with its problem (robust loss ``kind``) and layer
+    built here (a call of :func:`apps.common.map_calls`)."""
+    graphs = build_graphs([s], kind, cfg, device)
+    return solve_fixed(graphs.samples[0], graphs.problems[0], graphs.layers[0], scale, oracle)
+
+
+def add_solution(run: BaselineRun, s: Sample, found: dict[str, Any], oracle: bool) -> None:
+    """Score one graph's :func:`solve_fixed` result (or GNC's: ``poses``, ``time_s``,
+    ``rejected``) into ``run``."""
+    run.scores.add(found["poses"], s, found["time_s"], found["rejected"])
+    run.solutions.append(found["poses"][0])
+    run.ates.append(float(ate(found["poses"], s.truth, s.space)[0]))
+    if oracle:
+        run.oracle.add(found["oracle_poses"], s, found["oracle_time_s"], s.loop_outlier)
+
+
+@torch.no_grad()
 def evaluate(graphs: Graphs, best: dict[str, Any], oracle: bool = False) -> BaselineRun:
     """The baseline (uniform weights, ``best`` loss and scale; ``graphs`` built with that loss)
     on ``graphs``; its rejections are the loop closures the robust loss keeps less than half of
@@ -78,18 +145,7 @@ def evaluate(graphs: Graphs, best: dict[str, Any], oracle: bool = False) -> Base
     the rest with the same LM (a floor for any weighting)."""
     run = BaselineRun(Scores(), [], [], Scores())
     for s, p, layer in zip(graphs.samples, graphs.problems, graphs.layers):
-        ones = torch.ones(p.num_loops, dtype=s.truth.dtype, device=s.truth.device)
-        start = time.perf_counter()
-        sol, _ = layer(p.inputs(ones, best["scale"]))
-        elapsed = time.perf_counter() - start
-        kept = p.irls_weight(sol["poses"], best["scale"])[0]
-        run.scores.add(sol["poses"], s, elapsed, kept < 0.5)
-        run.solutions.append(sol["poses"][0])
-        run.ates.append(float(ate(sol["poses"], s.truth, s.space)[0]))
-        if oracle:
-            start = time.perf_counter()
-            sol, _ = layer(p.inputs((~s.loop_outlier).to(s.truth.dtype), 1e8))  # quadratic
-            run.oracle.add(sol["poses"], s, time.perf_counter() - start, s.loop_outlier)
+        add_solution(run, s, solve_fixed(s, p, layer, best["scale"], oracle), oracle)
     return run
 
 
@@ -233,7 +289,7 @@ def strongest_on(s: Sample, cfg: Any, reference: dict[str, Any],
 
 
 def best_fixed(samples: Sequence[Sample], tuned: dict[str, Any], cfg: Any, device: torch.device,
-               d: common.Dist) -> dict[str, Any]:
+               d: common.Dist, pool: Executor | None = None) -> dict[str, Any]:
     """The best (kind, scale) over every family of ``cfg.baseline.best_fixed`` on the training
     ``samples`` (mean ATE); the kinds ``tuned`` (:func:`tune`'s result) already holds are not
     solved again."""
@@ -241,13 +297,16 @@ def best_fixed(samples: Sequence[Sample], tuned: dict[str, Any], cfg: Any, devic
     grid = {k: tuned["grid"][k] for k in kinds if k in tuned["grid"]}
     missing = [k for k in kinds if k not in grid]
     if missing:
-        grid.update(tune(samples, cfg, device, d, missing)["grid"])
-    kind, k = min(((kind, k) for kind in grid for k in range(len(tuned["scales"]))),
+        grid.update(tune(samples, cfg, device, d, missing, pool)["grid"])
+    return best_fixed_of(grid, tuned["scales"])
+
+
+def best_fixed_of(grid: dict[str, list[float]], scales: Sequence[float]) -> dict[str, Any]:
+    """The best (kind, scale) of the best-fixed families' ``grid`` (mean training ATE)."""
+    kind, k = min(((kind, k) for kind in grid for k in range(len(scales))),
                   key=lambda kk: grid[kk[0]][kk[1]])
-    log.info("best fixed loss: %s scale %g (train ATE %.3f)", kind, tuned["scales"][k],
-             grid[kind][k])
-    return {"loss": kind, "scale": float(tuned["scales"][k]), "train_ate": grid[kind][k],
-            "grid": grid}
+    log.info("best fixed loss: %s scale %g (train ATE %.3f)", kind, scales[k], grid[kind][k])
+    return {"loss": kind, "scale": float(scales[k]), "train_ate": grid[kind][k], "grid": grid}
 
 
 def gnc_ariadne(p: GraphProblem, cfg: Any, target: torch.Tensor) -> torch.Tensor:
@@ -289,52 +348,95 @@ def gnc_tls_ariadne(p: GraphProblem, cfg: Any, target: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def warm_start(graphs: Graphs, cfg: Any) -> Graphs:
+def warm_start_graph(s: Sample, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``s``'s warm start (:func:`warm_start`): the GNC solution ``(N, S)`` and the loop
+    closures' features ``(L, F)`` recomputed against it."""
+    kind = str(value(cfg.model.warm_start))
+    p = GraphProblem.build(s.graph, s.is_loop, "geman_mcclure", cfg.prior_sqrt_info)
+    target = torch.tensor([float(cfg.model.warm_start_scale)], dtype=s.truth.dtype,
+                          device=s.truth.device)
+    solver = gnc_tls_ariadne if kind == "tls" else gnc_ariadne
+    start = solver(p, cfg, target)[0]
+    if not bool(torch.isfinite(start).all()):
+        raise FloatingPointError(f"warm_start: GNC-{kind.upper()} gave non-finite poses "
+                                 f"on a {s.kind} graph of {s.graph.num_poses} poses")
+    features = pg_data.edge_features(replace(s.graph, poses=start), s.is_loop, s.features[:, 0])
+    return start, features
+
+
+def warm_start(graphs: Graphs, cfg: Any, pool: Executor | None = None) -> Graphs:
     """``graphs`` with the learned layer started from an Ariadne GNC solution
     (``cfg.model.warm_start``: ``tls``, :func:`gnc_tls_ariadne`, or ``gm``, :func:`gnc_ariadne`;
     target scale ``cfg.model.warm_start_scale``) instead of the odometry, and the loop closures'
     features recomputed against it (``apps.pose_graph.data.edge_features``: the residuals of
     the GNC solution, which are small for the inliers when GNC succeeds, on synthetic and real
     graphs alike). The learned layer then builds on the strongest classical solver instead of
-    competing with it from the odometry."""
-    kind = str(value(cfg.model.warm_start))
-    starts, features = [], []
-    for s in graphs.samples:
-        p = GraphProblem.build(s.graph, s.is_loop, "geman_mcclure", cfg.prior_sqrt_info)
-        target = torch.tensor([float(cfg.model.warm_start_scale)], dtype=s.truth.dtype,
-                              device=s.truth.device)
-        solver = gnc_tls_ariadne if kind == "tls" else gnc_ariadne
-        start = solver(p, cfg, target)[0]
-        if not bool(torch.isfinite(start).all()):
-            raise FloatingPointError(f"warm_start: GNC-{kind.upper()} gave non-finite poses "
-                                     f"on a {s.kind} graph of {s.graph.num_poses} poses")
-        starts.append(start)
-        features.append(pg_data.edge_features(replace(s.graph, poses=start), s.is_loop,
-                                              s.features[:, 0]))
-    return Graphs(graphs.samples, graphs.problems, graphs.layers, starts, features)
+    competing with it from the odometry. The graphs are shared with ``pool``'s processes
+    (:func:`warm_start_graph` per graph)."""
+    found = common.map_calls([(warm_start_graph, (s, cfg)) for s in graphs.samples], pool)
+    return Graphs(graphs.samples, graphs.problems, graphs.layers, [x for x, _ in found],
+                  [f for _, f in found])
 
 
-def learned_graphs(samples: Sequence[Sample], cfg: Any, device: torch.device) -> Graphs:
+def learned_graphs(samples: Sequence[Sample], cfg: Any, device: torch.device,
+                   pool: Executor | None = None) -> Graphs:
     """``samples`` ready for the learned layer: its loss ``cfg.model.loss``, started from the
-    odometry (``cfg.model.warm_start=none``) or from GNC's solution (:func:`warm_start`)."""
+    odometry (``cfg.model.warm_start=none``) or from GNC's solution (:func:`warm_start`, the
+    graphs shared with ``pool``'s processes)."""
     graphs = build_graphs(samples, str(value(cfg.model.loss)), cfg, device)
-    return graphs if str(value(cfg.model.warm_start)) == "none" else warm_start(graphs, cfg)
+    if str(value(cfg.model.warm_start)) == "none":
+        return graphs
+    return warm_start(graphs, cfg, pool)
 
 
-def tune_gnc_ariadne(samples: Sequence[Sample], cfg: Any, device: torch.device, d: common.Dist
-                     ) -> dict[str, Any]:
-    """The target scale of the Ariadne GNC-GM among ``cfg.baseline.gnc.scales``: the lowest mean
-    ATE on ``samples`` (every scale one batch element)."""
+def gnc_tune_graph(s: Sample, cfg: Any, device: torch.device) -> torch.Tensor:
+    """``(len(cfg.baseline.gnc.scales),)`` the ATE of the Ariadne GNC-GM on sample ``s`` at each
+    target scale (one batch element per scale), on the CPU."""
     scales = torch.tensor(list(cfg.baseline.gnc.scales), dtype=torch.float64, device=device)
+    p = GraphProblem.build(s.graph.to(device), s.is_loop.to(device), "geman_mcclure",
+                           cfg.prior_sqrt_info)
+    return ate(gnc_ariadne(p, cfg, scales), s.truth.to(device), s.space).cpu()
+
+
+def gnc_choice(samples: Sequence[Sample], cfg: Any, d: common.Dist,
+               ates: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """The target scale with the lowest mean ATE from this rank's :func:`gnc_tune_graph`
+    results ``ates`` (``samples``: all tuning samples)."""
+    scales = [float(c) for c in cfg.baseline.gnc.scales]
     sums = torch.zeros(len(scales), dtype=torch.float64)
-    for s in common.shard(samples, d):
-        p = GraphProblem.build(s.graph.to(device), s.is_loop.to(device), "geman_mcclure",
-                               cfg.prior_sqrt_info)
-        sums += ate(gnc_ariadne(p, cfg, scales), s.truth.to(device), s.space).cpu()
+    for a in ates:
+        sums += a
     grid = [t / len(samples) for t in common.all_reduce_sum(sums.tolist(), d)]
     k = min(range(len(grid)), key=grid.__getitem__)
-    log.info("GNC-GM (Ariadne): scale %g (train ATE %.3f)", float(scales[k]), grid[k])
-    return {"scale": float(scales[k]), "train_ate": grid[k], "grid": grid}
+    log.info("GNC-GM (Ariadne): scale %g (train ATE %.3f)", scales[k], grid[k])
+    return {"scale": scales[k], "train_ate": grid[k], "grid": grid}
+
+
+def tune_gnc_ariadne(samples: Sequence[Sample], cfg: Any, device: torch.device, d: common.Dist,
+                     pool: Executor | None = None) -> dict[str, Any]:
+    """The target scale of the Ariadne GNC-GM among ``cfg.baseline.gnc.scales``: the lowest mean
+    ATE on ``samples`` (every scale one batch element; the graphs shared with ``pool``)."""
+    calls = [(gnc_tune_graph, (s, cfg, device)) for s in common.shard(samples, d)]
+    return gnc_choice(samples, cfg, d, common.map_calls(calls, pool))
+
+
+@torch.no_grad()
+def solve_gnc(s: Sample, p: GraphProblem, cfg: Any, scale: float) -> dict[str, Any]:
+    """The Ariadne GNC-GM at target ``scale`` on sample ``s`` (``p`` built with
+    ``geman_mcclure``): ``poses (1, N, S)``, ``time_s`` and ``rejected (L,)``
+    (``rho'(s) < 0.5`` at the solution)."""
+    target = torch.tensor([scale], dtype=s.truth.dtype, device=s.truth.device)
+    start = time.perf_counter()
+    poses = gnc_ariadne(p, cfg, target)
+    elapsed = time.perf_counter() - start
+    return {"poses": poses, "time_s": elapsed,
+            "rejected": p.irls_weight(poses, scale)[0] < 0.5}
+
+
+def gnc_graph(s: Sample, cfg: Any, scale: float, device: torch.device) -> dict[str, Any]:
+    """:func:`solve_gnc` with the problem built here (a call of ``apps.common.map_calls``)."""
+    graphs = build_graphs([s], "geman_mcclure", cfg, device)
+    return solve_gnc(graphs.samples[0], graphs.problems[0], cfg, scale)
 
 
 @torch.no_grad()
@@ -343,13 +445,7 @@ def evaluate_gnc_ariadne(graphs: Graphs, cfg: Any, scale: float) -> BaselineRun:
     rejected: ``rho'(s) < 0.5`` at the solution."""
     run = BaselineRun(Scores(), [], [], Scores())
     for s, p in zip(graphs.samples, graphs.problems):
-        target = torch.tensor([scale], dtype=s.truth.dtype, device=s.truth.device)
-        start = time.perf_counter()
-        poses = gnc_ariadne(p, cfg, target)
-        elapsed = time.perf_counter() - start
-        run.scores.add(poses, s, elapsed, p.irls_weight(poses, scale)[0] < 0.5)
-        run.solutions.append(poses[0])
-        run.ates.append(float(ate(poses, s.truth, s.space)[0]))
+        add_solution(run, s, solve_gnc(s, p, cfg, scale), False)
     return run
 
 
@@ -394,42 +490,159 @@ def gtsam_gnc(s: Sample, kind: str, scale: float, prior_sqrt_info: float) -> tor
     return torch.tensor(rows, dtype=s.truth.dtype, device=s.truth.device)[None]
 
 
-def tune_gtsam_gnc(samples: Sequence[Sample], cfg: Any, kind: str, d: common.Dist
-                   ) -> dict[str, Any]:
-    """The inlier threshold (scale) of GTSAM's GNC ``kind`` among ``cfg.baseline.gnc.scales``:
-    the lowest mean ATE on ``samples``."""
+def gtsam_ate(s: Sample, kind: str, scale: float, prior_sqrt_info: float) -> float:
+    """The ATE of :func:`gtsam_gnc` on sample ``s`` (a call of ``apps.common.map_calls``)."""
+    return float(ate(gtsam_gnc(s, kind, scale, prior_sqrt_info), s.truth, s.space)[0])
+
+
+def gtsam_tune_calls(samples: Sequence[Sample], cfg: Any, kind: str, d: common.Dist
+                     ) -> list[common.Call]:
+    """The :func:`gtsam_ate` calls of :func:`tune_gtsam_gnc`: this rank's samples, each at
+    every scale of ``cfg.baseline.gnc.scales``."""
+    return [(gtsam_ate, (s, kind, float(c), cfg.prior_sqrt_info))
+            for s in common.shard(samples, d) for c in cfg.baseline.gnc.scales]
+
+
+def gtsam_choice(samples: Sequence[Sample], cfg: Any, kind: str, d: common.Dist,
+                 ates: Sequence[float]) -> dict[str, Any]:
+    """The inlier threshold with the lowest mean ATE from :func:`gtsam_tune_calls`' results."""
     scales = list(cfg.baseline.gnc.scales)
     sums = [0.0] * len(scales)
-    for s in common.shard(samples, d):
-        for k, c in enumerate(scales):
-            sums[k] += float(ate(gtsam_gnc(s, kind, c, cfg.prior_sqrt_info), s.truth, s.space)[0])
+    for n, a in enumerate(ates):
+        sums[n % len(scales)] += a
     grid = [t / len(samples) for t in common.all_reduce_sum(sums, d)]
     k = min(range(len(grid)), key=grid.__getitem__)
     log.info("GNC-%s (GTSAM): scale %g (train ATE %.3f)", kind.upper(), scales[k], grid[k])
     return {"scale": scales[k], "train_ate": grid[k], "grid": grid}
 
 
-def evaluate_gtsam_gnc(samples: Sequence[Sample], cfg: Any, kind: str, scale: float
-                       ) -> BaselineRun:
-    """GTSAM's GNC ``kind`` at ``scale`` on ``samples``; rejected: the loop closures whose
-    whitened residual ``||U r||`` exceeds ``scale`` at the solution (TLS's own rule)."""
+def tune_gtsam_gnc(samples: Sequence[Sample], cfg: Any, kind: str, d: common.Dist,
+                   pool: Executor | None = None) -> dict[str, Any]:
+    """The inlier threshold (scale) of GTSAM's GNC ``kind`` among ``cfg.baseline.gnc.scales``:
+    the lowest mean ATE on ``samples`` (the solves shared with ``pool``)."""
+    ates = common.map_calls(gtsam_tune_calls(samples, cfg, kind, d), pool)
+    return gtsam_choice(samples, cfg, kind, d, ates)
+
+
+def gtsam_graph(s: Sample, cfg: Any, kind: str, scale: float) -> dict[str, Any]:
+    """GTSAM's GNC ``kind`` at ``scale`` on sample ``s``: ``poses (1, N, S)``, ``time_s`` and
+    ``rejected (L,)``: the loop closures whose whitened residual ``||U r||`` exceeds ``scale``
+    at the solution (TLS's own rule)."""
+    start = time.perf_counter()
+    poses = gtsam_gnc(s, kind, scale, cfg.prior_sqrt_info)
+    elapsed = time.perf_counter() - start
+    p = GraphProblem.build(s.graph, s.is_loop, "geman_mcclure", cfg.prior_sqrt_info)
+    return {"poses": poses, "time_s": elapsed,
+            "rejected": p.irls_weight(poses, scale)[0] < 0.25}
+
+
+def evaluate_gtsam_gnc(samples: Sequence[Sample], cfg: Any, kind: str, scale: float,
+                       pool: Executor | None = None) -> BaselineRun:
+    """GTSAM's GNC ``kind`` at ``scale`` on ``samples`` (:func:`gtsam_graph`, the graphs shared
+    with ``pool``)."""
     run = BaselineRun(Scores(), [], [], Scores())
-    for s in samples:
-        start = time.perf_counter()
-        poses = gtsam_gnc(s, kind, scale, cfg.prior_sqrt_info)
-        elapsed = time.perf_counter() - start
-        p = GraphProblem.build(s.graph, s.is_loop, "geman_mcclure", cfg.prior_sqrt_info)
-        run.scores.add(poses, s, elapsed, p.irls_weight(poses, scale)[0] < 0.25)
-        run.solutions.append(poses[0])
-        run.ates.append(float(ate(poses, s.truth, s.space)[0]))
+    found = common.map_calls([(gtsam_graph, (s, cfg, kind, scale)) for s in samples], pool)
+    for s, f in zip(samples, found):
+        add_solution(run, s, f, False)
     return run
 
 
-def strongest(run: Any, tune: Sequence[Sample], tuned: dict[str, Any]) -> dict[str, Any]:
+def reference(run: Any, tune: Sequence[Sample], pool: Executor | None = None) -> dict[str, Any]:
+    """Every baseline of the app on this rank's held-out graphs ``run.val``, tuned on the
+    training graphs ``tune``: the documented one (:func:`tune` over ``baseline.losses``,
+    :func:`evaluate` with the oracle) and the strongest (:func:`strongest`). Their solves are
+    independent, so they go in two rounds of ``apps.common.map_calls`` shared with ``pool``'s
+    processes: every tuning solve (every loss kind, Ariadne's and GTSAM's GNC), then every
+    held-out solve; the results are those of the one-by-one functions. Returns the tuned
+    setting, the ``*_baseline``/``ate_oracle`` metrics, ``ate_per_graph`` and
+    :func:`strongest`'s keys."""
+    cfg, d, device = run.cfg, run.dist, run.device
+    gnc, few = cfg.baseline.gnc, tune[: cfg.baseline.gnc.tune_items]
+    losses = [str(value(k)) for k in cfg.baseline.losses]
+    fixed = [str(value(k)) for k in cfg.baseline.best_fixed]
+    kinds = losses + [k for k in fixed if k not in losses]
+    gtsam = list(gnc.gtsam) if gnc.gtsam and gtsam_available() else []
+    if gnc.gtsam and not gtsam:
+        log.warning("gtsam is not installed: no GTSAM GNC baselines (pip install gtsam)")
+    calls = tune_calls(tune, cfg, device, d, kinds)
+    ranges = {"kinds": (0, len(calls))}
+    if gnc.ariadne:
+        calls += [(gnc_tune_graph, (s, cfg, device)) for s in common.shard(few, d)]
+        ranges["ariadne"] = (ranges["kinds"][1], len(calls))
+    for kind in gtsam:
+        start = len(calls)
+        calls += gtsam_tune_calls(few, cfg, kind, d)
+        ranges[kind] = (start, len(calls))
+    found = common.map_calls(calls, pool)
+
+    def part(name: str) -> list[Any]:
+        return found[ranges[name][0]: ranges[name][1]]
+
+    table = tune_table(tune, cfg, d, kinds, part("kinds"))
+    best = best_of({k: table[k] for k in losses}, cfg)
+    log.info("baseline: %s scale %g (train ATE %.3f)", best["loss"], best["scale"],
+             best["train_ate"])
+    chosen: dict[str, dict[str, Any]] = {}
+    if fixed:
+        chosen["best_fixed"] = best_fixed_of({k: table[k] for k in fixed}, best["scales"])
+    if gnc.ariadne:
+        chosen["gnc_ariadne"] = gnc_choice(few, cfg, d, part("ariadne"))
+    for kind in gtsam:
+        chosen[f"gnc_{kind}"] = gtsam_choice(few, cfg, kind, d, part(kind))
+    return {**best, **held_out(run, best, chosen, pool)}
+
+
+def held_out(run: Any, best: dict[str, Any], chosen: dict[str, dict[str, Any]],
+             pool: Executor | None) -> dict[str, Any]:
+    """:func:`reference`'s second round: the tuned baseline ``best`` (with the oracle) and each
+    strongest baseline of ``chosen`` (its tuned setting) on this rank's held-out graphs, in
+    one ``apps.common.map_calls``; the best fixed loss reuses the tuned baseline's solutions
+    when it is the same loss and scale (the same solves)."""
+    cfg, d, device, val = run.cfg, run.dist, run.device, run.val.samples
+    same = "best_fixed" in chosen and all(chosen["best_fixed"][k] == best[k]
+                                          for k in ("loss", "scale"))
+    jobs: dict[str, list[common.Call]] = {
+        "baseline": [(fixed_graph, (s, best["loss"], best["scale"], cfg, device, True))
+                     for s in val]}
+    for name, setting in chosen.items():
+        if name == "best_fixed" and not same:
+            jobs[name] = [(fixed_graph, (s, setting["loss"], setting["scale"], cfg, device,
+                                         False)) for s in val]
+        elif name == "gnc_ariadne":
+            jobs[name] = [(gnc_graph, (s, cfg, setting["scale"], device)) for s in val]
+        elif name.startswith("gnc_"):
+            kind = name.removeprefix("gnc_")
+            jobs[name] = [(gtsam_graph, (s, cfg, kind, setting["scale"])) for s in val]
+    found = common.map_calls([c for calls in jobs.values() for c in calls], pool)
+    runs: dict[str, BaselineRun] = {}
+    for n, name in enumerate(jobs):
+        runs[name] = BaselineRun(Scores(), [], [], Scores())
+        for s, f in zip(val, found[n * len(val): (n + 1) * len(val)]):
+            add_solution(runs[name], s, f, name == "baseline")
+    if same:
+        runs["best_fixed"] = runs["baseline"]
+    base = runs["baseline"]
+    out: dict[str, Any] = {
+        **reduce_scores(base.scores, d).metrics("_baseline"),
+        "ate_oracle": reduce_scores(base.oracle, d).metrics()["ate"],
+        "ate_per_graph": base.ates, "chosen": {}, "per_graph": {}}
+    for name, setting in chosen.items():
+        out.update(reduce_scores(runs[name].scores, d).metrics(f"_{name}"))
+        out["chosen"][name], out["per_graph"][name] = setting, runs[name].ates
+    gtsam = [f"ate_gnc_{k}" for k in ("tls", "gm") if f"gnc_{k}" in chosen]
+    if gtsam:
+        out["ate_gnc"] = min(out[k] for k in gtsam)
+    return out
+
+
+def strongest(run: Any, tune: Sequence[Sample], tuned: dict[str, Any],
+              pool: Executor | None = None) -> dict[str, Any]:
     """The strongest classical baselines on this rank's held-out graphs: the best fixed loss
     over ``baseline.best_fixed`` (``*_best_fixed``), Ariadne's GNC-GM (``*_gnc_ariadne``) and
     GTSAM's GNC TLS/GM (``*_gnc_tls``, ``*_gnc_gm``; ``ate_gnc``: the better); ``chosen``: each
-    one's tuned settings, ``per_graph``: each one's held-out ATE per graph."""
+    one's tuned settings, ``per_graph``: each one's held-out ATE per graph. (The app's run
+    computes them with the tuned baseline in :func:`reference`; this is the same, one baseline
+    after the other.)"""
     cfg, d, device = run.cfg, run.dist, run.device
     out: dict[str, Any] = {"chosen": {}, "per_graph": {}}
 
@@ -438,21 +651,21 @@ def strongest(run: Any, tune: Sequence[Sample], tuned: dict[str, Any]) -> dict[s
         out["chosen"][name], out["per_graph"][name] = setting, result.ates
 
     if cfg.baseline.best_fixed:
-        fixed = best_fixed(tune, tuned, cfg, device, d)
+        fixed = best_fixed(tune, tuned, cfg, device, d, pool)
         add("best_fixed", fixed, evaluate(
             build_graphs(run.val.samples, fixed["loss"], cfg, device), fixed))
     gnc, few = cfg.baseline.gnc, tune[: cfg.baseline.gnc.tune_items]
     if gnc.ariadne:
-        best = tune_gnc_ariadne(few, cfg, device, d)
+        best = tune_gnc_ariadne(few, cfg, device, d, pool)
         graphs = build_graphs(run.val.samples, "geman_mcclure", cfg, device)
         add("gnc_ariadne", best, evaluate_gnc_ariadne(graphs, cfg, best["scale"]))
     if gnc.gtsam and not gtsam_available():
         log.warning("gtsam is not installed: no GTSAM GNC baselines (pip install gtsam)")
     elif gnc.gtsam:
         for kind in gnc.gtsam:
-            best = tune_gtsam_gnc(few, cfg, kind, d)
+            best = tune_gtsam_gnc(few, cfg, kind, d, pool)
             add(f"gnc_{kind}", best,
-                evaluate_gtsam_gnc(run.val.samples, cfg, kind, best["scale"]))
+                evaluate_gtsam_gnc(run.val.samples, cfg, kind, best["scale"], pool))
         out["ate_gnc"] = min(out[f"ate_gnc_{kind}"] for kind in gnc.gtsam)
     return out
 

@@ -484,3 +484,48 @@ def test_batch_solved_in_one_ragged_call_equals_the_per_graph_loop(
             sol, _ = graphs.layers[k](graphs.problems[k].inputs(w, scale.detach(),
                                                                 init=graphs.starts[k]))
             torch.testing.assert_close(poses, sol["poses"][0], rtol=1e-9, atol=1e-9)
+
+
+def test_reference_in_two_shared_rounds_equals_the_baselines_one_by_one(
+        tmp_path: Path, app_config, same_run) -> None:
+    """``baseline.reference`` (every tuning solve, then every held-out solve, each round shared
+    with a worker process; the best fixed loss reusing the tuned baseline's held-out solves
+    when it is the same loss and scale) gives what the baselines computed one after the other
+    give (``tune``, ``evaluate`` with the oracle, ``strongest``), with and without the worker;
+    and the warm starts computed in the worker are this process's."""
+    from types import SimpleNamespace
+
+    from apps.pose_graph import baseline as pg_baseline
+    from apps.pose_graph.problem import build_graphs
+
+    gtsam = ["tls"] if pg_baseline.gtsam_available() else []
+    cfg = app_config("pose_graph", tmp_path, "baseline.best_fixed=[cauchy,welsch,huber]",
+                     f"baseline.gnc.gtsam=[{','.join(gtsam)}]", "baseline.gnc.tune_items=2",
+                     "baseline.gnc.scales=[2.0,4.0]")
+    device, d = torch.device("cpu"), common.Dist()
+    spec = GraphSpec(num_poses=(40, 50))
+    train_samples = [make_sample(spec, seed) for seed in (11, 12, 13)]
+    val = build_graphs([make_sample(spec, seed) for seed in (21, 22)], "cauchy", cfg, device)
+    run = SimpleNamespace(cfg=cfg, dist=d, device=device, val=val)
+    best = pg_baseline.tune(train_samples, cfg, device, d)
+    base = pg_baseline.evaluate(build_graphs(val.samples, best["loss"], cfg, device), best,
+                                oracle=True)
+    one_by_one = {**best, **base.scores.metrics("_baseline"),
+                  "ate_oracle": base.oracle.metrics()["ate"], "ate_per_graph": base.ates,
+                  **pg_baseline.strongest(run, train_samples, best)}
+    pool = common.worker_pool(1, device)
+    for shared in (None, pool):
+        found = pg_baseline.reference(run, train_samples, shared)
+        assert same_run(found, one_by_one), (found, one_by_one)
+    assert set(one_by_one["chosen"]) == {"best_fixed", "gnc_ariadne", *(f"gnc_{k}" for k in gtsam)}
+    if one_by_one["chosen"]["best_fixed"]["loss"] == best["loss"]:
+        assert found["solve_time_s_best_fixed"] == found["solve_time_s_baseline"]  # reused
+    graphs = build_graphs(train_samples, "cauchy", cfg, device)
+    here, there = pg_baseline.warm_start(graphs, cfg), pg_baseline.warm_start(graphs, cfg, pool)
+    for a, b in zip(here.starts + here.features, there.starts + there.features):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_negative_workers_rejected(tmp_path: Path, app_config) -> None:
+    with pytest.raises(ValueError, match="workers"):
+        train.run(app_config("pose_graph", tmp_path, "workers=-1"))
