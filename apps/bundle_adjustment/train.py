@@ -133,6 +133,10 @@ class BundleAdjustmentConfig(TrainConfig):
             machine under load 2-4): its batches are 4 small scenes, a new combination each
             (merge, Schur maps and analysis paid per batch), all carried to the slowest one's
             iteration count, with the merged reduced camera system factored as one.
+        workers: processes beside this one (spawned once, kept until exit) that share the
+            baselines' independent solves (tuning and held-out, ``apps.common.map_calls``):
+            the same results, on more cores (0: all in this process; none under torchrun or
+            off the CPU).
     """
 
     epochs: int = 8
@@ -147,6 +151,7 @@ class BundleAdjustmentConfig(TrainConfig):
     aim: float | None = None
     viz_scene: int = 0
     ragged: bool = False
+    workers: int = 1
 
 
 register(APP, BundleAdjustmentConfig)
@@ -164,6 +169,7 @@ def check(cfg: Any) -> None:
         (cfg.aim is None or cfg.aim > 0, f"aim must be > 0 or null, got {cfg.aim}"),
         (0 <= cfg.viz_scene < cfg.num_val,
          f"viz_scene must be in [0, num_val), got {cfg.viz_scene}"),
+        (cfg.workers >= 0, f"workers must be >= 0, got {cfg.workers}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -255,7 +261,8 @@ def evaluate(cfg: Any, net: torch.nn.Module, prepared: Prepared
 def baseline(run: Run) -> dict[str, Any]:
     val = [run.val_samples[k] for k in run.mine]
     return ba_baseline.run_baselines(run.train_samples, val, run.cfg, run.device, run.dist,
-                                     lambda s: reduce_scores(s, run.dist))
+                                     lambda s: reduce_scores(s, run.dist),
+                                     common.worker_pool(run.cfg.workers, run.device))
 
 
 def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.nn.Module

@@ -588,3 +588,48 @@ def test_batch_solved_in_one_ragged_call_equals_the_per_scene_loop(
     torch.testing.assert_close(torch.stack(ragged), torch.stack(loop), rtol=1e-8, atol=1e-10)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_baselines_in_two_shared_rounds_equal_the_baselines_one_by_one(
+        tmp_path: Path, app_config, same_run) -> None:
+    """``run_baselines`` (every tuning solve, then every held-out solve, each round shared with
+    a worker process; the best fixed loss reusing the held-out solves of the tuned kind it
+    names) gives what the baselines computed one after the other give (``tune_scale`` and
+    ``evaluate_fixed`` per kind, the oracle, ``run_best_fixed``, ``run_gnc``), with and
+    without the worker."""
+    from apps.bundle_adjustment import baseline as ba_baseline
+
+    cfg = app_config("bundle_adjustment", tmp_path, "baseline.also=[cauchy]",
+                     "baseline.best_fixed=[huber,cauchy,welsch]", "baseline.gnc.tune_items=2",
+                     "baseline.gnc.scales=[2.0,4.0]", "baseline.tune_scenes=2")
+    device, d = torch.device("cpu"), common.Dist()
+    train_scenes = [make_scene(SMALL, seed) for seed in (31, 32, 33)]
+    val = [make_scene(SMALL, seed) for seed in (41, 42)]
+
+    def same(scores: ba_baseline.Scores) -> ba_baseline.Scores:
+        return scores
+
+    one_by_one: dict = {"tuned": {}}
+    for n, kind in enumerate(["huber", "cauchy"]):
+        best = ba_baseline.tune_scale(train_scenes[:2], kind, cfg, device, d)
+        scores, _ = ba_baseline.evaluate_fixed(ba_baseline.prepare(val, kind, cfg, device),
+                                               best["scale"], cfg)
+        one_by_one.update(scores.metrics("_baseline" if n == 0 else f"_baseline_{kind}"))
+        one_by_one["tuned"][kind] = best
+    scores, _ = ba_baseline.evaluate_fixed(ba_baseline.prepare(val, None, cfg, device), 1.0, cfg,
+                                           ba_baseline.oracle_weight)
+    one_by_one.update(scores.metrics("_oracle"))
+    fixed = ba_baseline.run_best_fixed(train_scenes[:2], val, dict(one_by_one["tuned"]), cfg,
+                                       device, d, same)
+    gnc = ba_baseline.run_gnc(train_scenes, val, cfg, device, d, same)
+    one_by_one["strongest"] = {"best_fixed": fixed.pop("setting"), "gnc": gnc.pop("setting")}
+    one_by_one.update({**fixed, **gnc})
+    for pool in (None, common.worker_pool(1, device)):
+        found = ba_baseline.run_baselines(train_scenes, val, cfg, device, d, same, pool)
+        assert same_run(found, one_by_one), (found, one_by_one)
+    assert found.keys() == one_by_one.keys()
+
+
+def test_negative_workers_rejected(tmp_path: Path, app_config) -> None:
+    with pytest.raises(ValueError, match="workers"):
+        train.run(app_config("bundle_adjustment", tmp_path, "workers=-1"))
