@@ -42,7 +42,7 @@ factorization, ~45 ms on one thread of the 2-core bench machine)."""
 CALL_FLOPS = 2000.0
 """Multiply-adds one supernode's three library calls and bookkeeping are worth."""
 PATIENCE = 16
-"""Expansions of the top tried past the best split found so far."""
+"""Expansions of the top tried past the last one that lowered the estimate by 1% or more."""
 MIN_PART = 2e-3
 """Seconds of work per part below which the matrix is factored on one thread."""
 
@@ -108,7 +108,7 @@ def _deal(roots: list[int], sub: np.ndarray, parts: int) -> tuple[list[list[int]
     return bins, max(load)
 
 
-def split(sym: Symbolic, plan: compiled.Plan, parts: int, max_top: int = 512,
+def split(sym: Symbolic, plan: compiled.Plan, parts: int, max_top: int = 256,
           min_gain: float = MIN_PART) -> TreePlan:
     """The threads' shares of ``plan`` (``sym``'s tree) for ``parts`` threads: the top grown
     from the roots (largest subtree first; at most ``max_top`` supernodes, ``PATIENCE`` past the
@@ -127,14 +127,16 @@ def split(sym: Symbolic, plan: compiled.Plan, parts: int, max_top: int = 512,
     top: list[int] = []
     top_work = top_size = 0.0
     best: tuple[float, list[int], list[list[int]]] | None = None
-    if parts > 1:
+    if parts > 1 and float(work.sum()) * SECONDS_PER_FLOP >= 2 * min_gain:
         since = 0  # expansions since the best estimate
         for _ in range(min(max_top, S) + 1):
             bins, most = _deal(frontier, sub, parts)
             # private buffers: zeroed by parts 1.., added by the caller (~1 ns per entry each)
             estimate = most + top_work + top_size * parts * 1e-9 / SECONDS_PER_FLOP
             if best is None or estimate < best[0]:
-                best, since = (estimate, list(top), bins), 0
+                if best is None or estimate < 0.99 * best[0]:  # worth PATIENCE more steps
+                    since = 0
+                best = (estimate, list(top), bins)
             since += 1
             if not frontier or since > PATIENCE:
                 break
