@@ -230,8 +230,9 @@ def _fit(task: Task, cfg: Any, device: torch.device, d: common.Dist) -> dict[str
     bar = tqdm(range(state.epoch, cfg.epochs), initial=state.epoch, total=cfg.epochs,
                desc=task.name, disable=not d.is_main, dynamic_ncols=True)
     key = f"val_{task.metric}"
+    last = None  # the last epoch's held-out evaluation: the final one, unless none ran here
     for epoch in bar:
-        row = _epoch(task, run, epoch, model, net, opt)
+        row, last = _epoch(task, run, epoch, model, net, opt)
         state.history.append(row)
         state.epoch, state.train_time_s = epoch + 1, state.train_time_s + row["epoch_time_s"]
         if d.is_main:
@@ -245,7 +246,7 @@ def _fit(task: Task, cfg: Any, device: torch.device, d: common.Dist) -> dict[str
         log.info("epoch %d/%d  train_loss %.4f  %s %.4f (baseline %.4f)%s  %.1f s", epoch + 1,
                  cfg.epochs, row["train_loss"], key, row[key],
                  state.reference[f"{task.metric}_baseline"], extras, row["epoch_time_s"])
-    return _finish(task, run, net, state)
+    return _finish(task, run, net, state, last)
 
 
 def _plain(cfg: Any) -> Any:
@@ -302,10 +303,11 @@ def learning_rate(cfg: Any, epoch: int) -> float:
 
 
 def _epoch(task: Task, run: Run, epoch: int, model: nn.Module, net: nn.Module,
-           opt: torch.optim.Optimizer) -> dict[str, float]:
+           opt: torch.optim.Optimizer) -> tuple[dict[str, float], tuple[Scores, list[Any]]]:
     """One pass over the training samples, then the held-out scores: the epoch's history row
     (with ``step_time_s``, the mean time of an optimizer step on this rank, and ``saved_mb``, the
-    most memory a step's forward kept for its backward: ``common.saved_bytes``)."""
+    most memory a step's forward kept for its backward: ``common.saved_bytes``) and
+    ``task.evaluate``'s result."""
     cfg, d = run.cfg, run.dist
     t = time.perf_counter()
     num = len(run.train_samples)
@@ -321,12 +323,12 @@ def _epoch(task: Task, run: Run, epoch: int, model: nn.Module, net: nn.Module,
         loss_sum += loss
         saved.append(kept)
     (loss_sum,) = common.all_reduce_sum([loss_sum], d)
-    scores, _ = task.evaluate(cfg, net, run.val)
-    metrics = reduce_scores(scores, d).metrics()
+    evaluated = task.evaluate(cfg, net, run.val)
+    metrics = reduce_scores(evaluated[0], d).metrics()
     return {"epoch": epoch + 1, "train_loss": loss_sum / num,
             **{f"val_{k}": v for k, v in metrics.items()}, **task.extras(net),
             "saved_mb": max(saved) / 2**20, "step_time_s": sum(step_times) / len(step_times),
-            "epoch_time_s": time.perf_counter() - t}
+            "epoch_time_s": time.perf_counter() - t}, evaluated
 
 
 def _step(task: Task, run: Run, model: nn.Module, batch: list[int], batch_size: int,
@@ -349,11 +351,13 @@ def _step(task: Task, run: Run, model: nn.Module, batch: list[int], batch_size: 
     return sum(float(loss.detach()) for loss in losses), kept
 
 
-def _finish(task: Task, run: Run, net: nn.Module, state: _State) -> dict[str, Any]:
+def _finish(task: Task, run: Run, net: nn.Module, state: _State,
+            last: tuple[Scores, list[Any]] | None = None) -> dict[str, Any]:
     """Final held-out metrics; on rank 0 also ``metrics.json``/``.csv``, the curves and the
     pictures."""
     cfg, d, ref = run.cfg, run.dist, run.reference
-    scores, outputs = task.evaluate(cfg, net, run.val)
+    # the network has not changed since the last epoch's evaluation (``last``): no re-solve
+    scores, outputs = last if last is not None else task.evaluate(cfg, net, run.val)
     metrics = reduce_scores(scores, d).metrics()
     val, extra = task.report(run, metrics, outputs, net)
     log.info("val: %s", {k: round(v, 4) for k, v in val.items()})

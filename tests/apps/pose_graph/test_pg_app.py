@@ -529,3 +529,23 @@ def test_reference_in_two_shared_rounds_equals_the_baselines_one_by_one(
 def test_negative_workers_rejected(tmp_path: Path, app_config) -> None:
     with pytest.raises(ValueError, match="workers"):
         train.run(app_config("pose_graph", tmp_path, "workers=-1"))
+
+
+def test_final_metrics_reuse_the_last_epochs_evaluation(tmp_path: Path, app_config) -> None:
+    """The held-out graphs are solved once per epoch and once untrained, not once more for the
+    final metrics (the network has not changed since the last epoch's evaluation); the final
+    metrics are that evaluation's."""
+    from dataclasses import replace
+
+    from apps.harness import fit
+
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return train.evaluate(*args)
+
+    doc = fit(replace(train.TASK, evaluate=counted), app_config("pose_graph", tmp_path,
+                                                                "epochs=2"))
+    assert len(calls) == 1 + 2
+    assert doc["val"]["ate"] == doc["history"][-1]["val_ate"]
