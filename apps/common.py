@@ -228,9 +228,20 @@ def _shutdown_pools() -> None:
     _POOLS.clear()
 
 
+def release_pools() -> None:
+    """Let the workers of :func:`worker_pool` go now, without waiting for them (an app calls
+    it once its baselines are done): a worker tears itself down (~1 s) on the second core
+    while training runs, instead of at exit, where the interpreter waits for it; a later
+    :func:`worker_pool` starts a new one."""
+    for pool in _POOLS.values():
+        pool.shutdown(wait=False, cancel_futures=True)
+    _POOLS.clear()
+
+
 def worker_pool(workers: int, device: torch.device) -> ProcessPoolExecutor | None:
     """A pool of ``workers`` spawned processes for :func:`map_calls` (made once per size and
-    kept until exit: a worker's start-up, importing torch and the app, is paid once); None for
+    kept until exit or :func:`release_pools`, its processes started at once: a worker's
+    start-up, importing torch and the app, is paid once, beside the caller's work); None for
     ``workers == 0``, under torchrun (the ranks already share the cores) and off the CPU."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
@@ -240,8 +251,11 @@ def worker_pool(workers: int, device: torch.device) -> ProcessPoolExecutor | Non
     if workers not in _POOLS:
         if not _POOLS:
             atexit.register(_shutdown_pools)
-        _POOLS[workers] = ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init)
+        for _ in range(workers):  # start them now (a start-up, ~3 s of imports, overlaps the
+            pool.submit(os.getpid)  # caller's work until the first map_calls)
+        _POOLS[workers] = pool
     return _POOLS[workers]
 
 

@@ -185,6 +185,9 @@ def dataset(cfg: Any, seeds: Sequence[int], cache: Path | None, held_out: bool
 
 
 def prepare(cfg: Any, scenes: Sequence[Scene], device: torch.device) -> Prepared:
+    """The learned layer's scenes; also starts the baselines' worker processes
+    (``cfg.workers``), so that their start-up overlaps this process's work until then."""
+    common.worker_pool(cfg.workers, device)
     return ba_baseline.prepare(scenes, str(value(cfg.model.loss)), cfg, device)
 
 
@@ -260,9 +263,12 @@ def evaluate(cfg: Any, net: torch.nn.Module, prepared: Prepared
 
 def baseline(run: Run) -> dict[str, Any]:
     val = [run.val_samples[k] for k in run.mine]
-    return ba_baseline.run_baselines(run.train_samples, val, run.cfg, run.device, run.dist,
-                                     lambda s: reduce_scores(s, run.dist),
-                                     common.worker_pool(run.cfg.workers, run.device))
+    try:
+        return ba_baseline.run_baselines(run.train_samples, val, run.cfg, run.device, run.dist,
+                                         lambda s: reduce_scores(s, run.dist),
+                                         common.worker_pool(run.cfg.workers, run.device))
+    finally:
+        common.release_pools()  # the worker's last use in this run
 
 
 def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.nn.Module

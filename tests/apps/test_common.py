@@ -93,3 +93,16 @@ def test_map_calls_shares_the_calls_with_a_worker_process_in_order() -> None:
 def test_worker_pool_rejects_a_negative_size() -> None:
     with pytest.raises(ValueError, match="workers"):
         common.worker_pool(-1, torch.device("cpu"))
+
+
+def test_released_pool_is_replaced_by_a_new_one() -> None:
+    """``release_pools`` lets the workers go without waiting; the next ``worker_pool`` is a new
+    pool that works."""
+    import os
+
+    old = common.worker_pool(1, torch.device("cpu"))
+    common.release_pools()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        old.submit(os.getpid)
+    new = common.worker_pool(1, torch.device("cpu"))
+    assert new is not old and new.submit(os.getpid).result() != os.getpid()
