@@ -156,28 +156,42 @@ def strongest_name(reference: dict[str, Any], among: Collection[str] | None = No
     return min(names, key=lambda n: reference.get(f"ate_{n}", math.inf))
 
 
-def solve_baseline(name: str, reference: dict[str, Any], s: Sample, cfg: Any
-                   ) -> tuple[BaselineRun, torch.Tensor, str]:
-    """Baseline ``name`` (:func:`strongest_name`'s names) with its tuned settings on sample
-    ``s``: its run, the robust loss's weight ``(L,)`` of each loop closure at its solution (for
-    GTSAM's GNC, Geman-McClure's at its threshold) and a label for pictures."""
+def baseline_setting(name: str, reference: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
+    """Baseline ``name``'s tuned setting, the robust loss its rejections are read with and its
+    label for pictures."""
     setting = ({"loss": reference["loss"], "scale": reference["scale"]} if name == "baseline"
                else reference["chosen"][name])
-    device = s.truth.device
     if name in ("baseline", "best_fixed"):
         loss = setting["loss"]
-        result = evaluate(build_graphs([s], loss, cfg, device), setting)
         label = f"{'tuned' if name == 'baseline' else 'best fixed'} {loss}"
     elif name == "gnc_ariadne":
         loss, label = "geman_mcclure", "GNC-GM (Ariadne)"
+    else:
+        loss, label = "geman_mcclure", f"GNC-{name.removeprefix('gnc_').upper()} (GTSAM)"
+    return setting, loss, f"{label}, scale {setting['scale']:g}"
+
+
+def solve_baseline(name: str, reference: dict[str, Any], s: Sample, cfg: Any,
+                   poses: torch.Tensor | None = None) -> tuple[BaselineRun, torch.Tensor, str]:
+    """Baseline ``name`` (:func:`strongest_name`'s names) with its tuned settings on sample
+    ``s`` (``poses (N, S)``: its solution, already computed): its run, the robust loss's weight
+    ``(L,)`` of each loop closure at its solution (for GTSAM's GNC, Geman-McClure's at its
+    threshold) and a label for pictures."""
+    setting, loss, label = baseline_setting(name, reference)
+    device = s.truth.device
+    if poses is not None:
+        result = BaselineRun(Scores(), [poses], [float(ate(poses[None], s.truth, s.space)[0])],
+                             Scores())
+    elif name in ("baseline", "best_fixed"):
+        result = evaluate(build_graphs([s], loss, cfg, device), setting)
+    elif name == "gnc_ariadne":
         result = evaluate_gnc_ariadne(build_graphs([s], loss, cfg, device), cfg,
                                       setting["scale"])
     else:
-        loss, label = "geman_mcclure", f"GNC-{name.removeprefix('gnc_').upper()} (GTSAM)"
         result = evaluate_gtsam_gnc([s], cfg, name.removeprefix("gnc_"), setting["scale"])
     p = GraphProblem.build(s.graph, s.is_loop, loss, cfg.prior_sqrt_info)
     kept = p.irls_weight(result.solutions[0][None], setting["scale"])[0]
-    return result, kept, f"{label}, scale {setting['scale']:g}"
+    return result, kept, label
 
 
 def draw(run: Any, path: Path, graphs: Graphs, k: int, outputs: list[Any],
@@ -189,8 +203,12 @@ def draw(run: Any, path: Path, graphs: Graphs, k: int, outputs: list[Any],
     from apps.pose_graph import viz
 
     s, strongest = graphs.samples[k], strongest_name(run.reference, solved)
+    kept_poses = run.reference.get("strongest_poses", {})
     if solved is not None and strongest in solved:
         base, kept, label = solved[strongest]
+    elif graphs is run.val and kept_poses.get("name") == strongest:  # solved by reference()
+        base, kept, label = solve_baseline(strongest, run.reference, s, run.cfg,
+                                           poses=kept_poses["poses"][k])
     else:
         base, kept, label = solve_baseline(strongest, run.reference, s, run.cfg)
     weight, est = outputs[k]
@@ -632,6 +650,8 @@ def held_out(run: Any, best: dict[str, Any], chosen: dict[str, dict[str, Any]],
     gtsam = [f"ate_gnc_{k}" for k in ("tls", "gm") if f"gnc_{k}" in chosen]
     if gtsam:
         out["ate_gnc"] = min(out[k] for k in gtsam)
+    name = strongest_name(out)  # its solutions, for the picture (not solved again there)
+    out["strongest_poses"] = {"name": name, "poses": runs[name].solutions}
     return out
 
 

@@ -422,8 +422,19 @@ def test_ariadne_gnc_beats_the_plain_loss_at_its_scale(tmp_path: Path, app_confi
 
 
 def test_picture_shows_the_strongest_baseline(tmp_path: Path, app_config, monkeypatch) -> None:
+    """The picture shows the strongest baseline's held-out solution as the reference computed
+    it (not solved again)."""
+    from apps.pose_graph import baseline as pg_baseline
+
     drawn: dict = {}
     monkeypatch.setattr(viz, "draw_solution", lambda *a, **k: drawn.update(k))
+    solve = pg_baseline.solve_baseline
+
+    def kept_only(*args, poses=None):
+        assert poses is not None, "the picture solved the baseline again"
+        return solve(*args, poses=poses)
+
+    monkeypatch.setattr(pg_baseline, "solve_baseline", kept_only)
     doc = train.run(app_config("pose_graph", tmp_path, "viz=true"))
     val = doc["val"]
     best = min(("baseline", "best_fixed", "gnc_ariadne"), key=lambda n: val[f"ate_{n}"])
@@ -492,6 +503,7 @@ def test_reference_in_two_shared_rounds_equals_the_baselines_one_by_one(
     with a worker process; the best fixed loss reusing the tuned baseline's held-out solves
     when it is the same loss and scale) gives what the baselines computed one after the other
     give (``tune``, ``evaluate`` with the oracle, ``strongest``), with and without the worker;
+    the strongest baseline's held-out solutions are kept (for the picture), as a solve gives them;
     and the warm starts computed in the worker are this process's."""
     from types import SimpleNamespace
 
@@ -516,7 +528,12 @@ def test_reference_in_two_shared_rounds_equals_the_baselines_one_by_one(
     pool = common.worker_pool(1, device)
     for shared in (None, pool):
         found = pg_baseline.reference(run, train_samples, shared)
+        kept = found.pop("strongest_poses")  # the strongest's solutions, for the picture
         assert same_run(found, one_by_one), (found, one_by_one)
+        assert kept["name"] == pg_baseline.strongest_name(found)
+        for k, s in enumerate(val.samples):
+            again = pg_baseline.solve_baseline(kept["name"], found, s, cfg)[0].solutions[0]
+            torch.testing.assert_close(kept["poses"][k], again, rtol=1e-9, atol=1e-9)
     assert set(one_by_one["chosen"]) == {"best_fixed", "gnc_ariadne", *(f"gnc_{k}" for k in gtsam)}
     if one_by_one["chosen"]["best_fixed"]["loss"] == best["loss"]:
         assert found["solve_time_s_best_fixed"] == found["solve_time_s_baseline"]  # reused
