@@ -480,8 +480,8 @@ class RaggedCholesky:
         pattern; another one replaces it)."""
         if self._split is None or self._split.pattern is not pattern:
             blocks = split_blocks(pattern, self.groups.columns.cpu().numpy(), self.groups.count)
-            solvers = [replace(self.template, _symbolic=PlanCache(), _compiled=PlanCache())
-                       for _ in blocks]
+            solvers = [replace(self.template, _symbolic=PlanCache(), _compiled=PlanCache(),
+                               _threaded=PlanCache()) for _ in blocks]
             ptr = np.concatenate([[0], np.cumsum([b.entries.shape[0] for b in blocks])])
             self._split = _Split(
                 pattern, blocks, solvers, np.concatenate([b.entries for b in blocks]), ptr,

@@ -258,3 +258,30 @@ def test_compiled_blocks_match_column_comparison() -> None:
         cols = [tuple(rows[indptr[j] : indptr[j + 1]]) for j in range(pattern.n)]
         ref = [0] + [j for j in range(1, pattern.n) if cols[j] != cols[j - 1]] + [pattern.n]
         assert sn.pattern_blocks(pattern).tolist() == ref
+
+
+def test_ragged_blocks_keep_their_own_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each block of a ragged batch has its own plan cache: sixteen blocks once shared one
+    eight-plan cache with the template and were analysed again at every step."""
+    from core import ragged
+    from core.solvers.sparse import RaggedCholesky
+
+    objectives, values = [], []
+    for k in range(12):  # more problems than a PlanCache holds
+        objective, init = pose_graph_objective(pose_graph_batch(20 + k, 1, seed=k))
+        objectives.append(objective)
+        values.append(init)
+    batch = ragged.merge(objectives)
+    lin = core.linearize(batch.objective, batch.join_values(values))
+    solver = RaggedCholesky(batch.objective.groups)
+    active = torch.ones(len(objectives), dtype=torch.bool)
+    active[0] = False  # per-block factors
+    damping = torch.full_like(lin.g, 1e-3)
+    calls = []
+    original = threaded.split
+    monkeypatch.setattr(threaded, "split", lambda *a, **k: calls.append(1) or original(*a, **k))
+    solver.factor(lin.H, lin.pattern, damping, active)
+    first = len(calls)
+    assert first >= len(objectives) - 1
+    solver.factor(lin.H, lin.pattern, damping, active)
+    assert len(calls) == first
