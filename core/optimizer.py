@@ -27,6 +27,7 @@ from core.objective import Elements, Objective
 from core.solvers import LinearSolver, SolverName, damped, make_solver, solve
 from core.solvers.base import Factor
 from core.solvers.sparse import RaggedCholesky, RaggedFactor, SparseCholesky
+from core.threads import prepare as prepare_threads
 from core.threads import solve_threads
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class LevenbergMarquardt:
             raise ValueError(f"threads must be >= 1 or None (automatic), got {self.threads}")
         if self.check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {self.check_every}")
+        prepare_threads()  # (once per process) not inside the first solve's time
 
     def solve(self, objective: Objective, init: Mapping[str, Tensor]) -> Solution:
         """Minimize ``objective`` from ``init`` (name -> ``(B, F, S)``)."""

@@ -129,3 +129,46 @@ def test_backward_factorization_runs_with_the_solve_threads(
     assert len(seen) >= 2 and set(seen) == {want}  # the loop's and the backward's
     assert blas.openblas_get_num_threads() == before
     assert target.grad is not None
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux's /proc")
+def test_keep_heap_keeps_freed_blocks_mapped() -> None:
+    """After ``keep_heap`` (a solve's set-up) a freed 16 MB block stays in the heap: freeing it
+    does not lower the resident size, and allocating it again faults no new pages. glibc's
+    default maps such a block and unmaps it on free."""
+    import ctypes
+    import resource
+
+    if not threads.keep_heap():
+        pytest.skip("not glibc, or ARIADNE_MALLOC=0")
+    core.LevenbergMarquardt()  # the constructor prepares it too (idempotent)
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 16 * 2**20
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    touched = _rss()
+    libc.free(p)
+    assert _rss() > touched - size // 2  # not returned to the system
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    q = libc.malloc(size)
+    ctypes.memset(q, 2, size)
+    libc.free(q)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < size // 4096 // 4
+
+
+def test_keep_heap_off_by_environment() -> None:
+    import subprocess
+    import sys
+
+    code = "from core import threads; print(threads.keep_heap())"
+    env = dict(os.environ, ARIADNE_MALLOC="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
