@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -189,6 +190,8 @@ class SparseCholesky:
             import sksparse.cholmod  # noqa: F401  ~0.25 s) load here, not in the first solve
         if self.mode in ("compiled", "threaded") and not KERNELS:
             raise ValueError(f"mode={self.mode!r} needs Numba (and ARIADNE_KERNELS not 0)")
+        if KERNELS and self.mode in ("auto", "threaded") and self.threaded_up_to > 0:
+            prepare_threaded()  # its compiled code loads here, not in the first solve
 
     def factor(self, H: Tensor, pattern: Pattern, damping: Tensor) -> Any:
         if H.device.type == "cpu" and H.dtype == torch.float64 and damping.dtype == H.dtype:
@@ -344,6 +347,34 @@ class SparseCholesky:
 
     def _mode(self, n: int) -> str:
         return self.mode  # "auto": CHOLMOD's own choice from the symbolic analysis
+
+
+@functools.cache
+def prepare_threaded() -> float:
+    """Load the one-matrix kernel's compiled code (its symbolic analysis, plan, factorization
+    and solve; from Numba's disk cache, or compiled once per installation) by running it on a
+    three-pose graph; returns the seconds it took. Once per process, when a
+    :class:`SparseCholesky` that may use it is made: loading the ten functions from the cache
+    inside a fresh process's first sphere2500 solve took ~66 ms (cProfile: llvmlite calls),
+    compiling them with an empty cache ~8.5 s, both inside the solve's time."""
+    import core
+    from core.linearize import linearize
+
+    start = time.perf_counter()
+    x = core.Variable("x", core.SE3, 3)
+    poses = core.SE3.identity(1, 3, dtype=torch.float64)
+    between = core.costs.Between(x, torch.tensor([0, 1]), torch.tensor([1, 2]), poses[:, :2])
+    objective = core.Objective([between, core.costs.Prior(x, poses[:, :1], index=0)])
+    lin = linearize(objective, {"x": poses})
+    solver = SparseCholesky(mode="threaded", threaded_up_to=0)  # (0: no recursion)
+    pattern = lin.pattern
+    tp = solver._threaded_plan(pattern)  # analysis and plan
+    h = lin.H.numpy().copy()
+    h[:, pattern.diag.numpy()] += 1.0
+    threaded.factor(tp, h, "cpu", 0.5).solve(lin.g)
+    # the parts' buffers are gathered only where a plan has parts (none this small): no-op call
+    threaded._gather(tp.top.sns[:0], tp.plan.poff, tp.top_offsets, np.empty(0), np.empty((0, 0)))
+    return time.perf_counter() - start
 
 
 @dataclass(frozen=True, eq=False)
