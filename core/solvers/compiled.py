@@ -123,6 +123,29 @@ def _entries(indptr: np.ndarray, prows: np.ndarray, perm: np.ndarray, starts: np
 
 
 @_jit
+def target_rows(rows: np.ndarray, r0: int, j2: int, M: int, starts: np.ndarray,
+                rptr: np.ndarray, tgt: int, pos: np.ndarray) -> int:
+    """Where the rows ``rows[r0 + j2 : r0 + M]`` of a supernode's update (ascending) sit in the
+    panel of their target supernode ``tgt`` (the owner of row ``rows[r0 + j2]``): ``pos[i]``
+    its panel row (inside the diagonal block, or ``W`` + its place among ``tgt``'s rows below,
+    found by one forward scan); returns the end of the rows that are ``tgt``'s own columns."""
+    t0, tW, tend = starts[tgt], starts[tgt + 1] - starts[tgt], starts[tgt + 1]
+    q, qend = rptr[tgt], rptr[tgt + 1]
+    for i1 in range(j2, M):
+        r1 = rows[r0 + i1]
+        if r1 < tend:
+            pos[i1] = r1 - t0
+        else:
+            while q < qend and rows[q] != r1:
+                q += 1
+            pos[i1] = tW + q - rptr[tgt]
+    jend = j2
+    while jend < M and rows[r0 + jend] < tend:
+        jend += 1
+    return jend
+
+
+@_jit
 def _factor(
     values: np.ndarray,
     src: np.ndarray,
@@ -177,19 +200,8 @@ def _factor(
         j2 = 0
         while j2 < M:  # -L21 L21^T into the ancestors, one target supernode at a time
             tgt = owner[rows[r0 + j2]]
-            t0, tW, tend = starts[tgt], starts[tgt + 1] - starts[tgt], starts[tgt + 1]
-            q, qend = rptr[tgt], rptr[tgt + 1]
-            for i1 in range(j2, M):
-                r1 = rows[r0 + i1]
-                if r1 < tend:
-                    pos[i1] = r1 - t0
-                else:
-                    while q < qend and rows[q] != r1:
-                        q += 1
-                    pos[i1] = tW + q - rptr[tgt]
-            jend = j2
-            while jend < M and rows[r0 + jend] < tend:
-                jend += 1
+            t0, tW = starts[tgt], starts[tgt + 1] - starts[tgt]
+            jend = target_rows(rows, r0, j2, M, starts, rptr, tgt, pos)
             tb = poff[tgt]
             for jj in range(j2, jend):
                 col = rows[r0 + jj] - t0

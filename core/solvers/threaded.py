@@ -34,6 +34,7 @@ from core._blas import blas_threads, dpotrf, dsyrk, dtrsm
 from core._kernels import _jit
 from core.objective import Pattern
 from core.solvers import compiled
+from core.solvers.compiled import target_rows
 from core.solvers.supernodal import Symbolic
 
 SECONDS_PER_FLOP = 1.2e-10
@@ -245,19 +246,8 @@ def _factor_part(values: np.ndarray, src: np.ndarray, dst: np.ndarray, ranges: n
         j2 = 0
         while j2 < M:  # -C into the ancestors, one target supernode at a time
             tgt = owner[rows[r0 + j2]]
-            t0, tW, tend = starts[tgt], starts[tgt + 1] - starts[tgt], starts[tgt + 1]
-            q, qend = rptr[tgt], rptr[tgt + 1]
-            for i1 in range(j2, M):
-                r1 = rows[r0 + i1]
-                if r1 < tend:
-                    pos[i1] = r1 - t0
-                else:
-                    while q < qend and rows[q] != r1:
-                        q += 1
-                    pos[i1] = tW + q - rptr[tgt]
-            jend = j2
-            while jend < M and rows[r0 + jend] < tend:
-                jend += 1
+            t0, tW = starts[tgt], starts[tgt + 1] - starts[tgt]
+            jend = target_rows(rows, r0, j2, M, starts, rptr, tgt, pos)
             if priv_off[tgt] >= 0:
                 out, tb = priv, priv_off[tgt]
             else:
