@@ -79,10 +79,13 @@ class TreePlan:
 
     @property
     def pattern(self) -> Pattern:
+        """The pattern this plan factors (``PlanCache`` checks it)."""
         return self.plan.pattern
 
 
 def _work(plan: compiled.Plan) -> np.ndarray:
+    """Per supernode the multiply-adds of its three calls and its scatter, plus the calls'
+    overhead (``CALL_FLOPS``): the split's estimate of its time."""
     W = np.diff(plan.starts).astype(np.float64)
     M = np.diff(plan.rptr).astype(np.float64)
     return W**3 / 3 + M * W**2 + M**2 * (W + 4) / 2 + CALL_FLOPS
