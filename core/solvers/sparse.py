@@ -297,13 +297,16 @@ class SparseCholesky:
     def _uniform(self, pattern: Pattern, h: np.ndarray, d: np.ndarray) -> float | None:
         """The damping as one ``beta`` for ``A + beta I`` where that applies: one batch element
         on CHOLMOD or the one-matrix kernel, the same damping on every unknown (LM's ``lambda
-        I``), finite values. BA-size ``H`` copies cost as much as a tenth of a factorization
-        (100k poses: 43 ms against 0.5-0.9 s)."""
+        I``), finite values for CHOLMOD. BA-size ``H`` copies cost as much as a tenth of a
+        factorization (100k poses: 43 ms against 0.5-0.9 s)."""
         if (h.shape[0] != 1 or d.size == 0 or self._use_compiled(pattern.n, 1)
                 or not (self.backend == "cholmod" or self._use_threaded(pattern.n, 1))):
             return None
         beta = float(d.flat[0])
-        if not (d.min() == beta == d.max()) or not np.isfinite(h).all():
+        if not (d.min() == beta == d.max()):
+            return None
+        # CHOLMOD needs finite values; the one-matrix kernel checks every value it scatters
+        if not self._use_threaded(pattern.n, 1) and not np.isfinite(h).all():
             return None
         return beta
 
