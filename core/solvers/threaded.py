@@ -16,7 +16,11 @@ estimated time ``max(part) + top``). The parts run at once (``core.parallel``; t
 releases the GIL): a subtree's updates land in its own panels or in the top's. Part 0 writes the
 top's panels directly; the others write their top updates into private buffers, added into the
 top's panels after the parts finish (:func:`_gather`); then the top is factored on the calling
-thread, its large dense supernodes with OpenBLAS's threads. Each part's arithmetic is the
+thread. Every BLAS call runs on one OpenBLAS thread, the top's too: OpenBLAS's idle threads spin
+for ~0.1 s after a threaded call and so take the core the next kernel's threads need (sphere2500's
+factorization 28 ms with the top on two OpenBLAS threads against 20 ms on one, the parts on two
+threads; its LM solve 0.32-0.36 s against 0.25-0.26 s; the 10k helix's 5 iterations 0.44-0.49 s
+against 0.32-0.42 s; the top's own time the same, 2 ms). Each part's arithmetic is the
 sequential method's for its supernodes, and the top's sums add the same terms in another order,
 so the factor equals the one-thread factor to rounding (``tests/core/test_threaded.py``).
 """
@@ -365,21 +369,17 @@ def factor(tp: TreePlan, values: np.ndarray, device: torch.device | str = "cpu",
                   beta, fail[k]) for k, q in enumerate(tp.parts)]
         k = (parallel.threads(tp.estimate, MIN_PART, len(calls)) if threads is None
              else max(1, min(threads, len(calls))))
-        with blas_threads(1):
+    q = tp.top
+    with blas_threads(1):  # the top too: see the module doc
+        if tp.parts:
             if k > 1:
                 parallel.run(_factor_part, calls, helpers=k - 1)
             else:
                 for c in calls:
                     _factor_part(*c)
+            if (fail[:-1] < 0).all():
+                _gather(q.sns, p.poff, tp.top_offsets, L, privs)
         if (fail[:-1] < 0).all():
-            _gather(tp.top.sns, p.poff, tp.top_offsets, L, privs)
-            q = tp.top
-            with blas_threads(k):
-                _factor_part(v, q.src, q.dst, q.ranges, q.sns, p.starts, p.rptr, p.rows, p.poff,
-                             p.owner, L, L[:0], q.priv_off, q.max_below, beta, fail[-1])
-    else:
-        q = tp.top
-        with blas_threads(1):
             _factor_part(v, q.src, q.dst, q.ranges, q.sns, p.starts, p.rptr, p.rows, p.poff,
                          p.owner, L, L[:0], q.priv_off, q.max_below, beta, fail[-1])
     failed = fail[fail >= 0]
