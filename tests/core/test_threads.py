@@ -15,12 +15,46 @@ from core import threads
 def test_free_cores(monkeypatch: pytest.MonkeyPatch, load: float, expected: int) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(threads, "running", lambda: 1)
     assert threads.free_cores() == expected
+
+
+@pytest.mark.parametrize("now,load,expected", [(1, 0.1, 4), (2, 0.1, 3), (4, 0.1, 1), (9, 0.1, 1),
+                                               (2, 3.0, 2), (None, 0.1, 4), (None, 2.0, 3)])
+def test_free_cores_sees_a_process_before_the_load_average_does(
+        monkeypatch: pytest.MonkeyPatch, now: int | None, load: float, expected: int) -> None:
+    """The smaller of the averaged count and the threads runnable now (caller included)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(threads, "running", lambda: now)
+    assert threads.free_cores() == expected
+
+
+def test_running_counts_a_spinning_process() -> None:
+    """``running`` reads the machine's runnable threads: the caller at least, and one more while
+    a child process spins (sampled until the scheduler shows it, at most 2 s)."""
+    import subprocess
+    import sys
+    import time
+
+    if threads.running() is None:
+        pytest.skip("no /proc/loadavg on this platform")
+    assert threads.running() >= 1
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline, seen = time.monotonic() + 2.0, 0
+        while time.monotonic() < deadline and seen < 2:
+            seen = max(seen, threads.running() or 0)
+        assert seen >= 2
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_choose(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(threads, "running", lambda: 1)
     assert threads.choose(100) == 1
     assert threads.choose(threads.BLAS_FROM) == 4
     assert threads.choose(100, threads=3) == 3
