@@ -226,9 +226,10 @@ def _cholmod_order(indptr: np.ndarray, indices: np.ndarray, method: str) -> np.n
     from sksparse.cholmod import analyze
 
     nb = indptr.shape[0] - 1
+    # the analysis reads the structure only, and the orderings ignore the diagonal: the graph
+    # as it is (adding the identity through SciPy took 0.26 of 0.42 ms at 256 blocks)
     adj = sp.csc_matrix((np.ones(indices.shape[0]), indices, indptr), shape=(nb, nb))
-    spd = (adj + sp.identity(nb) * (nb + 1.0)).tocsc()  # analysis reads the structure only
-    return np.asarray(analyze(spd, mode="simplicial", ordering_method=method).P(), dtype=np.int64)
+    return np.asarray(analyze(adj, mode="simplicial", ordering_method=method).P(), dtype=np.int64)
 
 
 def block_ordering(indptr: np.ndarray, indices: np.ndarray, ordering: str) -> np.ndarray:

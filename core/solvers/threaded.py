@@ -125,17 +125,18 @@ def split(sym: Symbolic, plan: compiled.Plan, parts: int, max_top: int = 256,
     parent = sym.parent.astype(np.int64)
     S = parent.shape[0]
     work = _work(plan)
-    sub, first = _subtrees(parent, work)
-    children: list[list[int]] = [[] for _ in range(S)]
-    for s, p in enumerate(parent.tolist()):
-        if p >= 0:
-            children[p].append(s)
-    panel = np.diff(plan.poff).astype(np.float64)
-    frontier = [int(s) for s in np.nonzero(parent < 0)[0]]
-    top: list[int] = []
-    top_work = top_size = 0.0
+    serial = float(work.sum())
     best: tuple[float, list[int], list[list[int]]] | None = None
-    if parts > 1 and float(work.sum()) * SECONDS_PER_FLOP >= 2 * min_gain:
+    if parts > 1 and serial * SECONDS_PER_FLOP >= 2 * min_gain:  # (else one part: no tree walk)
+        sub, first = _subtrees(parent, work)
+        children: list[list[int]] = [[] for _ in range(S)]
+        for s, p in enumerate(parent.tolist()):
+            if p >= 0:
+                children[p].append(s)
+        panel = np.diff(plan.poff).astype(np.float64)
+        frontier = [int(s) for s in np.nonzero(parent < 0)[0]]
+        top: list[int] = []
+        top_work = top_size = 0.0
         since = 0  # expansions since the best estimate
         for _ in range(min(max_top, S) + 1):
             bins, most = _deal(frontier, sub, parts)
@@ -154,7 +155,6 @@ def split(sym: Symbolic, plan: compiled.Plan, parts: int, max_top: int = 256,
             top.append(r)
             top_work += float(work[r])
             top_size += float(panel[r])
-    serial = float(work.sum())
     gain = 0.0 if best is None else serial - best[0]
     if best is None or gain <= 0 or gain * SECONDS_PER_FLOP < min_gain:
         # one part (no split pays): everything is the top
