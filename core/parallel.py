@@ -115,7 +115,7 @@ atexit.register(_stop)
 
 def pool_size() -> int:
     """The pool's threads (``cpu_count - 1``; with the caller, one per core)."""
-    return max(0, (os.cpu_count() or 1) - 1)
+    return max(0, _threads.cpu_count() - 1)
 
 
 def _ensure_workers() -> None:

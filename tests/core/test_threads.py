@@ -13,7 +13,7 @@ from core import threads
 
 @pytest.mark.parametrize("load,expected", [(0.2, 2), (1.0, 2), (1.6, 1), (2.0, 1), (9.0, 1)])
 def test_free_cores(monkeypatch: pytest.MonkeyPatch, load: float, expected: int) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(threads, "running", lambda: 1)
     assert threads.free_cores() == expected
@@ -24,7 +24,7 @@ def test_free_cores(monkeypatch: pytest.MonkeyPatch, load: float, expected: int)
 def test_free_cores_sees_a_process_before_the_load_average_does(
         monkeypatch: pytest.MonkeyPatch, now: int | None, load: float, expected: int) -> None:
     """The smaller of the averaged count and the threads runnable now (caller included)."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     monkeypatch.setattr(threads, "running", lambda: now)
     assert threads.free_cores() == expected
@@ -51,8 +51,12 @@ def test_running_counts_a_spinning_process() -> None:
         child.wait()
 
 
+def test_cpu_count_is_the_system_s() -> None:
+    assert threads.cpu_count() == (os.cpu_count() or 1)
+
+
 def test_choose(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads, "cpu_count", lambda: 4)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
     monkeypatch.setattr(threads, "running", lambda: 1)
     assert threads.choose(100) == 1
