@@ -230,3 +230,19 @@ def test_cold_runner_reports_a_fresh_process_first_solve() -> None:
     assert result.solver == "ariadne-sparse-cold" and result.iterations == 2
     assert result.initial_cost == pytest.approx(1287028.398, rel=1e-6)
     assert result.time_s > 0 and len(run.warm) == 1 and run.warm[0] > 0  # type: ignore[attr-defined]
+
+
+def test_load_bench_alternates_quiet_and_loaded_rounds() -> None:
+    """``bench.load`` on a tiny case: every solver measured in both states, the ratios printed."""
+    _gtsam_or_skip()
+    from bench import load
+
+    case = select_cases(make_cases(tiny=True), ["synthetic_pg"])[0]
+    times = load.measure(case, rounds=1, repeats=2, load=1, with_ceres=False)
+    assert set(times) == {(n, k) for n in ("ariadne", "ariadne-1", "gtsam") for k in (0, 1)}
+    assert all(len(v) == 2 and all(t > 0 for t in v) for v in times.values())
+    lines = load.table(case, times, 1)
+    assert lines[0].startswith(f"{case.name} (batch {case.batch})")
+    assert sum("vs best peer" in line for line in lines) == 2
+    with pytest.raises(SystemExit):
+        load.main(["--rounds", "0"])
