@@ -316,6 +316,73 @@ def _accumulate(
 
 
 @_jit
+def _weigh6(
+    b: int, e: int, r: np.ndarray, J: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
+    cost: np.ndarray, kind: int, scale: np.ndarray, grp: np.ndarray, rw: np.ndarray,
+    A: np.ndarray,
+) -> None:
+    """``_accumulate``'s weighting for a 6-dim residual: ``rw = c w (U r)``, ``A = c w (U J)``
+    (``r (6,)``, ``J, A (6, 6)``, ``c = sqrt(rho'(s))``, ``s = |w U r|^2``) and ``0.5 rho(s)``
+    into ``cost[b, grp[e]]``. The sizes are literals and each row of ``U`` is held in locals,
+    so the products unroll (each sum in the order of ``_accumulate``'s loops)."""
+    ub = U[b if U.shape[0] > 1 else 0, e if U.shape[1] > 1 else 0]
+    wb = w[b if w.shape[0] > 1 else 0, e if w.shape[1] > 1 else 0]
+    per = wb.shape[0] > 1
+    for k in range(6):
+        wk = wb[k if per else 0]
+        if has_u:
+            u0, u1, u2, u3, u4, u5 = ub[k, 0], ub[k, 1], ub[k, 2], ub[k, 3], ub[k, 4], ub[k, 5]
+            rw[k] = wk * (u0 * r[0] + u1 * r[1] + u2 * r[2] + u3 * r[3] + u4 * r[4] + u5 * r[5])
+            for q in range(6):
+                A[k, q] = wk * (u0 * J[0, q] + u1 * J[1, q] + u2 * J[2, q] + u3 * J[3, q]
+                                + u4 * J[4, q] + u5 * J[5, q])
+        else:
+            rw[k] = wk * r[k]
+            for q in range(6):
+                A[k, q] = wk * J[k, q]
+    s = 0.0
+    for k in range(6):
+        s += rw[k] * rw[k]
+    prob = grp[e] if grp.shape[0] > 0 else 0
+    if kind == 0:
+        cost[b, prob] += 0.5 * s
+        return
+    c = scale[b if scale.shape[0] > 1 else 0, e if scale.shape[1] > 1 else 0]
+    rho, drho = _robust(kind, s, c)
+    cost[b, prob] += 0.5 * rho
+    root = math.sqrt(drho)
+    for k in range(6):
+        rw[k] *= root
+        for q in range(6):
+            A[k, q] *= root
+
+
+@_jit
+def _normal6(
+    b: int, e: int, rw: np.ndarray, JT: np.ndarray, top: np.ndarray, rowmap: np.ndarray,
+    col: np.ndarray, H: np.ndarray, g: np.ndarray, M: np.ndarray,
+) -> None:
+    """``_accumulate``'s sums for a 6-dim residual from the weighted Jacobian's transpose ``JT
+    (D, 6)`` (rows contiguous): ``JT rw`` into ``g[b, col[e]]``, ``M = JT JT^T`` (upper triangle,
+    mirrored; ``M (D, D)`` scratch) into ``H[b]`` at the block's positions, column by column."""
+    D = JT.shape[0]
+    Hb, gb, te, ce = H[b], g[b], top[e], col[e]
+    r0, r1, r2, r3, r4, r5 = rw[0], rw[1], rw[2], rw[3], rw[4], rw[5]
+    for p in range(D):
+        a0, a1, a2, a3, a4, a5 = JT[p, 0], JT[p, 1], JT[p, 2], JT[p, 3], JT[p, 4], JT[p, 5]
+        gb[ce[p]] += a0 * r0 + a1 * r1 + a2 * r2 + a3 * r3 + a4 * r4 + a5 * r5
+        for q in range(p, D):
+            acc = (a0 * JT[q, 0] + a1 * JT[q, 1] + a2 * JT[q, 2] + a3 * JT[q, 3] + a4 * JT[q, 4]
+                   + a5 * JT[q, 5])
+            M[p, q] = acc
+            M[q, p] = acc
+    for p in range(D):
+        s, wp = rowmap[0, p], rowmap[1, p]
+        for q in range(D):
+            Hb[te[s, q] + wp] += M[p, q]
+
+
+@_jit
 def se3_between(
     Xi: np.ndarray, Xj: np.ndarray, ii: np.ndarray, jj: np.ndarray, Z: np.ndarray,
     U: np.ndarray, has_u: bool, w: np.ndarray, top: np.ndarray, rowmap: np.ndarray, col: np.ndarray,
@@ -323,14 +390,15 @@ def se3_between(
     grp: np.ndarray,
 ) -> None:
     """``r = Log(z^-1 x_i^-1 x_j)``, ``J_j = Jr^-1(r)``, ``J_i = -J_j Ad(x_j^-1 x_i)``
-    (``core.costs.pose.Between`` on SE3)."""
+    (``core.costs.pose.Between`` on SE3). Weighted as ``A = c w U J_j`` first (``_weigh6``),
+    then ``c w U J_i = -A Ad``: half the products of weighing ``J = [J_i, J_j]`` as a whole
+    (equal up to rounding: the torch path forms ``U (J_j Ad)``)."""
     B, E = Xi.shape[0], ii.shape[0]
     a7, b7, c7, m7 = np.empty(7), np.empty(7), np.empty(7), np.empty(7)
     tmp, r = np.empty(3), np.empty(6)
-    Jj, Ad, J = np.empty((6, 6)), np.empty((6, 6)), np.empty((6, 12))
+    Jj, Ad, A = np.empty((6, 6)), np.empty((6, 6)), np.empty((6, 6))
     s33 = np.empty((4, 3, 3))
-    rw, Jw = np.empty(6), np.empty((6, 12))
-    pe = np.empty((12, 12), np.int64)
+    rw, JT, M = np.empty(6), np.empty((12, 6)), np.empty((12, 12))
     for bb in range(B):
         zb = Z[bb if Z.shape[0] > 1 else 0]
         for e in range(E):
@@ -344,15 +412,14 @@ def se3_between(
             _se3_inverse(xj, a7, tmp)
             _se3_compose(a7, xi, c7, tmp)  # xj^-1 xi
             _se3_adjoint(c7, Ad, s33)
-            for p in range(6):
+            _weigh6(bb, e, r, Jj, U, has_u, w, cost, kind, scale, grp, rw, A)
+            for k in range(6):  # JT = [-A Ad, A]^T
+                a0, a1, a2, a3, a4, a5 = A[k, 0], A[k, 1], A[k, 2], A[k, 3], A[k, 4], A[k, 5]
                 for q in range(6):
-                    acc = 0.0
-                    for m in range(6):
-                        acc += Jj[p, m] * Ad[m, q]
-                    J[p, q] = -acc
-                    J[p, q + 6] = Jj[p, q]
-            _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
-                        grp, rw, Jw, pe)
+                    JT[q, k] = -(a0 * Ad[0, q] + a1 * Ad[1, q] + a2 * Ad[2, q] + a3 * Ad[3, q]
+                                 + a4 * Ad[4, q] + a5 * Ad[5, q])
+                    JT[q + 6, k] = A[k, q]
+            _normal6(bb, e, rw, JT, top, rowmap, col, H, g, M)
 
 
 @_jit
@@ -365,9 +432,8 @@ def se3_prior(
     """``r = Log(z^-1 x)``, ``J = Jr^-1(r)`` (``core.costs.pose.Prior`` on SE3)."""
     B, E = X.shape[0], ii.shape[0]
     a7, m7, tmp, r = np.empty(7), np.empty(7), np.empty(3), np.empty(6)
-    J, s33 = np.empty((6, 6)), np.empty((4, 3, 3))
-    rw, Jw = np.empty(6), np.empty((6, 6))
-    pe = np.empty((6, 6), np.int64)
+    J, A, s33 = np.empty((6, 6)), np.empty((6, 6)), np.empty((4, 3, 3))
+    rw, JT, M = np.empty(6), np.empty((6, 6)), np.empty((6, 6))
     for bb in range(B):
         zb = Z[bb if Z.shape[0] > 1 else 0]
         for e in range(E):
@@ -375,8 +441,11 @@ def se3_prior(
             _se3_compose(a7, X[bb, ii[e]], m7, tmp)
             _se3_log(m7, r)
             _se3_jr_inv(r, J, s33)
-            _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
-                        grp, rw, Jw, pe)
+            _weigh6(bb, e, r, J, U, has_u, w, cost, kind, scale, grp, rw, A)
+            for k in range(6):
+                for q in range(6):
+                    JT[q, k] = A[k, q]
+            _normal6(bb, e, rw, JT, top, rowmap, col, H, g, M)
 
 
 @_jit

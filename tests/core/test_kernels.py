@@ -108,6 +108,33 @@ def test_pose_kernels_equal_torch(G: LieGroup, weights: str) -> None:
     both(objective, values)
 
 
+
+@pytest.mark.parametrize("G", [core.SE3, core.SE2], ids=repr)
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("loss", [None, "cauchy"])
+def test_prior_kernels_equal_torch(G: LieGroup, weights: str, loss: str | None) -> None:
+    """The prior kernels with every weighting (a 6x6 / 3x3 ``sqrt_info`` per factor, per batch
+    element and factor, shared; scalar; per dimension; none) and with a robust loss; several
+    priors on one pose (their blocks summed), residual angles through ``ANGLES``."""
+    gen = torch.Generator().manual_seed(hash((str(G), weights, loss)) % 2**31)
+    B, F = 2, 2 * len(ANGLES)
+    poses = G.random(B, F, generator=gen, dtype=DT)
+    index = torch.cat([torch.arange(F), torch.randint(0, F, (F,), generator=gen)])
+    E, d = index.shape[0], G.dof
+    target = G.compose(poses[:, index], G.exp(-residual_tangent(G, gen, B, E)))
+    kw = {
+        "sqrt_info": {"sqrt_info": upper(gen, E, d=d)},
+        "batched_sqrt_info": {"sqrt_info": upper(gen, B, E, d=d)},
+        "shared_sqrt_info": {"sqrt_info": upper(gen, d=d)},
+        "scalar": {"weight": 2.5},
+        "diagonal": {"weight": torch.rand(E, d, generator=gen, dtype=DT) + 0.5},
+        "none": {},
+    }[weights]
+    robust = None if loss is None else core.RobustLoss(loss, 2.0)
+    prior = core.costs.Prior(core.Variable("x", G, F), target, index, **kw, loss=robust)
+    assert prior.kernel == f"prior_{str(G).lower()}"
+    both(core.Objective([prior]), {"x": poses})
+
 @pytest.mark.parametrize("G", [core.SE3, core.SE2], ids=repr)
 def test_between_two_variables(G: LieGroup) -> None:
     gen = torch.Generator().manual_seed(3)
