@@ -6,8 +6,9 @@ Two pools share the cores in a CPU solve: torch's intra-op OpenMP threads and Op
 wait for descheduled partners: on the 2-core bench machine at load ~5, sphere2500 took 0.56-0.66 s
 with one OpenBLAS thread and 0.99-1.60 s with two, and one torch operation over 40,000 doubles
 took 78 us with one OpenMP thread against 23.5 ms with two (a 256-pose solve: 0.011 s against
-0.14 s). The rule (:func:`choose`): OpenBLAS gets the cores that the 1-minute load average
-leaves free, and one thread for problems too small to gain from more; torch's OpenMP pool gets
+0.14 s). The rule (:func:`choose`): OpenBLAS gets the cores other processes leave free
+(:func:`free_cores`: by the 1-minute load average and by the threads runnable now), and one
+thread for problems too small to gain from more; torch's OpenMP pool gets
 the free cores too (never more than the caller's setting), and one thread once the compiled
 kernels run on several (``core.parallel``, :func:`kernels_threaded`). Both are restored on exit.
 
