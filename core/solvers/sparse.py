@@ -323,19 +323,19 @@ class SparseCholesky:
     def _threaded_plan(self, pattern: Pattern) -> threaded.TreePlan:
         """The one-matrix kernel's plan of ``pattern`` (analysis, panels and the threads'
         shares; computed once)."""
-        from core.solvers.supernodal import analyze
+        from core.solvers.supernodal import analyze_each
 
         plan = self._threaded.lookup((id(pattern),), pattern)
         if plan is None:
             if not importlib.util.find_spec("sksparse"):
-                orderings = ["minimum_degree"]
+                orderings = ("minimum_degree",)
             else:  # AMD's fill is the least on small graphs; large ones try nested dissection
-                orderings = ["amd"] + (["nesdis"] if pattern.n >= THREADED_ND_FROM else [])
-            plans = []
-            for ordering in orderings:
-                sym = analyze(pattern, ordering)  # type: ignore[arg-type]
-                plans.append(threaded.split(sym, compiled.plan(sym), parallel.pool_size() + 1))
-            plan = min(plans, key=lambda p: p.estimate)
+                orderings = ("amd",) + (("nesdis",) if pattern.n >= THREADED_ND_FROM else ())
+            parts = parallel.pool_size() + 1
+            # the orderings scored on their analyses; the panels laid out for the best only
+            syms = analyze_each(pattern, orderings)
+            sym = min(syms, key=lambda sym: threaded.estimate(sym, parts))
+            plan = threaded.split(sym, compiled.plan(sym), parts)
             self._threaded.store((id(pattern),), plan)
         return plan
 

@@ -87,33 +87,158 @@ class TreePlan:
         return self.plan.pattern
 
 
-def _work(plan: compiled.Plan) -> np.ndarray:
-    """Per supernode the multiply-adds of its three calls and its scatter, plus the calls'
-    overhead (``CALL_FLOPS``): the split's estimate of its time."""
-    W = np.diff(plan.starts).astype(np.float64)
-    M = np.diff(plan.rptr).astype(np.float64)
+def _work(W: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Per supernode (widths ``W (S,)``, rows below ``M (S,)``) the multiply-adds of its three
+    calls and its scatter, plus the calls' overhead (``CALL_FLOPS``): the split's estimate of
+    its time."""
+    W, M = W.astype(np.float64), M.astype(np.float64)
     return W**3 / 3 + M * W**2 + M**2 * (W + 4) / 2 + CALL_FLOPS
 
 
+@_jit
 def _subtrees(parent: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per supernode (postorder) its subtree's work and first supernode."""
+    """Per supernode (postorder: children before parents) its subtree's work and first
+    supernode."""
     sub, first = work.copy(), np.arange(parent.shape[0])
-    for s, p in enumerate(parent.tolist()):  # children before parents
+    for s in range(parent.shape[0]):
+        p = parent[s]
         if p >= 0:
             sub[p] += sub[s]
-            first[p] = min(first[p], first[s])
+            if first[s] < first[p]:
+                first[p] = first[s]
     return sub, first
 
 
-def _deal(roots: list[int], sub: np.ndarray, parts: int) -> tuple[list[list[int]], float]:
-    """Subtrees to ``parts`` bins, largest first to the least loaded; the largest bin's work."""
-    bins: list[list[int]] = [[] for _ in range(parts)]
-    load = [0.0] * parts
-    for r in sorted(roots, key=lambda r: -sub[r]):
-        k = load.index(min(load))
-        bins[k].append(r)
-        load[k] += float(sub[r])
-    return bins, max(load)
+@_jit
+def _deal(roots: np.ndarray, sub: np.ndarray, parts: int) -> tuple[np.ndarray, float]:
+    """The subtrees ``roots`` to ``parts`` bins, largest first (ties: in ``roots``' order) to
+    the least loaded (ties: the lowest bin); per root its bin, and the largest bin's work."""
+    load = np.zeros(parts)
+    bins = np.empty(roots.shape[0], dtype=np.int64)
+    for i in np.argsort(-sub[roots], kind="mergesort"):
+        k = np.argmin(load)
+        bins[i] = k
+        load[k] += sub[roots[i]]
+    return bins, load.max()
+
+
+@_jit
+def _grow(parent: np.ndarray, work: np.ndarray, panel: np.ndarray, sub: np.ndarray, parts: int,
+          steps: int, patience: int, seconds_per_flop: float
+          ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """The top grown from the roots, largest subtree first (ties: the first in the frontier),
+    for at most ``steps`` expansions and ``patience`` past the last one that lowered the
+    estimate ``max(part) + top + private buffers`` by 1%: the best estimate (multiply-adds),
+    the top's supernodes (in the order taken), the frontier's subtree roots and their bins."""
+    S = parent.shape[0]
+    cptr = np.zeros(S + 1, dtype=np.int64)  # children, ascending, as CSR
+    for s in range(S):
+        if parent[s] >= 0:
+            cptr[parent[s] + 1] += 1
+    cptr = np.cumsum(cptr)
+    child, fill = np.empty(max(cptr[S], 1), dtype=np.int64), cptr[:-1].copy()
+    for s in range(S):
+        if parent[s] >= 0:
+            child[fill[parent[s]]] = s
+            fill[parent[s]] += 1
+    frontier = np.empty(S, dtype=np.int64)
+    size = 0
+    for s in range(S):
+        if parent[s] < 0:
+            frontier[size] = s
+            size += 1
+    top = np.empty(min(steps, S) + 1, dtype=np.int64)
+    taken = 0
+    top_work = top_size = 0.0
+    best, best_taken = np.inf, 0
+    best_roots, best_bins = frontier[:0].copy(), np.zeros(0, dtype=np.int64)
+    since = 0  # expansions since the best estimate
+    for _ in range(min(steps, S) + 1):
+        bins, most = _deal(frontier[:size], sub, parts)
+        # private buffers: zeroed by parts 1.., added by the caller (~1 ns per entry each)
+        estimate = most + top_work + top_size * parts * 1e-9 / seconds_per_flop
+        if estimate < best:
+            if estimate < 0.99 * best:  # worth `patience` more steps
+                since = 0
+            best, best_taken = estimate, taken
+            best_roots, best_bins = frontier[:size].copy(), bins
+        since += 1
+        if size == 0 or since > patience:
+            break
+        at = 0
+        for i in range(1, size):
+            if sub[frontier[i]] > sub[frontier[at]]:
+                at = i
+        r = frontier[at]
+        frontier[at : size - 1] = frontier[at + 1 : size].copy()
+        size -= 1
+        for e in range(cptr[r], cptr[r + 1]):
+            frontier[size] = child[e]
+            size += 1
+        top[taken] = r
+        taken += 1
+        top_work += work[r]
+        top_size += panel[r]
+    return best, top[:best_taken].copy(), best_roots, best_bins
+
+
+@_jit
+def _entries(src: np.ndarray, dst: np.ndarray, indptr: np.ndarray, perm: np.ndarray,
+             owner: np.ndarray, part_of: np.ndarray,
+             parts: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The plan's entries ``src, dst`` (``src`` ascending: column by column of the pattern's
+    ``indptr``) grouped by the part of the supernode they fill (``part_of``, through the
+    entry's new column; ascending within a part): ``src, dst`` and the parts' bounds
+    ``(parts + 1,)``."""
+    n = indptr.shape[0] - 1
+    inv = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        inv[perm[i]] = i
+    part = np.empty(src.shape[0], dtype=np.int64)
+    bounds = np.zeros(parts + 1, dtype=np.int64)
+    j = 0
+    for e in range(src.shape[0]):
+        while src[e] >= indptr[j + 1]:
+            j += 1
+        part[e] = part_of[owner[inv[j]]]
+        bounds[part[e] + 1] += 1
+    bounds = np.cumsum(bounds)
+    fill = bounds[:-1].copy()
+    out_src, out_dst = np.empty_like(src), np.empty_like(dst)
+    for e in range(src.shape[0]):
+        k = part[e]
+        out_src[fill[k]], out_dst[fill[k]] = src[e], dst[e]
+        fill[k] += 1
+    return out_src, out_dst, bounds
+
+
+def _cut(sym: Symbolic, parts: int, max_top: int, min_gain: float
+         ) -> tuple[float, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None]:
+    """:func:`split`'s tree walk on ``sym`` alone: the estimated seconds of one factorization
+    and, where a split saves ``min_gain`` seconds, the top (in the order taken), the frontier's
+    subtree roots (in the order dealt: largest first) and their bins, and each supernode's
+    first descendant; else None."""
+    parent = sym.parent.astype(np.int64)
+    W, M = np.diff(sym.starts), np.diff(sym.below_ptr)
+    work = _work(W, M)
+    serial = float(work.sum())
+    if parts <= 1 or serial * SECONDS_PER_FLOP < 2 * min_gain:  # one part: no tree walk
+        return serial * SECONDS_PER_FLOP, None
+    sub, first = _subtrees(parent, work)
+    panel = ((W + M) * W).astype(np.float64)
+    best, top, roots, bins = _grow(parent, work, panel, sub, parts, max_top, PATIENCE,
+                                   SECONDS_PER_FLOP)
+    gain = serial - best
+    if gain <= 0 or gain * SECONDS_PER_FLOP < min_gain:
+        return serial * SECONDS_PER_FLOP, None
+    dealt = np.argsort(-sub[roots], kind="stable")  # _deal's order
+    return best * SECONDS_PER_FLOP, (top, roots[dealt], bins[dealt], first)
+
+
+def estimate(sym: Symbolic, parts: int, max_top: int = 256, min_gain: float = MIN_PART) -> float:
+    """The estimated seconds of one factorization of ``sym``'s matrix split for ``parts``
+    threads (:func:`split`'s estimate, without the panel layout: an ordering's score)."""
+    return _cut(sym, parts, max_top, min_gain)[0]
 
 
 def split(sym: Symbolic, plan: compiled.Plan, parts: int, max_top: int = 256,
@@ -121,79 +246,46 @@ def split(sym: Symbolic, plan: compiled.Plan, parts: int, max_top: int = 256,
     """The threads' shares of ``plan`` (``sym``'s tree) for ``parts`` threads: the top grown
     from the roots (largest subtree first; at most ``max_top`` supernodes, ``PATIENCE`` past the
     best) to the least estimated time ``max(part) + top + private buffers``; one part (all of
-    it the top) unless that saves ``min_gain`` seconds."""
-    parent = sym.parent.astype(np.int64)
-    S = parent.shape[0]
-    work = _work(plan)
-    serial = float(work.sum())
-    best: tuple[float, list[int], list[list[int]]] | None = None
-    if parts > 1 and serial * SECONDS_PER_FLOP >= 2 * min_gain:  # (else one part: no tree walk)
-        sub, first = _subtrees(parent, work)
-        children: list[list[int]] = [[] for _ in range(S)]
-        for s, p in enumerate(parent.tolist()):
-            if p >= 0:
-                children[p].append(s)
-        panel = np.diff(plan.poff).astype(np.float64)
-        frontier = [int(s) for s in np.nonzero(parent < 0)[0]]
-        top: list[int] = []
-        top_work = top_size = 0.0
-        since = 0  # expansions since the best estimate
-        for _ in range(min(max_top, S) + 1):
-            bins, most = _deal(frontier, sub, parts)
-            # private buffers: zeroed by parts 1.., added by the caller (~1 ns per entry each)
-            estimate = most + top_work + top_size * parts * 1e-9 / SECONDS_PER_FLOP
-            if best is None or estimate < best[0]:
-                if best is None or estimate < 0.99 * best[0]:  # worth PATIENCE more steps
-                    since = 0
-                best = (estimate, list(top), bins)
-            since += 1
-            if not frontier or since > PATIENCE:
-                break
-            r = max(frontier, key=lambda s: sub[s])
-            frontier.remove(r)
-            frontier.extend(children[r])
-            top.append(r)
-            top_work += float(work[r])
-            top_size += float(panel[r])
-    gain = 0.0 if best is None else serial - best[0]
-    if best is None or gain <= 0 or gain * SECONDS_PER_FLOP < min_gain:
-        # one part (no split pays): everything is the top
+    it the top) unless that saves ``min_gain`` seconds. The tree walk and the entries' grouping
+    are compiled (100k-pose helix, 55k supernodes, 7 M entries: ~0.5 s each in Python)."""
+    S = sym.parent.shape[0]
+    seconds, cut = _cut(sym, parts, max_top, min_gain)
+    if cut is None:  # one part (no split pays): everything is the top
         whole = Part(np.arange(S, dtype=np.int64), np.array([[0, int(plan.poff[-1])]], np.int64),
                      plan.src, plan.dst, np.full(S, -1, dtype=np.int64), 0,
                      int(np.diff(plan.rptr).max(initial=0)))
-        return TreePlan(plan, [], whole, np.zeros(1, np.int64), serial * SECONDS_PER_FLOP)
-    estimate, top, bins = best
-    top_sns = np.array(sorted(top), dtype=np.int64)
-    top_sizes = panel[top_sns].astype(np.int64)
-    top_offsets = np.concatenate([[0], np.cumsum(top_sizes)]).astype(np.int64)
+        return TreePlan(plan, [], whole, np.zeros(1, np.int64), seconds)
+    top, roots, bins, first = cut
+    top_sns = np.sort(top)
+    panel = np.diff(plan.poff)
+    top_offsets = np.concatenate([[0], np.cumsum(panel[top_sns])]).astype(np.int64)
     priv_off = np.full(S, -1, dtype=np.int64)
     priv_off[top_sns] = top_offsets[:-1]
     none = np.full(S, -1, dtype=np.int64)
-    # which part fills each panel entry: the owner supernode's part (the top's: part 0)
+    # each supernode's part (the top's panels are filled by part 0)
     part_of = np.zeros(S, dtype=np.int64)
-    for k, roots in enumerate(bins):
-        for r in roots:
-            part_of[first[r] : r + 1] = k
+    for r, k in zip(roots.tolist(), bins.tolist()):
+        part_of[first[r] : r + 1] = k
+    label = part_of.copy()
+    label[top_sns] = -1
     part_of[top_sns] = 0
-    entry_sn = np.searchsorted(plan.poff, plan.dst, side="right") - 1
-    entry_part = part_of[entry_sn]
+    src, dst, bounds = _entries(plan.src, plan.dst, np.asarray(plan.pattern.indptr.numpy(),
+                                dtype=np.int64), plan.perm, plan.owner, part_of, parts)
     M = np.diff(plan.rptr)
     shares = []
-    for k, roots in enumerate(bins):
-        sns = np.concatenate([np.arange(first[r], r + 1) for r in roots] or
-                             [np.zeros(0, np.int64)]).astype(np.int64)
-        sns.sort()
-        ranges = [[plan.poff[first[r]], plan.poff[r + 1]] for r in roots]
+    for k in range(parts):
+        sns = np.flatnonzero(label == k).astype(np.int64)
+        ranges = [[plan.poff[first[r]], plan.poff[r + 1]] for r in roots[bins == k].tolist()]
         if k == 0:
             ranges += [[plan.poff[t], plan.poff[t + 1]] for t in top_sns]
-        mine = np.nonzero(entry_part == k)[0]
         shares.append(Part(sns, np.array(ranges, dtype=np.int64).reshape(-1, 2),
-                           plan.src[mine], plan.dst[mine], none if k == 0 else priv_off,
+                           src[bounds[k] : bounds[k + 1]], dst[bounds[k] : bounds[k + 1]],
+                           none if k == 0 else priv_off,
                            0 if k == 0 else int(top_offsets[-1]),
                            int(M[sns].max(initial=0))))
     top_part = Part(top_sns, np.zeros((0, 2), np.int64), np.zeros(0, np.int64),
                     np.zeros(0, np.int64), none, 0, int(M[top_sns].max(initial=0)))
-    return TreePlan(plan, shares, top_part, top_offsets, estimate * SECONDS_PER_FLOP)
+    return TreePlan(plan, shares, top_part, top_offsets, seconds)
 
 
 @_jit

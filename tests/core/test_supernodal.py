@@ -384,3 +384,39 @@ def test_cuda_factor_and_solve_do_not_synchronize(gen: torch.Generator) -> None:
         solver.factor(values, pattern, zero).solve(b)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_block_graph_matches_numpy() -> None:
+    """The compiled block graph equals the NumPy construction it replaced (first column of each
+    block, rows to blocks by searchsorted, self loops and repeats dropped)."""
+    patterns = [pose_graph_objective(pose_graph_batch(60, 1, seed=2))[0].pattern()]
+    scene = bal_scene(8, 60, views=(2, 4), seed=3)
+    full = core.costs.bal_objective(scene.problem)[0].pattern()
+    patterns += [full, Schur(core.costs.bal_objective(scene.problem)[0],
+                             eliminate="points").maps(full).reduced]
+    for pattern in patterns:
+        starts = sn.pattern_blocks(pattern)
+        indptr, rows = pattern.indptr.numpy(), pattern.rows.numpy()
+        first = starts[:-1]
+        count = indptr[first + 1] - indptr[first]
+        owner = np.repeat(np.arange(first.shape[0]), count)
+        pos = np.arange(owner.shape[0]) - np.repeat(np.cumsum(count) - count, count)
+        other = np.searchsorted(starts, rows[pos + indptr[first][owner]], side="right") - 1
+        keep = other != owner
+        keep[1:] &= (other[1:] != other[:-1]) | (owner[1:] != owner[:-1])
+        ref_ptr = np.concatenate([[0], np.cumsum(np.bincount(owner[keep],
+                                                             minlength=first.shape[0]))])
+        ptr, idx = sn.block_graph(pattern, starts)
+        assert ptr.tolist() == ref_ptr.tolist() and idx.tolist() == other[keep].tolist()
+
+
+def test_analyze_each_equals_one_analysis_per_ordering() -> None:
+    pattern = pose_graph_objective(pose_graph_batch(120, 1, seed=4))[0].pattern()
+    orderings = ("amd", "nesdis", "minimum_degree")
+    for sym, ordering in zip(sn.analyze_each(pattern, orderings), orderings):
+        one = sn.analyze(pattern, ordering)  # type: ignore[arg-type]
+        assert sym.ordering == ordering
+        for name in ("perm", "starts", "below_ptr", "below_rows", "parent"):
+            assert np.array_equal(getattr(sym, name), getattr(one, name))
+    with pytest.raises(ValueError, match="unknown ordering 'auto'"):
+        sn.analyze_each(pattern, ("auto",))

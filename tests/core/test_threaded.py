@@ -285,3 +285,121 @@ def test_ragged_blocks_keep_their_own_plans(monkeypatch: pytest.MonkeyPatch) -> 
     assert first >= len(objectives) - 1
     solver.factor(lin.H, lin.pattern, damping, active)
     assert len(calls) == first
+
+
+def reference_split(sym: sn.Symbolic, plan: compiled.Plan, parts: int, max_top: int = 256,
+                    min_gain: float = threaded.MIN_PART) -> threaded.TreePlan:
+    """``threaded.split`` in plain Python (lists, one supernode at a time), as first written."""
+    parent = sym.parent.astype(np.int64)
+    S = parent.shape[0]
+    W = np.diff(plan.starts).astype(np.float64)
+    Mf = np.diff(plan.rptr).astype(np.float64)
+    work = W**3 / 3 + Mf * W**2 + Mf**2 * (W + 4) / 2 + threaded.CALL_FLOPS
+    serial = float(work.sum())
+    spf = threaded.SECONDS_PER_FLOP
+
+    def deal(roots: list[int]) -> tuple[list[list[int]], float]:
+        bins: list[list[int]] = [[] for _ in range(parts)]
+        load = [0.0] * parts
+        for r in sorted(roots, key=lambda r: -sub[r]):
+            k = load.index(min(load))
+            bins[k].append(r)
+            load[k] += float(sub[r])
+        return bins, max(load)
+
+    best = None
+    if parts > 1 and serial * spf >= 2 * min_gain:
+        sub, first = work.copy(), np.arange(S)
+        for s, p in enumerate(parent.tolist()):
+            if p >= 0:
+                sub[p] += sub[s]
+                first[p] = min(first[p], first[s])
+        children: list[list[int]] = [[] for _ in range(S)]
+        for s, p in enumerate(parent.tolist()):
+            if p >= 0:
+                children[p].append(s)
+        panel = np.diff(plan.poff).astype(np.float64)
+        frontier = [int(s) for s in np.nonzero(parent < 0)[0]]
+        top: list[int] = []
+        top_work = top_size = 0.0
+        since = 0
+        for _ in range(min(max_top, S) + 1):
+            bins, most = deal(frontier)
+            estimate = most + top_work + top_size * parts * 1e-9 / spf
+            if best is None or estimate < best[0]:
+                if best is None or estimate < 0.99 * best[0]:
+                    since = 0
+                best = (estimate, list(top), bins)
+            since += 1
+            if not frontier or since > threaded.PATIENCE:
+                break
+            r = max(frontier, key=lambda s: sub[s])
+            frontier.remove(r)
+            frontier.extend(children[r])
+            top.append(r)
+            top_work += float(work[r])
+            top_size += float(panel[r])
+    gain = 0.0 if best is None else serial - best[0]
+    if best is None or gain <= 0 or gain * spf < min_gain:
+        whole = threaded.Part(np.arange(S), np.array([[0, int(plan.poff[-1])]]), plan.src,
+                              plan.dst, np.full(S, -1), 0, int(np.diff(plan.rptr).max(initial=0)))
+        return threaded.TreePlan(plan, [], whole, np.zeros(1, np.int64), serial * spf)
+    estimate, top, bins = best
+    top_sns = np.array(sorted(top), dtype=np.int64)
+    top_offsets = np.concatenate([[0], np.cumsum(np.diff(plan.poff)[top_sns])])
+    priv_off = np.full(S, -1)
+    priv_off[top_sns] = top_offsets[:-1]
+    part_of = np.zeros(S, dtype=np.int64)
+    for k, roots in enumerate(bins):
+        for r in roots:
+            part_of[first[r] : r + 1] = k
+    part_of[top_sns] = 0
+    entry_part = part_of[np.searchsorted(plan.poff, plan.dst, side="right") - 1]
+    M = np.diff(plan.rptr)
+    shares = []
+    for k, roots in enumerate(bins):
+        sns = np.sort(np.concatenate([np.arange(first[r], r + 1) for r in roots] or
+                                     [np.zeros(0, np.int64)]))
+        ranges = [[plan.poff[first[r]], plan.poff[r + 1]] for r in roots]
+        if k == 0:
+            ranges += [[plan.poff[t], plan.poff[t + 1]] for t in top_sns]
+        mine = np.nonzero(entry_part == k)[0]
+        shares.append(threaded.Part(sns, np.array(ranges).reshape(-1, 2), plan.src[mine],
+                                    plan.dst[mine], np.full(S, -1) if k == 0 else priv_off,
+                                    0 if k == 0 else int(top_offsets[-1]),
+                                    int(M[sns].max(initial=0))))
+    top_part = threaded.Part(top_sns, np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.full(S, -1),
+                             0, int(M[top_sns].max(initial=0)))
+    return threaded.TreePlan(plan, shares, top_part, top_offsets, estimate * spf)
+
+
+@pytest.mark.parametrize("parts,max_top", [(1, 256), (2, 256), (3, 256), (2, 3), (4, 40)])
+def test_compiled_split_matches_python_reference(parts: int, max_top: int) -> None:
+    """The compiled tree walk and entry grouping give the plain-Python split's plan exactly."""
+    ordering = "auto" if "cholmod" in available_backends() else "minimum_degree"
+    patterns = [helix(400)[0], helix(1500)[0], *ba_patterns().values()]
+    split_up = 0
+    for pattern in patterns:
+        sym = sn.analyze(pattern, ordering)
+        plan = compiled.plan(sym)
+        for min_gain in (0.0, threaded.MIN_PART):
+            got = threaded.split(sym, plan, parts, max_top, min_gain)
+            ref = reference_split(sym, plan, parts, max_top, min_gain)
+            assert got.estimate == pytest.approx(ref.estimate, rel=1e-12)
+            assert threaded.estimate(sym, parts, max_top, min_gain) == got.estimate
+            assert len(got.parts) == len(ref.parts)
+            assert np.array_equal(got.top_offsets, ref.top_offsets)
+            for a, b in zip(got.parts + [got.top], ref.parts + [ref.top]):
+                for name in ("sns", "ranges", "src", "dst", "priv_off"):
+                    assert np.array_equal(getattr(a, name), getattr(b, name)), name
+                assert (a.priv_size, a.max_below) == (b.priv_size, b.max_below)
+        split_up += bool(threaded.split(sym, plan, parts, max_top, 0.0).parts)
+    assert split_up >= (2 if parts > 1 else 0)  # the helices split: the parts were compared
+
+
+def test_split_deals_ties_like_python() -> None:
+    """Equal subtrees: dealt in frontier order, each to the lowest least-loaded bin."""
+    sub = np.array([5.0, 7.0, 5.0, 7.0, 1.0])
+    roots = np.array([0, 1, 2, 3, 4])
+    bins, most = threaded._deal(roots, sub, 2)
+    assert bins.tolist() == [0, 0, 1, 1, 0] and most == 13.0
