@@ -194,19 +194,23 @@ def _entries(src: np.ndarray, dst: np.ndarray, indptr: np.ndarray, perm: np.ndar
     inv = np.empty(n, dtype=np.int64)
     for i in range(n):
         inv[perm[i]] = i
-    part = np.empty(src.shape[0], dtype=np.int64)
+    col_part = np.empty(n, dtype=np.int64)  # per original column (no per-entry array)
+    for j in range(n):
+        col_part[j] = part_of[owner[inv[j]]]
     bounds = np.zeros(parts + 1, dtype=np.int64)
     j = 0
     for e in range(src.shape[0]):
         while src[e] >= indptr[j + 1]:
             j += 1
-        part[e] = part_of[owner[inv[j]]]
-        bounds[part[e] + 1] += 1
+        bounds[col_part[j] + 1] += 1
     bounds = np.cumsum(bounds)
     fill = bounds[:-1].copy()
     out_src, out_dst = np.empty_like(src), np.empty_like(dst)
+    j = 0
     for e in range(src.shape[0]):
-        k = part[e]
+        while src[e] >= indptr[j + 1]:
+            j += 1
+        k = col_part[j]
         out_src[fill[k]], out_dst[fill[k]] = src[e], dst[e]
         fill[k] += 1
     return out_src, out_dst, bounds
