@@ -55,19 +55,25 @@ class Plan:
     flops: int = 0
 
 
+def _ints(a: np.ndarray) -> np.ndarray:
+    """``a`` as int64, copied only if it is not (100k poses: the pattern's rows are 115 MB)."""
+    return np.asarray(a, dtype=np.int64)
+
+
 def plan(sym: Symbolic) -> Plan:
     """The :class:`Plan` of a symbolic analysis (NumPy, once per pattern)."""
     pattern = sym.pattern
-    starts = sym.starts.astype(np.int64)
+    ints = _ints
+    starts = ints(sym.starts)
     W = np.diff(starts)
-    rptr = sym.below_ptr.astype(np.int64)
+    rptr = ints(sym.below_ptr)
     M = np.diff(rptr)
-    rows = sym.below_rows.astype(np.int64)
-    poff = np.concatenate([[0], np.cumsum((W + M) * W)]).astype(np.int64)
-    owner = np.repeat(np.arange(W.shape[0]), W).astype(np.int64)
-    src, dst = _entries(pattern.indptr.cpu().numpy().astype(np.int64),
-                        pattern.rows.cpu().numpy().astype(np.int64),
-                        sym.perm.astype(np.int64), starts, rptr, rows, poff, owner)
+    rows = ints(sym.below_rows)
+    poff = ints(np.concatenate([[0], np.cumsum((W + M) * W)]))
+    owner = ints(np.repeat(np.arange(W.shape[0]), W))
+    perm = ints(sym.perm)
+    src, dst = _entries(ints(pattern.indptr.cpu().numpy()), ints(pattern.rows.cpu().numpy()),
+                        perm, starts, rptr, rows, poff, owner)
     return Plan(
         pattern,
         starts,
@@ -76,7 +82,7 @@ def plan(sym: Symbolic) -> Plan:
         poff,
         src,
         dst,
-        sym.perm.astype(np.int64),
+        perm,
         owner,
         int((W * W * (W + M) // 2 + M * M * W // 2).sum()),
     )
