@@ -22,11 +22,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from core._kernels import AVAILABLE as KERNELS
 from core.linearize import Linearization, linearize
 from core.objective import Elements, Objective
 from core.solvers import LinearSolver, SolverName, damped, make_solver, solve
 from core.solvers.base import Factor
-from core.solvers.sparse import RaggedCholesky, RaggedFactor, SparseCholesky
+from core.solvers.sparse import RaggedCholesky, RaggedFactor, SparseCholesky, prepare_threaded
 from core.threads import prepare as prepare_threads
 from core.threads import solve_threads
 
@@ -166,6 +167,10 @@ class LevenbergMarquardt:
         if self.check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {self.check_every}")
         prepare_threads()  # (once per process) not inside the first solve's time
+        if KERNELS and isinstance(self.solver, str) and self.solver in ("auto", "sparse"):
+            # the one-matrix kernel's compiled code (once per process; ~0.1 s from Numba's
+            # cache): a solver named here is made inside the first solve
+            prepare_threaded()
 
     def solve(self, objective: Objective, init: Mapping[str, Tensor]) -> Solution:
         """Minimize ``objective`` from ``init`` (name -> ``(B, F, S)``)."""
