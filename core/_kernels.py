@@ -52,6 +52,15 @@ def _jit(fn: Callable[..., Any]) -> Any:
         return numba.njit(cache=False, nogil=True, error_model="numpy")(fn)
 
 
+def _inline(fn: Callable[..., Any]) -> Any:
+    """``numba.njit`` inlined into each compiled caller (Numba IR): the caller's literal array
+    sizes become the helper's loop bounds (unrolled), and its arrays pass without a call. Only
+    for the hot helpers of a few kernels: each call site compiles the helper again."""
+    if numba is None:  # pragma: no cover
+        return fn
+    return numba.njit(nogil=True, error_model="numpy", inline="always")(fn)
+
+
 # Taylor coefficients (powers of theta^2) and thresholds, the torch path's own
 _F64 = np.float64
 SIN_OVER_T = np.array(_util.SIN_OVER_T, _F64)
@@ -325,13 +334,13 @@ def _weigh6(
     (``r (6,)``, ``J, A (6, 6)``, ``c = sqrt(rho'(s))``, ``s = |w U r|^2``) and ``0.5 rho(s)``
     into ``cost[b, grp[e]]``. The sizes are literals and each row of ``U`` is held in locals,
     so the products unroll (each sum in the order of ``_accumulate``'s loops)."""
-    ub = U[b if U.shape[0] > 1 else 0, e if U.shape[1] > 1 else 0]
-    wb = w[b if w.shape[0] > 1 else 0, e if w.shape[1] > 1 else 0]
-    per = wb.shape[0] > 1
+    bu, eu = b if U.shape[0] > 1 else 0, e if U.shape[1] > 1 else 0  # no views: indices only
+    bw, ew, per = b if w.shape[0] > 1 else 0, e if w.shape[1] > 1 else 0, w.shape[2] > 1
     for k in range(6):
-        wk = wb[k if per else 0]
+        wk = w[bw, ew, k if per else 0]
         if has_u:
-            u0, u1, u2, u3, u4, u5 = ub[k, 0], ub[k, 1], ub[k, 2], ub[k, 3], ub[k, 4], ub[k, 5]
+            u0, u1, u2 = U[bu, eu, k, 0], U[bu, eu, k, 1], U[bu, eu, k, 2]
+            u3, u4, u5 = U[bu, eu, k, 3], U[bu, eu, k, 4], U[bu, eu, k, 5]
             rw[k] = wk * (u0 * r[0] + u1 * r[1] + u2 * r[2] + u3 * r[3] + u4 * r[4] + u5 * r[5])
             for q in range(6):
                 A[k, q] = wk * (u0 * J[0, q] + u1 * J[1, q] + u2 * J[2, q] + u3 * J[3, q]
@@ -357,7 +366,7 @@ def _weigh6(
             A[k, q] *= root
 
 
-@_jit
+@_inline
 def _normal6(
     b: int, e: int, rw: np.ndarray, JT: np.ndarray, top: np.ndarray, rowmap: np.ndarray,
     col: np.ndarray, H: np.ndarray, g: np.ndarray, M: np.ndarray,
@@ -366,11 +375,10 @@ def _normal6(
     (D, 6)`` (rows contiguous): ``JT rw`` into ``g[b, col[e]]``, ``M = JT JT^T`` (upper triangle,
     mirrored; ``M (D, D)`` scratch) into ``H[b]`` at the block's positions, column by column."""
     D = JT.shape[0]
-    Hb, gb, te, ce = H[b], g[b], top[e], col[e]
     r0, r1, r2, r3, r4, r5 = rw[0], rw[1], rw[2], rw[3], rw[4], rw[5]
-    for p in range(D):
+    for p in range(D):  # (indices into H, g, top, col: no views made per factor)
         a0, a1, a2, a3, a4, a5 = JT[p, 0], JT[p, 1], JT[p, 2], JT[p, 3], JT[p, 4], JT[p, 5]
-        gb[ce[p]] += a0 * r0 + a1 * r1 + a2 * r2 + a3 * r3 + a4 * r4 + a5 * r5
+        g[b, col[e, p]] += a0 * r0 + a1 * r1 + a2 * r2 + a3 * r3 + a4 * r4 + a5 * r5
         for q in range(p, D):
             acc = (a0 * JT[q, 0] + a1 * JT[q, 1] + a2 * JT[q, 2] + a3 * JT[q, 3] + a4 * JT[q, 4]
                    + a5 * JT[q, 5])
@@ -379,7 +387,7 @@ def _normal6(
     for p in range(D):
         s, wp = rowmap[0, p], rowmap[1, p]
         for q in range(D):
-            Hb[te[s, q] + wp] += M[p, q]
+            H[b, top[e, s, q] + wp] += M[p, q]
 
 
 @_jit
