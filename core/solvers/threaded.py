@@ -27,7 +27,7 @@ so the factor equals the one-thread factor to rounding (``tests/core/test_thread
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -73,13 +73,17 @@ class TreePlan:
     """:func:`split`'s result: ``plan`` the panel layout; ``parts`` the threads' shares (part 0
     also zeroes and fills the top's panels); ``top`` the supernodes factored after them (all of
     them when there is one part); ``top_offsets (T + 1,)`` the top panels' offsets in the
-    private buffers; ``estimate`` the estimated seconds of one factorization."""
+    private buffers; ``estimate`` the estimated seconds of one factorization; ``top_cols``
+    the top's columns (new order, ascending) and ``top_index (n,)`` each column's place among
+    them (-1: a part's; empty with one part), for the solve's private buffers."""
 
     plan: compiled.Plan
     parts: list[Part]
     top: Part
     top_offsets: np.ndarray
     estimate: float
+    top_cols: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    top_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @property
     def pattern(self) -> Pattern:
@@ -291,7 +295,11 @@ def split(sym: Symbolic, plan: compiled.Plan, parts: int, max_top: int = 256,
                            int(M[sns].max(initial=0))))
     top_part = Part(top_sns, np.zeros((0, 2), np.int64), np.zeros(0, np.int64),
                     np.zeros(0, np.int64), none, 0, int(M[top_sns].max(initial=0)))
-    return TreePlan(plan, shares, top_part, top_offsets, seconds)
+    top_cols = np.concatenate([np.arange(plan.starts[t], plan.starts[t + 1]) for t in top_sns]
+                              or [np.zeros(0, np.int64)]).astype(np.int64)
+    top_index = np.full(plan.pattern.n, -1, dtype=np.int64)
+    top_index[top_cols] = np.arange(top_cols.shape[0])
+    return TreePlan(plan, shares, top_part, top_offsets, seconds, top_cols, top_index)
 
 
 @_jit
@@ -421,6 +429,94 @@ def _solve(L: np.ndarray, starts: np.ndarray, rptr: np.ndarray, rows: np.ndarray
         out[perm[i]] = y[i]
 
 
+@_jit
+def _forward_part(L: np.ndarray, starts: np.ndarray, rptr: np.ndarray, rows: np.ndarray,
+                  poff: np.ndarray, sns: np.ndarray, y: np.ndarray, priv: np.ndarray,
+                  top_index: np.ndarray) -> None:
+    """``L y = y`` over the supernodes ``sns`` (ascending; ``y (n,)`` in the new order, in
+    place): :func:`_solve`'s forward loops, with the updates of the top's rows subtracted into
+    ``priv`` (at ``top_index``) instead where ``priv`` is not empty."""
+    own = priv.shape[0] == 0
+    for sn in sns:
+        c0, W = starts[sn], starts[sn + 1] - starts[sn]
+        r0, M = rptr[sn], rptr[sn + 1] - rptr[sn]
+        base = poff[sn]
+        for i in range(W):
+            e = base + i * W
+            acc = y[c0 + i]
+            for k in range(i):
+                acc -= L[e + k] * y[c0 + k]
+            y[c0 + i] = acc / L[e + i]
+        for i in range(M):
+            e = base + (W + i) * W
+            acc = 0.0
+            for k in range(W):
+                acc += L[e + k] * y[c0 + k]
+            r = rows[r0 + i]
+            if own or top_index[r] < 0:
+                y[r] -= acc
+            else:
+                priv[top_index[r]] -= acc
+
+
+@_jit
+def _backward_part(L: np.ndarray, starts: np.ndarray, rptr: np.ndarray, rows: np.ndarray,
+                   poff: np.ndarray, sns: np.ndarray, y: np.ndarray) -> None:
+    """``L^T x = y`` over the supernodes ``sns`` (their ancestors solved already), descending:
+    :func:`_solve`'s backward loops; writes only the supernodes' own columns of ``y``."""
+    for t in range(sns.shape[0] - 1, -1, -1):
+        sn = sns[t]
+        c0, W = starts[sn], starts[sn + 1] - starts[sn]
+        r0, M = rptr[sn], rptr[sn + 1] - rptr[sn]
+        base = poff[sn]
+        for i in range(M):
+            e = base + (W + i) * W
+            xi = y[rows[r0 + i]]
+            for k in range(W):
+                y[c0 + k] -= L[e + k] * xi
+        for i in range(W - 1, -1, -1):
+            e = base + i * W
+            xi = y[c0 + i] / L[e + i]
+            y[c0 + i] = xi
+            for k in range(i):
+                y[c0 + k] -= L[e + k] * xi
+
+
+SOLVE_SECONDS_PER_ENTRY = 2e-9
+"""Seconds per panel entry of one solve (read twice: forward and backward; 100k-pose helix,
+26 M entries: ~115 ms on one thread of the 2-core bench machine)."""
+
+
+def solve_parts(tp: TreePlan, L: np.ndarray, y: np.ndarray, threads: int | None = None) -> None:
+    """``y = A^-1 y`` in place (``y (n,)`` in the new order) with the panels ``L`` of a plan
+    with parts: the parts' forward solves at once (the top's rows' updates of parts 1.. into
+    private buffers, added after them), the top forward and backward on the calling thread,
+    then the parts' backward solves at once. On one thread the parts run in turn: the same
+    arithmetic, the same solution bit for bit."""
+    p = tp.plan
+    privs = np.zeros((len(tp.parts) - 1, tp.top_cols.shape[0]))
+    none = privs[:0].reshape(-1)
+    k = (parallel.threads(float(p.poff[-1]) * SOLVE_SECONDS_PER_ENTRY, MIN_PART, len(tp.parts))
+         if threads is None else max(1, min(threads, len(tp.parts))))
+    forward = [(L, p.starts, p.rptr, p.rows, p.poff, q.sns, y, privs[i - 1] if i else none,
+                tp.top_index) for i, q in enumerate(tp.parts)]
+    backward = [(L, p.starts, p.rptr, p.rows, p.poff, q.sns, y) for q in tp.parts]
+    if k > 1:
+        parallel.run(_forward_part, forward, helpers=k - 1)
+    else:
+        for c in forward:
+            _forward_part(*c)
+    for priv in privs:
+        y[tp.top_cols] += priv
+    _forward_part(L, p.starts, p.rptr, p.rows, p.poff, tp.top.sns, y, none, tp.top_index)
+    _backward_part(L, p.starts, p.rptr, p.rows, p.poff, tp.top.sns, y)
+    if k > 1:
+        parallel.run(_backward_part, backward, helpers=k - 1)
+    else:
+        for c in backward:
+            _backward_part(*c)
+
+
 @dataclass
 class ThreadedFactor:
     """The panels ``L (entries,)`` of one factor; ``ok (1,)``; ``pivot``: the original unknown
@@ -430,15 +526,22 @@ class ThreadedFactor:
     L: np.ndarray
     ok: Tensor
     pivot: int
+    tree: TreePlan | None = None
 
-    def solve(self, b: Tensor) -> Tensor:
-        """``A^-1 b`` for ``b (1, n)`` in ``b``'s dtype and device; zeros if not ok."""
+    def solve(self, b: Tensor, threads: int | None = None) -> Tensor:
+        """``A^-1 b`` for ``b (1, n)`` in ``b``'s dtype and device; zeros if not ok. With a
+        plan that has parts, on up to that many threads (:func:`solve_parts`; ``threads``
+        as in :func:`factor`)."""
         p = self.plan
         rhs = np.ascontiguousarray(b.detach().to("cpu", torch.float64).numpy())
         if rhs.shape != (1, p.pattern.n):
             raise ValueError(f"b must be (1, {p.pattern.n}), got {tuple(b.shape)}")
         out = np.zeros_like(rhs)
-        if self.pivot < 0:
+        if self.pivot < 0 and self.tree is not None and self.tree.parts:
+            y = rhs[0][p.perm]
+            solve_parts(self.tree, self.L, y, threads)
+            out[0][p.perm] = y
+        elif self.pivot < 0:
             _solve(self.L, p.starts, p.rptr, p.rows, p.poff, p.perm, rhs[0], out[0])
         return torch.from_numpy(out).to(b.device, b.dtype)
 
@@ -482,4 +585,4 @@ def factor(tp: TreePlan, values: np.ndarray, device: torch.device | str = "cpu",
                          p.owner, L, L[:0], q.priv_off, q.max_below, beta, fail[-1])
     failed = fail[fail >= 0]
     pivot = int(p.perm[int(failed.min())]) if failed.size else -1
-    return ThreadedFactor(p, L, torch.tensor([pivot < 0], device=device), pivot)
+    return ThreadedFactor(p, L, torch.tensor([pivot < 0], device=device), pivot, tp)
