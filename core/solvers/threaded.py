@@ -23,6 +23,12 @@ threads; its LM solve 0.32-0.36 s against 0.25-0.26 s; the 10k helix's 5 iterati
 against 0.32-0.42 s; the top's own time the same, 2 ms). Each part's arithmetic is the
 sequential method's for its supernodes, and the top's sums add the same terms in another order,
 so the factor equals the one-thread factor to rounding (``tests/core/test_threaded.py``).
+
+The solve of a split plan uses the same parts (:func:`solve_parts`): the forward substitution of
+the parts at once (parts 1.. subtract their updates of the top's rows into private buffers), the
+top's forward and backward on the calling thread, then the parts' backward substitutions at once
+(100k-pose helix: 62-64 ms against 80-114 ms on one thread). The split's tree walk and the
+grouping of the entries are compiled too (that helix: ~1 s of Python per plan before).
 """
 
 from __future__ import annotations
