@@ -496,10 +496,20 @@ def _levels(parent: np.ndarray) -> np.ndarray:
 
 
 def _ranges(begin: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """``concat(arange(b, b + l) for b, l)`` without a Python loop."""
-    total = int(length.sum())
-    offset = np.repeat(np.cumsum(length) - length, length)
-    return np.repeat(begin, length) + np.arange(total, dtype=np.int64) - offset
+    """``concat(arange(b, b + l) for b, l)`` (int64; compiled: NumPy's repeats and aranges
+    took ~0.1 s of the 100k-pose helix's two analyses)."""
+    return _ranges_kernel(np.asarray(begin, dtype=np.int64), np.asarray(length, dtype=np.int64))
+
+
+@_jit
+def _ranges_kernel(begin: np.ndarray, length: np.ndarray) -> np.ndarray:
+    out = np.empty(length.sum(), dtype=np.int64)
+    k = 0
+    for i in range(begin.shape[0]):
+        for j in range(length[i]):
+            out[k] = begin[i] + j
+            k += 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -420,3 +420,12 @@ def test_analyze_each_equals_one_analysis_per_ordering() -> None:
             assert np.array_equal(getattr(sym, name), getattr(one, name))
     with pytest.raises(ValueError, match="unknown ordering 'auto'"):
         sn.analyze_each(pattern, ("auto",))
+
+
+def test_compiled_ranges_match_python() -> None:
+    rng = np.random.default_rng(5)
+    begin = rng.integers(0, 1000, 50)
+    length = rng.integers(0, 7, 50)
+    ref = [b + k for b, n in zip(begin.tolist(), length.tolist()) for k in range(n)]
+    assert sn._ranges(begin, length).tolist() == ref
+    assert sn._ranges(begin[:0], length[:0]).tolist() == []
