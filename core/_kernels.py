@@ -259,18 +259,19 @@ def _robust(kind: int, s: float, c: float) -> tuple[float, float]:
     return s * c2 / (s + c2), t * t
 
 
-@_jit
+@_inline
 def _accumulate(
     b: int, e: int, r: np.ndarray, J: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
     top: np.ndarray, rowmap: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray,
     cost: np.ndarray, kind: int, scale: np.ndarray, grp: np.ndarray, rw: np.ndarray,
-    Jw: np.ndarray, pe: np.ndarray,
+    Jw: np.ndarray, M: np.ndarray,
 ) -> None:
     """Weigh ``r (d,)`` and ``J (d, D)`` by ``w (U r)`` and the robust loss ``kind`` (``LOSSES``;
     0: none) of scale ``scale (B|1, E|1)`` as ``cost._weigh`` does (IRLS: both times
     ``sqrt(rho'(s))``, ``s = |w U r|^2``), and add factor ``e``'s ``J^T J``, ``J^T r`` into batch
     element ``b`` and ``0.5 rho(s)`` into ``cost[b, grp[e]]`` (``grp`` empty: ``cost[b, 0]``;
-    ``cost (B, P)``: per problem of a ragged batch); ``rw, Jw``, ``pe (D, D)`` int64 scratch."""
+    ``cost (B, P)``: per problem of a ragged batch); ``rw, Jw``, ``M (D, D)`` scratch. Inlined
+    into each kernel (``_inline``), where ``d, D`` are the literal sizes of its scratch arrays."""
     d, D = J.shape
     ub = U[b if U.shape[0] > 1 else 0, e if U.shape[1] > 1 else 0]
     wb = w[b if w.shape[0] > 1 else 0, e if w.shape[1] > 1 else 0]
@@ -305,23 +306,21 @@ def _accumulate(
             rw[k] *= root
             for q in range(D):
                 Jw[k, q] *= root
-    Hb, gb, te, ce = H[b], g[b], top[e], col[e]
-    for p in range(D):  # the block's positions (D, D) from its block form, in scratch
-        tp, wp = te[rowmap[0, p]], rowmap[1, p]
-        for q in range(D):
-            pe[p, q] = tp[q] + wp
     for p in range(D):
         acc = 0.0
         for k in range(d):
             acc += Jw[k, p] * rw[k]
-        gb[ce[p]] += acc
+        g[b, col[e, p]] += acc
         for q in range(p, D):
             acc = 0.0
             for k in range(d):
                 acc += Jw[k, p] * Jw[k, q]
-            Hb[pe[p, q]] += acc
-            if q != p:
-                Hb[pe[q, p]] += acc
+            M[p, q] = acc
+            M[q, p] = acc
+    for p in range(D):
+        s, wp = rowmap[0, p], rowmap[1, p]
+        for q in range(D):
+            H[b, top[e, s, q] + wp] += M[p, q]
 
 
 @_jit
@@ -524,7 +523,7 @@ def se2_between(
     a4, b4, c4, m4, r = np.empty(4), np.empty(4), np.empty(4), np.empty(4), np.empty(3)
     Jj, Ad, J = np.empty((3, 3)), np.empty((3, 3)), np.empty((3, 6))
     rw, Jw = np.empty(3), np.empty((3, 6))
-    pe = np.empty((6, 6), np.int64)
+    M = np.empty((6, 6))
     for bb in range(B):
         zb = Z[bb if Z.shape[0] > 1 else 0]
         for e in range(E):
@@ -546,7 +545,7 @@ def se2_between(
                     J[p, q] = -(Jj[p, 0] * Ad[0, q] + Jj[p, 1] * Ad[1, q] + Jj[p, 2] * Ad[2, q])
                     J[p, q + 3] = Jj[p, q]
             _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
-                        grp, rw, Jw, pe)
+                        grp, rw, Jw, M)
 
 
 @_jit
@@ -560,7 +559,7 @@ def se2_prior(
     B, E = X.shape[0], ii.shape[0]
     a4, m4, r, J = np.empty(4), np.empty(4), np.empty(3), np.empty((3, 3))
     rw, Jw = np.empty(3), np.empty((3, 3))
-    pe = np.empty((3, 3), np.int64)
+    M = np.empty((3, 3))
     for bb in range(B):
         zb = Z[bb if Z.shape[0] > 1 else 0]
         for e in range(E):
@@ -569,7 +568,7 @@ def se2_prior(
             _se2_log(m4, r)
             _se2_jr_inv(r, J)
             _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
-                        grp, rw, Jw, pe)
+                        grp, rw, Jw, M)
 
 
 @_jit
@@ -587,7 +586,7 @@ def bal_reprojection(
     r, J, dpp, dpP, dX = np.empty(2), np.empty((2, 12)), np.empty((2, 2)), np.empty((2, 3)), \
         np.empty((2, 3))
     rw, Jw = np.empty(2), np.empty((2, 12))
-    pe = np.empty((12, 12), np.int64)
+    M = np.empty((12, 12))
     for bb in range(B):
         ob = obs[bb if obs.shape[0] > 1 else 0]
         for e in range(E):
@@ -625,7 +624,7 @@ def bal_reprojection(
                 J[a, 7] = f * r2 * pp[a]
                 J[a, 8] = f * (r2 * r2) * pp[a]
             _accumulate(bb, e, r, J, U, has_u, w, top, rowmap, col, H, g, cost, kind, scale,
-                        grp, rw, Jw, pe)
+                        grp, rw, Jw, M)
 
 
 @_jit
