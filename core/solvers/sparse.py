@@ -360,29 +360,33 @@ class SparseCholesky:
 
 @functools.cache
 def prepare_threaded() -> float:
-    """Load the one-matrix kernel's compiled code (its symbolic analysis, plan, factorization
-    and solve; from Numba's disk cache, or compiled once per installation) by running it on a
-    three-pose graph; returns the seconds it took. Once per process, when a
-    :class:`SparseCholesky` that may use it is made: loading the ten functions from the cache
-    inside a fresh process's first sphere2500 solve took ~66 ms (cProfile: llvmlite calls),
-    compiling them with an empty cache ~8.5 s, both inside the solve's time."""
+    """Load the one-matrix kernel's compiled code (its symbolic analysis, plan, split,
+    factorization and solves, one part or several; from Numba's disk cache, or compiled once per
+    installation) by running it on a small graph of two separate chains, which splits into two
+    parts; returns the seconds it took. Once per process, when a :class:`SparseCholesky` that
+    may use it, or an optimizer that may make one, is made: loading the functions from the cache
+    inside a fresh process's first sphere2500 solve took ~0.1 s (cProfile: llvmlite calls),
+    compiling them with an empty cache ~10 s, both inside the solve's time."""
     import core
     from core.linearize import linearize
+    from core.solvers.supernodal import analyze
 
     start = time.perf_counter()
-    x = core.Variable("x", core.SE3, 3)
-    poses = core.SE3.identity(1, 3, dtype=torch.float64)
-    between = core.costs.Between(x, torch.tensor([0, 1]), torch.tensor([1, 2]), poses[:, :2])
-    objective = core.Objective([between, core.costs.Prior(x, poses[:, :1], index=0)])
+    x = core.Variable("x", core.SE3, 6)
+    poses = core.SE3.identity(1, 6, dtype=torch.float64)
+    between = core.costs.Between(x, torch.tensor([0, 1, 3, 4]), torch.tensor([1, 2, 4, 5]),
+                                 poses[:, :4])
+    objective = core.Objective([between, core.costs.Prior(x, poses[:, :2], index=[0, 3])])
     lin = linearize(objective, {"x": poses})
     solver = SparseCholesky(mode="threaded", threaded_up_to=0)  # (0: no recursion)
     pattern = lin.pattern
-    tp = solver._threaded_plan(pattern)  # analysis and plan
     h = lin.H.numpy().copy()
     h[:, pattern.diag.numpy()] += 1.0
-    threaded.factor(tp, h, "cpu", 0.5).solve(lin.g)
-    # the parts' buffers are gathered only where a plan has parts (none this small): no-op call
-    threaded._gather(tp.top.sns[:0], tp.plan.poff, tp.top_offsets, np.empty(0), np.empty((0, 0)))
+    whole = solver._threaded_plan(pattern)  # analysis and plan (one part: too small to split)
+    threaded.factor(whole, h, "cpu", 0.5).solve(lin.g)
+    sym = analyze(pattern, "amd")
+    parts = threaded.split(sym, compiled.plan(sym), 2, min_gain=0.0)  # two chains: two parts
+    threaded.factor(parts, h, "cpu", 0.5, threads=1).solve(lin.g, threads=1)
     return time.perf_counter() - start
 
 

@@ -236,10 +236,8 @@ def _cut(sym: Symbolic, parts: int, max_top: int, min_gain: float
     W, M = np.diff(sym.starts), np.diff(sym.below_ptr)
     work = _work(W, M)
     serial = float(work.sum())
-    if parts <= 1:
+    if parts <= 1 or serial * SECONDS_PER_FLOP < 2 * min_gain:  # one part: no tree walk
         return serial * SECONDS_PER_FLOP, None
-    # (walked even where no split can save min_gain: compiled, it costs microseconds, and so
-    # the solver's set-up on a three-pose graph loads its code, not the first large solve)
     sub, first = _subtrees(parent, work)
     panel = ((W + M) * W).astype(np.float64)
     best, top, roots, bins = _grow(parent, work, panel, sub, parts, max_top, PATIENCE,

@@ -55,23 +55,23 @@ def signatures():
             if isinstance(v, numba.core.registry.CPUDispatcher)}
 
 gen = torch.Generator().manual_seed(0)
-n = 400
-x = core.SE3.random(1, n, generator=gen, dtype=torch.float64)
+n = 400  # two separate random graphs of n poses: on two cores the factor splits in two parts
+x = core.SE3.random(1, 2 * n, generator=gen, dtype=torch.float64)
 i = torch.cat([torch.arange(n - 1), torch.randint(0, n, (n,), generator=gen)])
 j = torch.cat([torch.arange(1, n), torch.randint(0, n, (n,), generator=gen)])
 keep = i != j
-i, j = i[keep], j[keep]
+i, j = torch.cat([i[keep], i[keep] + n]), torch.cat([j[keep], j[keep] + n])
 z = core.SE3.compose(core.SE3.inverse(x[:, i]), x[:, j])
-poses = core.Variable("poses", core.SE3, count=n)
+poses = core.Variable("poses", core.SE3, count=2 * n)
 objective = core.Objective([core.costs.Between(poses, i, j, z),
-                            core.costs.Prior(poses, x[:, :1], index=0)])
+                            core.costs.Prior(poses, x[:, [0, n]], index=[0, n])])
 # set-up: the kernels load here (a solver, or the optimizer given the solver's name)
 lm = core.LevenbergMarquardt(max_iters=3, solver=SparseCholesky(mode="threaded")
                              if sys.argv[1] == "instance" else sys.argv[1])
 before = signatures()
 lm.solve(
     objective, {"poses": core.SE3.compose(x, core.SE3.exp(0.05 * torch.randn(
-        1, n, 6, generator=gen, dtype=torch.float64)))})
+        1, 2 * n, 6, generator=gen, dtype=torch.float64)))})
 after = signatures()
 print(sorted(k for k, v in after.items() if v != before.get(k, 0)))
 """
