@@ -331,7 +331,8 @@ def _weigh6(
 ) -> None:
     """``_accumulate``'s weighting for a 6-dim residual: ``rw = c w (U r)``, ``A = c w (U J)``
     (``r (6,)``, ``J, A (6, 6)``, ``c = sqrt(rho'(s))``, ``s = |w U r|^2``) and ``0.5 rho(s)``
-    into ``cost[b, grp[e]]``. The sizes are literals and each row of ``U`` is held in locals,
+    into ``cost[b, grp[e]]``. ``J`` is an SE3 ``Jr^-1`` (``_se3_jr_inv``): its lower-left 3x3
+    block is zero and skipped. The sizes are literals and each row of ``U`` is held in locals,
     so the products unroll (each sum in the order of ``_accumulate``'s loops)."""
     bu, eu = b if U.shape[0] > 1 else 0, e if U.shape[1] > 1 else 0  # no views: indices only
     bw, ew, per = b if w.shape[0] > 1 else 0, e if w.shape[1] > 1 else 0, w.shape[2] > 1
@@ -341,7 +342,9 @@ def _weigh6(
             u0, u1, u2 = U[bu, eu, k, 0], U[bu, eu, k, 1], U[bu, eu, k, 2]
             u3, u4, u5 = U[bu, eu, k, 3], U[bu, eu, k, 4], U[bu, eu, k, 5]
             rw[k] = wk * (u0 * r[0] + u1 * r[1] + u2 * r[2] + u3 * r[3] + u4 * r[4] + u5 * r[5])
-            for q in range(6):
+            for q in range(3):  # J[3:, :3] = 0 (Jr^-1's lower-left block)
+                A[k, q] = wk * (u0 * J[0, q] + u1 * J[1, q] + u2 * J[2, q])
+            for q in range(3, 6):
                 A[k, q] = wk * (u0 * J[0, q] + u1 * J[1, q] + u2 * J[2, q] + u3 * J[3, q]
                                 + u4 * J[4, q] + u5 * J[5, q])
         else:
@@ -422,9 +425,12 @@ def se3_between(
             _weigh6(bb, e, r, Jj, U, has_u, w, cost, kind, scale, grp, rw, A)
             for k in range(6):  # JT = [-A Ad, A]^T
                 a0, a1, a2, a3, a4, a5 = A[k, 0], A[k, 1], A[k, 2], A[k, 3], A[k, 4], A[k, 5]
-                for q in range(6):
+                for q in range(3):  # Ad[3:, :3] = 0
+                    JT[q, k] = -(a0 * Ad[0, q] + a1 * Ad[1, q] + a2 * Ad[2, q])
+                for q in range(3, 6):
                     JT[q, k] = -(a0 * Ad[0, q] + a1 * Ad[1, q] + a2 * Ad[2, q] + a3 * Ad[3, q]
                                  + a4 * Ad[4, q] + a5 * Ad[5, q])
+                for q in range(6):
                     JT[q + 6, k] = A[k, q]
             _normal6(bb, e, rw, JT, top, rowmap, col, H, g, M)
 

@@ -189,17 +189,18 @@ def accumulate(
 
 
 SECONDS = {
-    "between_se3": 1.0e-6,
-    "prior_se3": 0.5e-6,
-    "between_se2": 0.35e-6,
-    "prior_se2": 0.2e-6,
-    "reprojection_bal": 0.8e-6,
+    "between_se3": 0.45e-6,
+    "prior_se3": 0.3e-6,
+    "between_se2": 0.17e-6,
+    "prior_se2": 0.07e-6,
+    "reprojection_bal": 0.4e-6,
 }
-"""Seconds per factor and batch element of each kernel (2-core bench machine; a work estimate
-for :func:`core.parallel.threads`)."""
+"""Seconds per factor and batch element of each kernel (2-core bench machine, one thread: a
+256-pose helix's 376 SE3 edges 0.17-0.18 ms, sphere2500's 4949 2.5 ms, M3500's 5453 SE2 edges
+0.9 ms, 44k BAL observations 16.5 ms; a work estimate for :func:`core.parallel.threads`)."""
 MIN_CHUNK = 5e-4
 """Seconds of kernel work per thread below which a call stays on one thread (a hand-off costs
-~20-80 us; a 256-pose pose graph, ~0.4 ms, stays on the calling thread)."""
+~20-80 us; a 256-pose pose graph, ~0.2 ms, stays on the calling thread)."""
 MIN_FACTORS = 2048
 """Factors per chunk at the least when one problem is cut by factors (each further chunk adds
 its touched entries of ``H`` back, and its maps are made once per cost)."""
