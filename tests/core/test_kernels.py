@@ -235,7 +235,8 @@ def test_robust_reprojection_kernel_equals_torch(kind: str) -> None:
     both(core.Objective([cost]), {"cameras": T, "intrinsics": K, "points": X})
 
 
-def test_ragged_kernels_sum_each_problem_in_one_call() -> None:
+@pytest.mark.parametrize("G", [core.SE3, core.SE2], ids=repr)
+def test_ragged_kernels_sum_each_problem_in_one_call(G: LieGroup) -> None:
     """A ragged batch (core.ragged) of robust pose graphs: one kernel call per cost adds each
     factor's cost to its problem's, equal to the torch path's segment sums."""
     from core import ragged
@@ -243,7 +244,7 @@ def test_ragged_kernels_sum_each_problem_in_one_call() -> None:
     gen = torch.Generator().manual_seed(23)
     objectives, inits = [], []
     for num in (3, 5, 4):
-        objective, values = pose_graph(core.SE3, gen, batch=1, num=num, weights="sqrt_info")
+        objective, values = pose_graph(G, gen, batch=1, num=num, weights="sqrt_info")
         loss = core.RobustLoss("cauchy", torch.tensor(1.0, dtype=DT))
         objectives.append(core.Objective([objective.costs[0].replace(loss=loss),
                                           objective.costs[1]]))
