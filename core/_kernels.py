@@ -260,6 +260,17 @@ def _robust(kind: int, s: float, c: float) -> tuple[float, float]:
 
 
 @_inline
+def _scatter_block(b: int, e: int, M: np.ndarray, top: np.ndarray, rowmap: np.ndarray,
+                   H: np.ndarray) -> None:
+    """Add factor ``e``'s ``J^T J`` block ``M (D, D)`` into ``H[b]`` at its positions (the block
+    form ``top``, ``rowmap`` of ``Pattern.tops``), column by column."""
+    for p in range(M.shape[0]):
+        s, wp = rowmap[0, p], rowmap[1, p]
+        for q in range(M.shape[0]):
+            H[b, top[e, s, q] + wp] += M[p, q]
+
+
+@_inline
 def _accumulate(
     b: int, e: int, r: np.ndarray, J: np.ndarray, U: np.ndarray, has_u: bool, w: np.ndarray,
     top: np.ndarray, rowmap: np.ndarray, col: np.ndarray, H: np.ndarray, g: np.ndarray,
@@ -317,10 +328,7 @@ def _accumulate(
                 acc += Jw[k, p] * Jw[k, q]
             M[p, q] = acc
             M[q, p] = acc
-    for p in range(D):
-        s, wp = rowmap[0, p], rowmap[1, p]
-        for q in range(D):
-            H[b, top[e, s, q] + wp] += M[p, q]
+    _scatter_block(b, e, M, top, rowmap, H)
 
 
 @_jit
@@ -386,10 +394,7 @@ def _normal6(
                    + a5 * JT[q, 5])
             M[p, q] = acc
             M[q, p] = acc
-    for p in range(D):
-        s, wp = rowmap[0, p], rowmap[1, p]
-        for q in range(D):
-            H[b, top[e, s, q] + wp] += M[p, q]
+    _scatter_block(b, e, M, top, rowmap, H)
 
 
 @_jit
