@@ -30,7 +30,7 @@ def assert_equal(fast: torch.Tensor, ref: torch.Tensor, what: str,
                  scale: torch.Tensor | None = None) -> None:
     """``|fast - ref| <= 1e-12 * scale`` entry by entry (``scale`` defaults to ``|ref|``)."""
     scale = ref.abs() if scale is None else scale
-    err = float(((fast - ref).abs() / scale.clamp_min(1e-300)).max())
+    err = float(((fast - ref).abs() / scale.clamp_min(1e-300)).max().detach())
     assert err <= 1e-12, f"{what}: max relative difference {err:.3e}"
 
 
