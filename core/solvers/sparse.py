@@ -384,7 +384,7 @@ def prepare_threaded() -> float:
     h[:, pattern.diag.numpy()] += 1.0
     whole = solver._threaded_plan(pattern)  # analysis and plan (one part: too small to split)
     threaded.factor(whole, h, "cpu", 0.5).solve(lin.g)
-    sym = analyze(pattern, "amd")
+    sym = analyze(pattern, "amd" if importlib.util.find_spec("sksparse") else "minimum_degree")
     parts = threaded.split(sym, compiled.plan(sym), 2, min_gain=0.0)  # two chains: two parts
     threaded.factor(parts, h, "cpu", 0.5, threads=1).solve(lin.g, threads=1)
     return time.perf_counter() - start

@@ -447,3 +447,16 @@ def test_solve_on_parts_matches_triangular_solves_and_is_the_same_on_any_threads
         whole = threaded.ThreadedFactor(factor.plan, factor.L, factor.ok, factor.pivot)
         assert relative(one, whole.solve(b)) < 1e-12  # no tree: the one-part _solve
         assert relative(one, dense_solve(pattern, torch.from_numpy(values), b)) < 1e-10
+
+
+def test_set_up_runs_without_cholmod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prepare_threaded`` (run when a solver or an optimizer is made) orders by minimum degree
+    where scikit-sparse (CHOLMOD's AMD) is not installed, and splits its graph all the same."""
+    import importlib.util
+
+    from core.solvers import sparse
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("sksparse") else real(name, *a))
+    assert sparse.prepare_threaded.__wrapped__() > 0
