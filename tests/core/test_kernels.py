@@ -82,18 +82,28 @@ def pose_graph(G: LieGroup, gen: torch.Generator, batch: int, num: int, weights:
     target = G.compose(poses, G.exp(-residual_tangent(G, gen, batch, 2 * num)))
     var = core.Variable("x", G, 2 * num)
     d = G.dof
-    kw = {
-        "sqrt_info": {"sqrt_info": upper(gen, E, d=d)},
-        "batched_sqrt_info": {"sqrt_info": upper(gen, batch, E, d=d)},
-        "shared_sqrt_info": {"sqrt_info": upper(gen, d=d)},
-        "scalar": {"weight": 2.5},
-        "diagonal": {"weight": torch.rand(E, d, generator=gen, dtype=DT) + 0.5},
-        "none": {},
-    }[weights]
+    kw = weighting(weights, gen, batch, E, d)
     between = core.costs.Between(var, i, j, measured, **kw, name="between")
     prior = core.costs.Prior(var, target[:1], sqrt_info=1e3 if weights == "scalar" else None,
                              name="prior")
     return core.Objective([between, prior]), {"x": poses}
+
+
+def weighting(weights: str, gen: torch.Generator, batch: int, E: int, d: int) -> dict:
+    """A cost's weighting keywords by name: a ``(d, d)`` ``sqrt_info`` per factor, per batch
+    element and factor, or shared; a scalar; per dimension; none."""
+    if weights == "sqrt_info":
+        return {"sqrt_info": upper(gen, E, d=d)}
+    if weights == "batched_sqrt_info":
+        return {"sqrt_info": upper(gen, batch, E, d=d)}
+    if weights == "shared_sqrt_info":
+        return {"sqrt_info": upper(gen, d=d)}
+    if weights == "scalar":
+        return {"weight": 2.5}
+    if weights == "diagonal":
+        return {"weight": torch.rand(E, d, generator=gen, dtype=DT) + 0.5}
+    assert weights == "none", weights
+    return {}
 
 
 WEIGHTS = ["sqrt_info", "batched_sqrt_info", "shared_sqrt_info", "scalar", "diagonal", "none"]
@@ -106,7 +116,6 @@ def test_pose_kernels_equal_torch(G: LieGroup, weights: str) -> None:
     objective, values = pose_graph(G, gen, batch=2, num=3 * len(ANGLES), weights=weights)
     assert objective.costs[0].kernel == f"between_{str(G).lower()}"
     both(objective, values)
-
 
 
 @pytest.mark.parametrize("G", [core.SE3, core.SE2], ids=repr)
@@ -122,14 +131,7 @@ def test_prior_kernels_equal_torch(G: LieGroup, weights: str, loss: str | None) 
     index = torch.cat([torch.arange(F), torch.randint(0, F, (F,), generator=gen)])
     E, d = index.shape[0], G.dof
     target = G.compose(poses[:, index], G.exp(-residual_tangent(G, gen, B, E)))
-    kw = {
-        "sqrt_info": {"sqrt_info": upper(gen, E, d=d)},
-        "batched_sqrt_info": {"sqrt_info": upper(gen, B, E, d=d)},
-        "shared_sqrt_info": {"sqrt_info": upper(gen, d=d)},
-        "scalar": {"weight": 2.5},
-        "diagonal": {"weight": torch.rand(E, d, generator=gen, dtype=DT) + 0.5},
-        "none": {},
-    }[weights]
+    kw = weighting(weights, gen, B, E, d)
     robust = None if loss is None else core.RobustLoss(loss, 2.0)
     prior = core.costs.Prior(core.Variable("x", G, F), target, index, **kw, loss=robust)
     assert prior.kernel == f"prior_{str(G).lower()}"
