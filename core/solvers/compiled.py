@@ -63,16 +63,15 @@ def _ints(a: np.ndarray) -> np.ndarray:
 def plan(sym: Symbolic) -> Plan:
     """The :class:`Plan` of a symbolic analysis (NumPy, once per pattern)."""
     pattern = sym.pattern
-    ints = _ints
-    starts = ints(sym.starts)
+    starts = _ints(sym.starts)
     W = np.diff(starts)
-    rptr = ints(sym.below_ptr)
+    rptr = _ints(sym.below_ptr)
     M = np.diff(rptr)
-    rows = ints(sym.below_rows)
-    poff = ints(np.concatenate([[0], np.cumsum((W + M) * W)]))
-    owner = ints(np.repeat(np.arange(W.shape[0]), W))
-    perm = ints(sym.perm)
-    src, dst = _entries(ints(pattern.indptr.cpu().numpy()), ints(pattern.rows.cpu().numpy()),
+    rows = _ints(sym.below_rows)
+    poff = _ints(np.concatenate([[0], np.cumsum((W + M) * W)]))
+    owner = _ints(np.repeat(np.arange(W.shape[0]), W))
+    perm = _ints(sym.perm)
+    src, dst = _entries(_ints(pattern.indptr.cpu().numpy()), _ints(pattern.rows.cpu().numpy()),
                         perm, starts, rptr, rows, poff, owner)
     return Plan(
         pattern,

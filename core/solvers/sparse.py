@@ -24,6 +24,7 @@ from core._kernels import AVAILABLE as KERNELS
 from core.objective import Grouping, Pattern
 from core.solvers import compiled, threaded
 from core.solvers.base import PlanCache, damped
+from core.solvers.supernodal import Ordering
 
 Backend = Literal["auto", "cholmod", "cholespy", "scipy"]
 THREADED_ND_FROM = 5000
@@ -48,6 +49,12 @@ def _found_backends() -> tuple[str, ...]:
         found.append("cholespy")
     found.append("scipy")
     return tuple(found)
+
+
+def block_ordering() -> Ordering:
+    """The block ordering of the compiled kernels' analyses: CHOLMOD's AMD where scikit-sparse
+    is installed, else minimum degree (:func:`core.solvers.supernodal.minimum_degree`)."""
+    return "amd" if "cholmod" in _found_backends() else "minimum_degree"
 
 
 @dataclass
@@ -331,10 +338,9 @@ class SparseCholesky:
 
         plan = self._threaded.lookup((id(pattern),), pattern)
         if plan is None:
-            if not importlib.util.find_spec("sksparse"):
-                orderings = ("minimum_degree",)
-            else:  # AMD's fill is the least on small graphs; large ones try nested dissection
-                orderings = ("amd",) + (("nesdis",) if pattern.n >= THREADED_ND_FROM else ())
+            orderings = (block_ordering(),)  # AMD's fill is the least on small graphs; large
+            if orderings == ("amd",) and pattern.n >= THREADED_ND_FROM:  # ones try nested
+                orderings += ("nesdis",)  # dissection too
             parts = parallel.pool_size() + 1
             # the orderings scored on their analyses; the panels laid out for the best only
             syms = analyze_each(pattern, orderings)
@@ -349,8 +355,7 @@ class SparseCholesky:
 
         plan = self._compiled.lookup((id(pattern),), pattern)
         if plan is None:
-            ordering = "amd" if importlib.util.find_spec("sksparse") else "minimum_degree"
-            plan = compiled.plan(analyze(pattern, ordering))  # type: ignore[arg-type]
+            plan = compiled.plan(analyze(pattern, block_ordering()))
             self._compiled.store((id(pattern),), plan)
         return plan
 
@@ -384,7 +389,7 @@ def prepare_threaded() -> float:
     h[:, pattern.diag.numpy()] += 1.0
     whole = solver._threaded_plan(pattern)  # analysis and plan (one part: too small to split)
     threaded.factor(whole, h, "cpu", 0.5).solve(lin.g)
-    sym = analyze(pattern, "amd" if importlib.util.find_spec("sksparse") else "minimum_degree")
+    sym = analyze(pattern, block_ordering())
     parts = threaded.split(sym, compiled.plan(sym), 2, min_gain=0.0)  # two chains: two parts
     threaded.factor(parts, h, "cpu", 0.5, threads=1).solve(lin.g, threads=1)
     return time.perf_counter() - start

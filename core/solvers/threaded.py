@@ -389,57 +389,12 @@ def _gather(top: np.ndarray, poff: np.ndarray, offsets: np.ndarray, L: np.ndarra
 
 
 @_jit
-def _solve(L: np.ndarray, starts: np.ndarray, rptr: np.ndarray, rows: np.ndarray,
-           poff: np.ndarray, perm: np.ndarray, rhs: np.ndarray, out: np.ndarray) -> None:
-    """``out = A^-1 rhs`` for ``rhs, out (n,)`` with the panels ``L (entries,)``, reading each
-    row-major panel row by row (contiguous): ``L y = P rhs`` then ``L^T x = y``."""
-    n = rhs.shape[0]
-    y = np.empty(n)
-    for i in range(n):
-        y[i] = rhs[perm[i]]
-    S = starts.shape[0] - 1
-    for sn in range(S):
-        c0, W = starts[sn], starts[sn + 1] - starts[sn]
-        r0, M = rptr[sn], rptr[sn + 1] - rptr[sn]
-        base = poff[sn]
-        for i in range(W):  # L11 x1 = y1, row by row
-            e = base + i * W
-            acc = y[c0 + i]
-            for k in range(i):
-                acc -= L[e + k] * y[c0 + k]
-            y[c0 + i] = acc / L[e + i]
-        for i in range(M):  # y2 -= L21 x1
-            e = base + (W + i) * W
-            acc = 0.0
-            for k in range(W):
-                acc += L[e + k] * y[c0 + k]
-            y[rows[r0 + i]] -= acc
-    for sn in range(S - 1, -1, -1):
-        c0, W = starts[sn], starts[sn + 1] - starts[sn]
-        r0, M = rptr[sn], rptr[sn + 1] - rptr[sn]
-        base = poff[sn]
-        for i in range(M):  # y1 -= L21^T x2
-            e = base + (W + i) * W
-            xi = y[rows[r0 + i]]
-            for k in range(W):
-                y[c0 + k] -= L[e + k] * xi
-        for i in range(W - 1, -1, -1):  # L11^T x1 = y1, column i of L11^T is row i of L11
-            e = base + i * W
-            xi = y[c0 + i] / L[e + i]
-            y[c0 + i] = xi
-            for k in range(i):
-                y[c0 + k] -= L[e + k] * xi
-    for i in range(n):
-        out[perm[i]] = y[i]
-
-
-@_jit
 def _forward_part(L: np.ndarray, starts: np.ndarray, rptr: np.ndarray, rows: np.ndarray,
                   poff: np.ndarray, sns: np.ndarray, y: np.ndarray, priv: np.ndarray,
                   top_index: np.ndarray) -> None:
     """``L y = y`` over the supernodes ``sns`` (ascending; ``y (n,)`` in the new order, in
-    place): :func:`_solve`'s forward loops, with the updates of the top's rows subtracted into
-    ``priv`` (at ``top_index``) instead where ``priv`` is not empty."""
+    place), each panel read row by row (contiguous), with the updates of the top's rows
+    subtracted into ``priv`` (at ``top_index``) instead where ``priv`` is not empty."""
     own = priv.shape[0] == 0
     for sn in sns:
         c0, W = starts[sn], starts[sn + 1] - starts[sn]
@@ -467,7 +422,7 @@ def _forward_part(L: np.ndarray, starts: np.ndarray, rptr: np.ndarray, rows: np.
 def _backward_part(L: np.ndarray, starts: np.ndarray, rptr: np.ndarray, rows: np.ndarray,
                    poff: np.ndarray, sns: np.ndarray, y: np.ndarray) -> None:
     """``L^T x = y`` over the supernodes ``sns`` (their ancestors solved already), descending:
-    :func:`_solve`'s backward loops; writes only the supernodes' own columns of ``y``."""
+    each panel read row by row; writes only the supernodes' own columns of ``y``."""
     for t in range(sns.shape[0] - 1, -1, -1):
         sn = sns[t]
         c0, W = starts[sn], starts[sn + 1] - starts[sn]
@@ -492,13 +447,13 @@ SOLVE_SECONDS_PER_ENTRY = 2e-9
 
 
 def solve_parts(tp: TreePlan, L: np.ndarray, y: np.ndarray, threads: int | None = None) -> None:
-    """``y = A^-1 y`` in place (``y (n,)`` in the new order) with the panels ``L`` of a plan
-    with parts: the parts' forward solves at once (the top's rows' updates of parts 1.. into
-    private buffers, added after them), the top forward and backward on the calling thread,
-    then the parts' backward solves at once. On one thread the parts run in turn: the same
-    arithmetic, the same solution bit for bit."""
+    """``y = A^-1 y`` in place (``y (n,)`` in the new order) with the panels ``L`` of ``tp``:
+    the parts' forward solves at once (the top's rows' updates of parts 1.. into private
+    buffers, added after them), the top forward and backward on the calling thread, then the
+    parts' backward solves at once (one part: all of it the top). On one thread the parts run
+    in turn: the same arithmetic, the same solution bit for bit."""
     p = tp.plan
-    privs = np.zeros((len(tp.parts) - 1, tp.top_cols.shape[0]))
+    privs = np.zeros((max(len(tp.parts) - 1, 0), tp.top_cols.shape[0]))
     none = privs[:0].reshape(-1)
     k = (parallel.threads(float(p.poff[-1]) * SOLVE_SECONDS_PER_ENTRY, MIN_PART, len(tp.parts))
          if threads is None else max(1, min(threads, len(tp.parts))))
@@ -523,30 +478,31 @@ def solve_parts(tp: TreePlan, L: np.ndarray, y: np.ndarray, threads: int | None 
 
 @dataclass
 class ThreadedFactor:
-    """The panels ``L (entries,)`` of one factor; ``ok (1,)``; ``pivot``: the original unknown
-    of the first non-finite value or failed pivot (-1 where ok)."""
+    """The panels ``L (entries,)`` of one factor of ``tree``'s plan; ``ok (1,)``; ``pivot``:
+    the original unknown of the first non-finite value or failed pivot (-1 where ok)."""
 
-    plan: compiled.Plan
+    tree: TreePlan
     L: np.ndarray
     ok: Tensor
     pivot: int
-    tree: TreePlan | None = None
+
+    @property
+    def plan(self) -> compiled.Plan:
+        return self.tree.plan
 
     def solve(self, b: Tensor, threads: int | None = None) -> Tensor:
-        """``A^-1 b`` for ``b (1, n)`` in ``b``'s dtype and device; zeros if not ok. With a
-        plan that has parts, on up to that many threads (:func:`solve_parts`; ``threads``
-        as in :func:`factor`)."""
+        """``A^-1 b`` for ``b (1, n)`` in ``b``'s dtype and device; zeros if not ok. On up to
+        as many threads as the plan has parts (:func:`solve_parts`; ``threads`` as in
+        :func:`factor`)."""
         p = self.plan
         rhs = np.ascontiguousarray(b.detach().to("cpu", torch.float64).numpy())
         if rhs.shape != (1, p.pattern.n):
             raise ValueError(f"b must be (1, {p.pattern.n}), got {tuple(b.shape)}")
         out = np.zeros_like(rhs)
-        if self.pivot < 0 and self.tree is not None and self.tree.parts:
+        if self.pivot < 0:
             y = rhs[0][p.perm]
             solve_parts(self.tree, self.L, y, threads)
             out[0][p.perm] = y
-        elif self.pivot < 0:
-            _solve(self.L, p.starts, p.rptr, p.rows, p.poff, p.perm, rhs[0], out[0])
         return torch.from_numpy(out).to(b.device, b.dtype)
 
     def failures(self) -> dict[int, str]:
@@ -589,4 +545,4 @@ def factor(tp: TreePlan, values: np.ndarray, device: torch.device | str = "cpu",
                          p.owner, L, L[:0], q.priv_off, q.max_below, beta, fail[-1])
     failed = fail[fail >= 0]
     pivot = int(p.perm[int(failed.min())]) if failed.size else -1
-    return ThreadedFactor(p, L, torch.tensor([pivot < 0], device=device), pivot, tp)
+    return ThreadedFactor(tp, L, torch.tensor([pivot < 0], device=device), pivot)
