@@ -229,9 +229,9 @@ def _shutdown_pools() -> None:
 
 
 def release_pools() -> None:
-    """Let the workers of :func:`worker_pool` go now, without waiting for them (an app calls
-    it once its baselines are done): a worker tears itself down (~1 s) on the second core
-    while training runs, instead of at exit, where the interpreter waits for it; a later
+    """Let the workers of :func:`worker_pool` go now, without waiting for them (the harness
+    calls it once a run's baselines are done): a worker tears itself down (~1 s) on the second
+    core while training runs, instead of at exit, where the interpreter waits for it; a later
     :func:`worker_pool` starts a new one."""
     for pool in _POOLS.values():
         pool.shutdown(wait=False, cancel_futures=True)

@@ -282,7 +282,10 @@ def _resume(cfg: Any, out: Path, net: nn.Module, opt: torch.optim.Optimizer,
 def _reference(task: Task, run: Run, net: nn.Module) -> dict[str, Any]:
     """The baselines and the untrained network's held-out scores, once."""
     t = time.perf_counter()
-    ref = task.baseline(run)
+    try:
+        ref = task.baseline(run)
+    finally:  # the baselines are the last use of the apps' worker processes in a run
+        common.release_pools()
     untrained, _ = task.evaluate(run.cfg, net, run.val)
     ref["untrained"] = {f"val_{k}": v
                         for k, v in reduce_scores(untrained, run.dist).metrics().items()}

@@ -263,12 +263,9 @@ def evaluate(cfg: Any, net: torch.nn.Module, prepared: Prepared
 
 def baseline(run: Run) -> dict[str, Any]:
     val = [run.val_samples[k] for k in run.mine]
-    try:
-        return ba_baseline.run_baselines(run.train_samples, val, run.cfg, run.device, run.dist,
-                                         lambda s: reduce_scores(s, run.dist),
-                                         common.worker_pool(run.cfg.workers, run.device))
-    finally:
-        common.release_pools()  # the worker's last use in this run
+    return ba_baseline.run_baselines(run.train_samples, val, run.cfg, run.device, run.dist,
+                                     lambda s: reduce_scores(s, run.dist),
+                                     common.worker_pool(run.cfg.workers, run.device))
 
 
 def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.nn.Module

@@ -256,10 +256,7 @@ def baseline(run: Run) -> dict[str, Any]:
     ``cfg.workers`` processes)."""
     cfg = run.cfg
     tune = run.train.samples[: cfg.baseline.tune_graphs or len(run.train.samples)]
-    try:
-        return pg_baseline.reference(run, tune, common.worker_pool(cfg.workers, run.device))
-    finally:
-        common.release_pools()  # the worker's last use in this run
+    return pg_baseline.reference(run, tune, common.worker_pool(cfg.workers, run.device))
 
 
 def report(run: Run, metrics: dict[str, float], outputs: list[Any], net: torch.nn.Module

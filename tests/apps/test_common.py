@@ -106,3 +106,23 @@ def test_released_pool_is_replaced_by_a_new_one() -> None:
         old.submit(os.getpid)
     new = common.worker_pool(1, torch.device("cpu"))
     assert new is not old and new.submit(os.getpid).result() != os.getpid()
+
+
+def test_harness_releases_the_workers_after_the_baselines(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """The harness lets the baselines' workers go once the baselines are done (every app's
+    last use of them), also when a baseline raises."""
+    from apps import harness
+
+    released: list[int] = []
+    monkeypatch.setattr(common, "release_pools", lambda: released.append(1))
+
+    class Failing:
+        name, metric = "failing", "error"
+
+        def baseline(self, run: object) -> dict:
+            raise RuntimeError("baseline failed")
+
+    with pytest.raises(RuntimeError, match="baseline failed"):
+        harness._reference(Failing(), None, None)  # type: ignore[arg-type]
+    assert released == [1]
